@@ -1,0 +1,275 @@
+"""``PruningScheduleCallback``: prune a model on a cumulative-sparsity schedule while it trains."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
+from lightning_prune.masking import make_permanent
+from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
+from lightning_prune.report import SparsityReport, measure
+from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
+from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, select_parameters
+
+__all__ = ["PruningScheduleCallback"]
+
+Scope = Literal["local", "global"]
+_GLOBAL = "__global__"
+_EPS = 1e-12
+
+
+class PruningScheduleCallback(CallbackBase):
+    """Prune a model while it trains, to exact cumulative sparsity targets, and make it permanent at the end.
+
+    At each scheduled point the chosen tensors are brought to the schedule's *cumulative* target: after the
+    step, the fraction of zeros is the target (within one entry per tensor in local scope, one entry
+    overall in global scope), whatever was pruned before. Pruning uses torch's reparametrization
+    (``<name>_orig``, ``<name>_mask``, a forward pre-hook), and entries once pruned stay pruned.
+
+    "Epoch ``e``" means before the training batches of epoch ``e``: that epoch trains, and validates, the
+    pruned model. Step schedules (``every_n_steps``) also prune before the batch that starts every
+    ``n``-th optimizer step.
+
+    Args:
+        sparsity: the final cumulative target: a fraction in [0, 1) of every chosen tensor (local) or of all
+            chosen tensors together (global), or a per-layer mapping from module types (``nn.Conv2d``),
+            type names (``"Conv2d"``) or name patterns (``"model.fc*"``) to targets (local only; the first
+            matching key wins). May be left out for a method that takes no amount, or when the schedule
+            defines it (``AtEpochs({...})``, a plain function).
+        parameters: which tensors: qualified names relative to the ``LightningModule``
+            (``"model.conv1.weight"``), glob patterns, or ``(module, "weight")`` pairs. Default: the
+            ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``; biases only when named.
+        method: ``"l1_unstructured"`` (default), ``"random_unstructured"``, ``"ln_structured"``,
+            ``"random_structured"``, or any ``torch.nn.utils.prune.BasePruningMethod`` subclass. A class
+            whose constructor takes ``amount`` is driven by the schedule (with an exact integer amount);
+            one that does not is applied as it is at each scheduled step.
+        scope: ``"local"`` (each tensor to its own target) or ``"global"`` (one ranking, and so one
+            magnitude threshold, across all chosen tensors). Structured methods are local only.
+        schedule: a :class:`~lightning_prune.schedules.Schedule` (``OneShot``, ``AtEpochs``,
+            ``Polynomial``) or a plain function ``f(epoch) -> cumulative sparsity``. Default:
+            ``OneShot(epoch=0)``.
+        method_kwargs: extra arguments for the method (``n`` and ``dim`` for ``ln_structured``, ``dim`` for
+            ``random_structured``, a custom class's own arguments).
+        importance: a function ``tensor -> scores`` of the same shape (higher is kept) that replaces the
+            magnitude in L1 pruning, local or global, and is passed to torch as ``importance_scores`` for
+            other methods.
+        make_permanent: at the end of training, ``prune.remove`` every pruned tensor so that the model has
+            plain parameters with the zeros baked in and its unpruned ``state_dict`` keys.
+        verbose: print a table (tensor, shape, zeros, sparsity, target) on rank zero at each pruning step
+            and a summary at the end.
+        seed: seeds random methods, identically on every process, so that all ranks draw the same masks.
+        log_per_tensor: also log ``pruning/sparsity/<qualified name>`` for every tensor.
+
+    Raises:
+        ValueError: for any argument outside what is allowed (see the messages); selection errors (a name,
+            pattern or key that matches nothing, a non-floating tensor, an empty selection) are raised when
+            ``fit`` starts, before the first batch, with the model untouched.
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from lightning_prune.schedules import Polynomial
+        >>> callback = PruningScheduleCallback(
+        ...     sparsity=0.9, scope="global", schedule=Polynomial(start_epoch=1, end_epoch=5, power=3)
+        ... )
+        >>> trainer = pl.Trainer(max_epochs=8, callbacks=[callback], logger=False, enable_checkpointing=False)
+    """
+
+    def __init__(
+        self,
+        sparsity: SparsitySpec = None,
+        *,
+        parameters: Sequence[ParameterSpec] | None = None,
+        method: MethodName | type[prune.BasePruningMethod] | PruningMethod = "l1_unstructured",
+        scope: Scope = "local",
+        schedule: ScheduleLike | None = None,
+        method_kwargs: Mapping[str, Any] | None = None,
+        importance: ImportanceFn | None = None,
+        make_permanent: bool = True,
+        verbose: bool = True,
+        seed: int = 0,
+        log_per_tensor: bool = True,
+    ) -> None:
+        if scope not in ("local", "global"):
+            raise ValueError(f"`scope` must be one of ['local', 'global'], got {scope!r}.")
+        self.method = resolve_method(method, method_kwargs, importance)
+        self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        if scope == "global" and self.method.structured:
+            raise ValueError(
+                f"`method={self.method.name}` is structured and works in `scope='local'` only, got scope='global'."
+            )
+        if scope == "global" and isinstance(sparsity, Mapping):
+            raise ValueError("A per-layer `sparsity` mapping needs `scope='local'`; global scope takes one target.")
+        if isinstance(self.schedule, FunctionSchedule) and isinstance(sparsity, Mapping):
+            raise ValueError(
+                "A plain-function `schedule` returns one sparsity for all tensors; use a Schedule object "
+                "(OneShot, AtEpochs, Polynomial) with a per-layer `sparsity` mapping."
+            )
+        sparsity = self._check_sparsity(sparsity)
+        self.sparsity = sparsity
+        self.parameters = parameters
+        self.scope: Scope = scope
+        self.make_permanent = make_permanent
+        self.verbose = verbose
+        self.seed = seed
+        self.log_per_tensor = log_per_tensor
+        self._targets: list[PruningTarget] = []
+        self._applied: dict[str, float] = {}
+        self._steps = 0
+        self._last_report: SparsityReport | None = None
+
+    def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
+        if isinstance(sparsity, Mapping):
+            return sparsity  # keys and values are checked against the model in setup()
+        if sparsity is not None and (
+            isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0
+        ):
+            raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+        defined = self.schedule.final_sparsity
+        if not self.method.takes_sparsity:
+            if sparsity is not None:
+                raise ValueError(
+                    f"`sparsity` has no effect with `method={self.method.name}`, whose constructor takes no `amount`; "
+                    f"leave it out, got {sparsity!r}."
+                )
+            return None
+        if defined is not None:
+            if sparsity is not None and abs(sparsity - defined) > 1e-9:
+                raise ValueError(
+                    f"`sparsity`={sparsity!r} differs from the schedule's last target {defined!r}; give one of them."
+                )
+            return defined
+        if sparsity is None and not isinstance(self.schedule, FunctionSchedule):
+            raise ValueError(f"`sparsity` is required with `method={self.method.name}` and {self.schedule!r}.")
+        return sparsity
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            parameters=repr(self.parameters), method=self.method.name, scope=self.scope, schedule=repr(self.schedule)
+        )
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage != "fit":
+            return
+        local_sparsity = self.sparsity if self.scope == "local" else None
+        self._targets = select_parameters(pl_module, self.parameters, local_sparsity)
+        last = self.schedule.last_epoch
+        max_epochs = trainer.max_epochs
+        if last is not None and max_epochs is not None and max_epochs >= 0 and last >= max_epochs:
+            rank_zero_warn(
+                f"{self.schedule!r} reaches its final target at the start of epoch {last}, but `max_epochs` is "
+                f"{max_epochs}: training ends first (fine if the run will be resumed for longer)."
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        every = self.schedule.every_n_steps
+        if every is not None and math.isinf(trainer.num_training_batches):
+            raise ValueError(
+                f"`{self.schedule!r}` prunes every {every} steps, which needs a train dataloader with a length."
+            )
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._prune_to(trainer, pl_module, float(trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        every = self.schedule.every_n_steps
+        accumulate = trainer.accumulate_grad_batches
+        if every is None or batch_idx == 0 or batch_idx % accumulate or trainer.global_step % every:
+            return
+        steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
+        self._prune_to(trainer, pl_module, trainer.current_epoch + (batch_idx // accumulate) / steps_per_epoch)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        if not self._targets:
+            return
+        report = measure(self._targets, self._goals())
+        if self.make_permanent:
+            make_permanent(self._targets)
+        if self.verbose and trainer.is_global_zero:
+            how = "made permanent (prune.remove)" if self.make_permanent else "masks kept"
+            rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": dict(self._applied), "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._applied = dict(state_dict.get("applied", {}))
+        self._steps = int(state_dict.get("steps", 0))
+
+    # ------------------------------------------------------------------ pruning
+
+    def _goals(self) -> dict[str, float]:
+        if self.scope == "global":
+            return {}
+        return {t.name: self._applied[t.name] for t in self._targets if t.name in self._applied}
+
+    def _targets_at(self, epoch: float) -> dict[str, float]:
+        """Cumulative targets due at ``epoch`` (``{_GLOBAL: s}`` in global scope), never below those applied."""
+        if not self.method.takes_sparsity:
+            return {_GLOBAL: self.schedule.sparsity(epoch, 1.0)}
+        if self.scope == "global":
+            return {_GLOBAL: self.schedule.sparsity(epoch, self.sparsity if self.sparsity is not None else 1.0)}
+        return {t.name: self.schedule.sparsity(epoch, t.sparsity if t.sparsity is not None else 1.0) for t in self._targets}
+
+    def _prune_to(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
+        due = self._targets_at(epoch)
+        if not any(s > self._applied.get(name, 0.0) + _EPS for name, s in due.items()):
+            return
+        due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
+        seed = self.seed * 7919 + self._steps
+        takes = self.method.takes_sparsity
+        if self.scope == "global":
+            self.method.prune_global(self._targets, due[_GLOBAL] if takes else None, seed)
+        else:
+            self.method.prune_local(self._targets, [due[t.name] if takes else None for t in self._targets], seed)
+        self._applied.update(due)
+        self._steps += 1
+        self._report(trainer, pl_module, epoch)
+
+    def _overall_target(self) -> float | None:
+        if not self.method.takes_sparsity:
+            return None
+        if self.scope == "global":
+            return self._applied.get(_GLOBAL)
+        sizes = {t.name: t.original.numel() for t in self._targets}
+        return sum(self._applied.get(n, 0.0) * k for n, k in sizes.items()) / sum(sizes.values())
+
+    def _report(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
+        report = measure(self._targets, self._goals())
+        self._last_report = report
+        target = self._overall_target()
+        log = {"pruning/sparsity": report.sparsity}
+        if target is not None:
+            log["pruning/target"] = target
+        if self.log_per_tensor:
+            log.update({f"pruning/sparsity/{t.name}": t.sparsity for t in report.tensors})
+        for key, value in log.items():
+            pl_module.log(
+                key, value, on_step=False, on_epoch=True, reduce_fx="max", prog_bar=key == "pruning/sparsity", batch_size=1
+            )
+        if self.verbose and trainer.is_global_zero:
+            goal = "" if target is None else f", target {target:.4f}"
+            rank_zero_info(
+                f"Pruning step {self._steps} at epoch {epoch:g} (global step {trainer.global_step}): "
+                f"sparsity {report.sparsity:.4f}{goal}\n{report}"
+            )
+
+    @property
+    def targets(self) -> list[PruningTarget]:
+        """The tensors being pruned (resolved when ``fit`` starts)."""
+        return list(self._targets)
+
+    @property
+    def last_report(self) -> SparsityReport | None:
+        """The measured figures after the latest pruning step."""
+        return self._last_report

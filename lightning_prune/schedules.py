@@ -1,0 +1,256 @@
+"""When to prune and to what cumulative sparsity: pure, Trainer-free schedule objects.
+
+A schedule maps a point of training, measured in (possibly fractional) epochs, and a final target
+sparsity to the cumulative sparsity that must hold from that point on. "Epoch ``e``" means *before the
+training batches of epoch* ``e``, so epoch ``e`` trains and validates the pruned model.
+
+Every value is a *cumulative* sparsity, the fraction of entries that are zero, never torch's per-call
+``amount``. The callback turns it into an exact number of entries per step.
+
+Example::
+
+    >>> from lightning_prune.schedules import AtEpochs, OneShot, Polynomial
+    >>> OneShot(epoch=1).sparsity(0, final=0.5), OneShot(epoch=1).sparsity(1, final=0.5)
+    (0.0, 0.5)
+    >>> [round(AtEpochs([1, 2, 3]).sparsity(e, final=0.6), 3) for e in range(5)]
+    [0.0, 0.2, 0.4, 0.6, 0.6]
+    >>> [round(Polynomial(start_epoch=0, end_epoch=4, power=1).sparsity(e, final=0.8), 2) for e in range(6)]
+    [0.0, 0.2, 0.4, 0.6, 0.8, 0.8]
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+__all__ = ["AtEpochs", "FunctionSchedule", "OneShot", "Polynomial", "Schedule", "ScheduleLike", "as_schedule"]
+
+
+def _check_epoch(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer epoch, got {value!r}.")
+    return value
+
+
+def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
+    """A sparsity in [0, 1) (or [0, 1] with ``closed``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"`{name}` must be a number in [0, 1{']' if closed else ')'}, got {value!r}.")
+    if not (0.0 <= value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"`{name}` must be in [0, 1{']' if closed else ')'}, got {value!r}.")
+    return float(value)
+
+
+class Schedule(ABC):
+    """Base class: a pure function from training progress to a cumulative target sparsity.
+
+    Subclasses implement :meth:`sparsity` and :attr:`last_epoch`. ``every_n_steps`` (``None`` for
+    epoch-level schedules) asks the callback to also re-evaluate the schedule every that many optimizer
+    steps, with ``epoch`` then fractional (``epoch + steps_done_in_epoch / steps_per_epoch``).
+    """
+
+    every_n_steps: int | None = None
+
+    @abstractmethod
+    def sparsity(self, epoch: float, final: float) -> float:
+        """The cumulative sparsity that must hold from ``epoch`` on, for a final target ``final``."""
+
+    @property
+    @abstractmethod
+    def last_epoch(self) -> int | None:
+        """The epoch at whose start the final target is reached (``None``: unknown)."""
+
+    @property
+    def final_sparsity(self) -> float | None:
+        """The absolute final sparsity the schedule itself defines, if any (``None``: given by the callback)."""
+        return None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class OneShot(Schedule):
+    """Prune to the full target once, before the training batches of ``epoch``.
+
+    Args:
+        epoch: the epoch (0-based) at whose start the model is pruned.
+
+    Raises:
+        ValueError: if ``epoch`` is not a non-negative integer.
+
+    Example::
+
+        >>> [OneShot(epoch=2).sparsity(e, final=0.9) for e in range(4)]
+        [0.0, 0.0, 0.9, 0.9]
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = _check_epoch("epoch", epoch)
+
+    def sparsity(self, epoch: float, final: float) -> float:
+        return final if epoch >= self.epoch else 0.0
+
+    @property
+    def last_epoch(self) -> int:
+        return self.epoch
+
+
+class AtEpochs(Schedule):
+    """Prune at the given epochs, each step a cumulative target.
+
+    Args:
+        epochs: either a strictly increasing list of epochs, over which the final target is spread evenly
+            (``[1, 2, 3]`` with a target of 0.6 gives 0.2, 0.4, 0.6), or a mapping from epoch to a
+            cumulative *absolute* sparsity (``{1: 0.3, 2: 0.6, 3: 0.8}``), non-decreasing in the epoch.
+            With a mapping, the callback's ``sparsity`` may be left out (it is the last value); when it is
+            a per-layer mapping, each layer follows the same shape scaled to its own target
+            (``value / last value * layer target``).
+
+    Raises:
+        ValueError: for an empty list, epochs that are negative or not strictly increasing, or
+            targets outside [0, 1) or decreasing.
+
+    Example::
+
+        >>> s = AtEpochs({1: 0.3, 2: 0.6, 3: 0.8})
+        >>> [s.sparsity(e, final=0.8) for e in range(5)]
+        [0.0, 0.3, 0.6, 0.8, 0.8]
+    """
+
+    def __init__(self, epochs: Sequence[int] | Mapping[int, float]) -> None:
+        if isinstance(epochs, Mapping):
+            keys = [_check_epoch("epochs", e) for e in epochs]
+            targets = [_check_fraction(f"epochs[{e}]", epochs[e]) for e in keys]
+        else:
+            if isinstance(epochs, (str, bytes)) or not isinstance(epochs, Sequence):
+                raise ValueError(f"`epochs` must be a list of epochs or a mapping epoch -> sparsity, got {epochs!r}.")
+            keys = [_check_epoch("epochs", e) for e in epochs]
+            targets = None
+        if not keys:
+            raise ValueError("`epochs` must name at least one epoch, got an empty collection.")
+        if any(b <= a for a, b in zip(keys, keys[1:])):
+            raise ValueError(f"`epochs` must be strictly increasing, got {keys}.")
+        if targets is not None:
+            if any(b < a for a, b in zip(targets, targets[1:])):
+                raise ValueError(f"`epochs` targets must be non-decreasing (cumulative), got {targets}.")
+            if targets[-1] <= 0.0:
+                raise ValueError(f"The last target of `epochs` must be above 0, got {targets[-1]}.")
+        self.epochs: list[int] = keys
+        self.targets: list[float] | None = targets
+
+    def sparsity(self, epoch: float, final: float) -> float:
+        done = sum(1 for e in self.epochs if e <= epoch)
+        if done == 0:
+            return 0.0
+        if self.targets is None:
+            return final * done / len(self.epochs)
+        return self.targets[done - 1] * (final / self.targets[-1])
+
+    @property
+    def last_epoch(self) -> int:
+        return self.epochs[-1]
+
+    @property
+    def final_sparsity(self) -> float | None:
+        return None if self.targets is None else self.targets[-1]
+
+
+class Polynomial(Schedule):
+    """Zhu & Gupta's (2017) gradual schedule: ``s_t = s_f + (s_i - s_f) (1 - p)^power``.
+
+    ``p`` is the progress from ``start_epoch`` (0) to ``end_epoch`` (1). Before ``start_epoch`` nothing is
+    pruned; from ``end_epoch`` on, the final target holds. ``power=3`` is the paper's cubic ramp, which
+    prunes fast while many redundant weights remain and slowly near the end; ``power=1`` is linear.
+
+    Args:
+        start_epoch: the epoch at whose start the ramp begins (target ``initial_sparsity`` there).
+        end_epoch: the epoch at whose start the final target is reached; must be after ``start_epoch``.
+        every_n_steps: also prune every that many optimizer steps inside the ramp; ``None`` (default)
+            prunes once an epoch, at each epoch start.
+        power: the ramp's exponent, > 0.
+        initial_sparsity: absolute sparsity at ``start_epoch``, in [0, 1); capped at each target.
+
+    Raises:
+        ValueError: for negative epochs, ``start_epoch >= end_epoch``, a non-positive ``every_n_steps`` or
+            ``power``, or an ``initial_sparsity`` outside [0, 1).
+
+    Example::
+
+        >>> s = Polynomial(start_epoch=1, end_epoch=3, power=3)
+        >>> [round(s.sparsity(e, final=0.8), 2) for e in (0, 1, 1.5, 2, 2.5, 3, 4)]
+        [0.0, 0.0, 0.46, 0.7, 0.79, 0.8, 0.8]
+    """
+
+    def __init__(
+        self,
+        start_epoch: int,
+        end_epoch: int,
+        every_n_steps: int | None = None,
+        power: float = 3.0,
+        initial_sparsity: float = 0.0,
+    ) -> None:
+        self.start_epoch = _check_epoch("start_epoch", start_epoch)
+        self.end_epoch = _check_epoch("end_epoch", end_epoch)
+        if self.start_epoch >= self.end_epoch:
+            raise ValueError(
+                f"`start_epoch` must be before `end_epoch`, got start_epoch={start_epoch}, end_epoch={end_epoch}."
+            )
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}.")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+            raise ValueError(f"`power` must be a positive number, got {power!r}.")
+        self.every_n_steps = every_n_steps
+        self.power = float(power)
+        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity)
+
+    def sparsity(self, epoch: float, final: float) -> float:
+        if epoch < self.start_epoch:
+            return 0.0
+        p = min(1.0, (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch))
+        initial = min(self.initial_sparsity, final)
+        return final + (initial - final) * (1.0 - p) ** self.power
+
+    @property
+    def last_epoch(self) -> int:
+        return self.end_epoch
+
+
+class FunctionSchedule(Schedule):
+    """Wrap a plain function ``f(epoch) -> cumulative sparsity``, evaluated at each epoch start.
+
+    The function's value is absolute: it is the target for every chosen tensor (local scope) or for all of
+    them together (global scope); a decrease is ignored, since pruned entries stay pruned. ``last_epoch``
+    is unknown, so no
+    ``max_epochs`` check is made.
+
+    Example::
+
+        >>> s = FunctionSchedule(lambda epoch: min(0.5, 0.1 * epoch))
+        >>> [s.sparsity(e, final=0.5) for e in (0, 3, 9)]
+        [0.0, 0.30000000000000004, 0.5]
+    """
+
+    def __init__(self, fn: Callable[[int], float]) -> None:
+        if not callable(fn):
+            raise ValueError(f"`schedule` must be a Schedule or a callable f(epoch) -> sparsity, got {fn!r}.")
+        self.fn = fn
+
+    def sparsity(self, epoch: float, final: float) -> float:
+        return _check_fraction(f"schedule({int(epoch)})", self.fn(int(epoch)))
+
+    @property
+    def last_epoch(self) -> int | None:
+        return None
+
+
+ScheduleLike = Union[Schedule, Callable[[int], float]]
+
+
+def as_schedule(schedule: ScheduleLike) -> Schedule:
+    """Return ``schedule`` as a :class:`Schedule`, wrapping a plain callable in :class:`FunctionSchedule`."""
+    return schedule if isinstance(schedule, Schedule) else FunctionSchedule(schedule)
