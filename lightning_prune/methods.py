@@ -123,7 +123,8 @@ def _magnitude(importance: ImportanceFn | None) -> Callable[[PruningTarget, int]
         if not isinstance(out, Tensor) or out.shape != weights.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
-                f"`importance` must return scores of the tensor's shape {tuple(weights.shape)} for {target.name!r}, got {got}."
+                f"`importance` must return scores of the tensor's shape {tuple(weights.shape)} "
+                f"for {target.name!r}, got {got}."
             )
         return out
 
@@ -149,7 +150,9 @@ class TorchMethod(PruningMethod):
         importance: optional function giving the ``importance_scores`` passed to torch.
     """
 
-    def __init__(self, cls: type[prune.BasePruningMethod], kwargs: Mapping[str, Any], importance: ImportanceFn | None) -> None:
+    def __init__(
+        self, cls: type[prune.BasePruningMethod], kwargs: Mapping[str, Any], importance: ImportanceFn | None
+    ) -> None:
         self.cls = cls
         self.kwargs = dict(kwargs)
         self.importance = importance
@@ -200,7 +203,12 @@ _BUILTIN: dict[str, Callable[[Mapping[str, Any], ImportanceFn | None], PruningMe
     "ln_structured": lambda kw, imp: TorchMethod(prune.LnStructured, {"n": 2, "dim": 0, **kw}, imp),
     "random_structured": lambda kw, imp: TorchMethod(prune.RandomStructured, {"dim": 0, **kw}, imp),
 }
-_BUILTIN_KWARGS = {"l1_unstructured": set(), "random_unstructured": set(), "ln_structured": {"n", "dim"}, "random_structured": {"dim"}}
+_BUILTIN_KWARGS = {
+    "l1_unstructured": set(),
+    "random_unstructured": set(),
+    "ln_structured": {"n", "dim"},
+    "random_structured": {"dim"},
+}
 assert set(_BUILTIN) == set(get_args(MethodName))
 
 
@@ -230,11 +238,14 @@ def resolve_method(
         return method
     if isinstance(method, str):
         if method not in _BUILTIN:
-            raise ValueError(f"`method` must be one of {sorted(_BUILTIN)} or a BasePruningMethod subclass, got {method!r}.")
+            raise ValueError(
+                f"`method` must be one of {sorted(_BUILTIN)} or a BasePruningMethod subclass, got {method!r}."
+            )
         extra = set(kwargs) - _BUILTIN_KWARGS[method]
         if extra:
             raise ValueError(
-                f"`method_kwargs` for {method!r} may hold {sorted(_BUILTIN_KWARGS[method]) or 'nothing'}, got {sorted(extra)}."
+                f"`method_kwargs` for {method!r} may hold {sorted(_BUILTIN_KWARGS[method]) or 'nothing'}, "
+                f"got {sorted(extra)}."
             )
         if importance is not None and method.startswith("random"):
             raise ValueError(f"`importance` replaces the magnitude; it has no meaning with `method={method!r}`.")
@@ -251,5 +262,6 @@ def resolve_method(
             )
         return TorchMethod(method, kwargs, importance)
     raise ValueError(
-        f"`method` must be one of {sorted(_BUILTIN)} or a torch.nn.utils.prune.BasePruningMethod subclass, got {method!r}."
+        f"`method` must be one of {sorted(_BUILTIN)} or a torch.nn.utils.prune.BasePruningMethod subclass, "
+        f"got {method!r}."
     )

@@ -70,7 +70,9 @@ class SparsityReport:
             rows.append((t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", target))
         rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(lines)
 
@@ -82,7 +84,11 @@ def measure(targets: Sequence[PruningTarget], goals: Mapping[str, float] | None 
     with torch.no_grad():
         for t in targets:
             w = t.effective()
-            rows.append(TensorSparsity(t.name, tuple(w.shape), w.numel(), int(w.numel() - torch.count_nonzero(w)), goals.get(t.name)))
+            rows.append(
+                TensorSparsity(
+                    t.name, tuple(w.shape), w.numel(), int(w.numel() - torch.count_nonzero(w)), goals.get(t.name)
+                )
+            )
     return SparsityReport(tuple(rows))
 
 

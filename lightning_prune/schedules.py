@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 __all__ = ["AtEpochs", "FunctionSchedule", "OneShot", "Polynomial", "Schedule", "ScheduleLike", "as_schedule"]
 
@@ -248,7 +247,7 @@ class FunctionSchedule(Schedule):
         return None
 
 
-ScheduleLike = Union[Schedule, Callable[[int], float]]
+ScheduleLike = Schedule | Callable[[int], float]
 
 
 def as_schedule(schedule: ScheduleLike) -> Schedule:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from torch import Tensor, nn
 
@@ -32,9 +31,9 @@ __all__ = [
     "select_parameters",
 ]
 
-ParameterSpec = Union[str, tuple[nn.Module, str]]
-SparsityKey = Union[type, str]
-SparsitySpec = Union[float, Mapping[SparsityKey, float], None]
+ParameterSpec = str | tuple[nn.Module, str]
+SparsityKey = type | str
+SparsitySpec = float | Mapping[SparsityKey, float] | None
 
 _DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _GLOB_CHARS = set("*?[")
@@ -127,11 +126,15 @@ def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> lis
             hits = [p for p in all_params if fnmatch.fnmatchcase(p[0], spec)]
             if not hits:
                 some = ", ".join(p[0] for p in all_params[:6])
-                raise ValueError(f"`parameters` entry {spec!r} matches no parameter of the model (it has: {some}, ...).")
+                raise ValueError(
+                    f"`parameters` entry {spec!r} matches no parameter of the model (it has: {some}, ...)."
+                )
         elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], nn.Module) and isinstance(spec[1], str):
             module, pname = spec
             if id(module) not in by_module:
-                raise ValueError(f"`parameters` entry ({type(module).__name__}, {pname!r}): the module is not part of the model.")
+                raise ValueError(
+                    f"`parameters` entry ({type(module).__name__}, {pname!r}): the module is not part of the model."
+                )
             qual = _qualify(by_module[id(module)], pname)
             hits = [p for p in all_params if p[0] == qual]
             if not hits:
@@ -140,7 +143,9 @@ def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> lis
                     f"has no parameter {pname!r}."
                 )
         else:
-            raise ValueError(f"`parameters` entries must be names, glob patterns or (module, name) pairs, got {spec!r}.")
+            raise ValueError(
+                f"`parameters` entries must be names, glob patterns or (module, name) pairs, got {spec!r}."
+            )
         for hit in hits:
             chosen.setdefault(hit[0], hit)
     order = {p[0]: i for i, p in enumerate(all_params)}
@@ -220,5 +225,7 @@ def select_parameters(
     for t in targets:
         value = t.original
         if not value.is_floating_point():
-            raise ValueError(f"`parameters`: {t.name!r} is a {value.dtype} tensor; only floating tensors can be pruned.")
+            raise ValueError(
+                f"`parameters`: {t.name!r} is a {value.dtype} tensor; only floating tensors can be pruned."
+            )
     return targets

@@ -29,7 +29,9 @@ class TinyNet(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-class TinyModule(pl.LightningModule):
+class _TinyModuleMixin:
+    """The LightningModule body, shared by the ``pytorch_lightning`` and ``lightning.pytorch`` variants."""
+
     def __init__(self, optimizer: str = "sgd", lr: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -54,6 +56,20 @@ class TinyModule(pl.LightningModule):
         if self.hparams.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr / 10, weight_decay=0.1)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-3)
+
+
+class TinyModule(_TinyModuleMixin, pl.LightningModule):
+    pass
+
+
+try:
+    import lightning.pytorch as _lp
+
+    class LightningTinyModule(_TinyModuleMixin, _lp.LightningModule):
+        """``TinyModule`` on the unified ``lightning`` package."""
+
+except ImportError:  # pragma: no cover
+    LightningTinyModule = None
 
 
 def random_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:

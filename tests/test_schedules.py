@@ -1,0 +1,81 @@
+import math
+
+import pytest
+
+from lightning_prune.schedules import AtEpochs, FunctionSchedule, OneShot, Polynomial, as_schedule
+
+
+def test_oneshot_prunes_at_its_epoch_only():
+    s = OneShot(epoch=2)
+    assert [s.sparsity(e, 0.7) for e in range(4)] == [0.0, 0.0, 0.7, 0.7]
+    assert s.last_epoch == 2 and s.every_n_steps is None
+
+
+def test_atepochs_list_spreads_target_evenly():
+    s = AtEpochs([1, 2, 3])
+    assert [s.sparsity(e, 0.6) for e in range(5)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.6])
+    assert s.last_epoch == 3 and s.final_sparsity is None
+
+
+def test_atepochs_mapping_gives_absolute_targets_and_scales_per_layer():
+    s = AtEpochs({1: 0.3, 2: 0.6, 3: 0.8})
+    assert [s.sparsity(e, 0.8) for e in range(5)] == [0.0, 0.3, 0.6, 0.8, 0.8]
+    assert s.final_sparsity == 0.8
+    assert s.sparsity(2, 0.4) == pytest.approx(0.3)  # a layer with target 0.4 follows the same shape
+
+
+@pytest.mark.parametrize("power", [1, 2, 3])
+@pytest.mark.parametrize("initial", [0.0, 0.1])
+def test_polynomial_matches_zhu_gupta_formula(power, initial):
+    s = Polynomial(start_epoch=2, end_epoch=6, power=power, initial_sparsity=initial)
+    for epoch in [0, 1, 1.99]:
+        assert s.sparsity(epoch, 0.9) == 0.0
+    for epoch in [2, 2.5, 3, 4.25, 5, 5.9, 6, 8]:
+        p = min(1.0, (epoch - 2) / 4)
+        assert s.sparsity(epoch, 0.9) == pytest.approx(0.9 + (initial - 0.9) * (1 - p) ** power)
+    assert s.last_epoch == 6
+
+
+def test_polynomial_is_non_decreasing_and_caps_initial():
+    s = Polynomial(start_epoch=0, end_epoch=10, every_n_steps=5, initial_sparsity=0.5)
+    values = [s.sparsity(e / 10, 0.3) for e in range(0, 120)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert values[0] == 0.3 and s.every_n_steps == 5  # initial capped at the layer's own target
+
+
+def test_function_schedule_wraps_callables():
+    s = as_schedule(lambda epoch: 0.1 * min(epoch, 5))
+    assert isinstance(s, FunctionSchedule)
+    assert s.sparsity(3, 0.99) == pytest.approx(0.3) and s.last_epoch is None
+    with pytest.raises(ValueError, match=r"schedule\(2\).*\[0, 1\)"):
+        FunctionSchedule(lambda e: 1.5).sparsity(2, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: OneShot(epoch=-1), r"`epoch` must be a non-negative integer epoch, got -1"),
+        (lambda: OneShot(epoch=1.5), r"`epoch` must be a non-negative integer epoch, got 1.5"),
+        (lambda: AtEpochs([]), r"at least one epoch"),
+        (lambda: AtEpochs([2, 1]), r"strictly increasing, got \[2, 1\]"),
+        (lambda: AtEpochs([1, 1]), r"strictly increasing"),
+        (lambda: AtEpochs([-1, 2]), r"non-negative integer epoch, got -1"),
+        (lambda: AtEpochs({1: 0.5, 2: 0.3}), r"non-decreasing"),
+        (lambda: AtEpochs({1: 1.2}), r"\[0, 1\), got 1.2"),
+        (lambda: AtEpochs("123"), r"list of epochs or a mapping"),
+        (lambda: Polynomial(start_epoch=3, end_epoch=3), r"`start_epoch` must be before `end_epoch`"),
+        (lambda: Polynomial(start_epoch=5, end_epoch=2), r"start_epoch=5, end_epoch=2"),
+        (lambda: Polynomial(start_epoch=0, end_epoch=2, every_n_steps=0), r"`every_n_steps` must be a positive"),
+        (lambda: Polynomial(start_epoch=0, end_epoch=2, power=0), r"`power` must be a positive number"),
+        (lambda: Polynomial(start_epoch=0, end_epoch=2, initial_sparsity=1.0), r"`initial_sparsity` must be in"),
+        (lambda: FunctionSchedule(3), r"callable"),
+    ],
+)
+def test_schedule_rejects_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_schedule_repr_names_arguments():
+    assert repr(Polynomial(start_epoch=1, end_epoch=8, every_n_steps=50)).startswith("Polynomial(start_epoch=1")
+    assert not math.isnan(AtEpochs([1]).sparsity(5, 0.5))
