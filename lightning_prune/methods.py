@@ -62,13 +62,30 @@ class PruningMethod(ABC):
 
     Attributes:
         name: shown in logs and errors.
-        structured: whether whole slices are pruned (then only local scope is allowed).
+        structured: whether whole slices are pruned.
         takes_sparsity: whether cumulative targets drive it (``False``: applied as it is at each step).
+        supports_global: whether ``scope="global"`` is allowed (default: for unstructured methods only).
     """
 
     name: str = "method"
     structured: bool = False
     takes_sparsity: bool = True
+
+    @property
+    def supports_global(self) -> bool:
+        return not self.structured
+
+    def setup(self, pl_module: Any, targets: Sequence[PruningTarget]) -> None:
+        """Called once when ``fit`` starts, before any pruning, with the whole module (optional hook)."""
+        return None
+
+    def masked(self, targets: Sequence[PruningTarget]) -> list[PruningTarget]:
+        """Every tensor this method may mask (made permanent at the end); default: the chosen ones."""
+        return list(targets)
+
+    def metrics(self) -> dict[str, float]:
+        """Extra figures logged after each pruning step (optional hook)."""
+        return {}
 
     @abstractmethod
     def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float], seed: int) -> None:
@@ -159,6 +176,8 @@ class TorchMethod(PruningMethod):
         self.name = cls.__name__
         self.structured = getattr(cls, "PRUNING_TYPE", None) == "structured"
         self.takes_sparsity = "amount" in inspect.signature(cls.__init__).parameters
+        # torch's RandomStructured/RandomUnstructured.apply take no importance_scores (they need none)
+        self._apply_takes_scores = "importance_scores" in inspect.signature(cls.apply).parameters
 
     def _scores(self, t: PruningTarget) -> Tensor:
         with torch.no_grad():
@@ -181,7 +200,9 @@ class TorchMethod(PruningMethod):
                     kwargs["amount"] = self._count(t, s)
                     if kwargs["amount"] <= 0:
                         continue
-                self.cls.apply(t.module, t.param, importance_scores=self._scores(t), **kwargs)
+                if self._apply_takes_scores:
+                    kwargs["importance_scores"] = self._scores(t)
+                self.cls.apply(t.module, t.param, **kwargs)
 
     def prune_global(self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int) -> None:
         kwargs = dict(self.kwargs)
