@@ -10,15 +10,20 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
-from lightning_prune.masking import make_permanent
+from lightning_prune.checkpoint import parameter_slots, restore_pruning_on_load, restore_slots
+from lightning_prune.distributed import broadcast_masks, check_strategy
+from lightning_prune.inplace import InplaceMasks
+from lightning_prune.masking import apply_mask, make_permanent
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.report import SparsityReport, measure
+from lightning_prune.rewind import Rewind, capture, rewind
 from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
 from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, select_parameters
 
 __all__ = ["PruningScheduleCallback"]
 
 Scope = Literal["local", "global"]
+MaskMode = Literal["hook", "inplace"]
 _GLOBAL = "__global__"
 _EPS = 1e-12
 
@@ -35,6 +40,14 @@ class PruningScheduleCallback(CallbackBase):
     pruned model. Step schedules (``every_n_steps``) also prune before the batch that starts every
     ``n``-th optimizer step.
 
+    Checkpoints and processes: the masks travel in the model's checkpoint and the callback's progress in its
+    ``state_dict``; ``trainer.fit(fresh_model, ckpt_path=...)`` re-creates the masks (in the parameter order
+    the optimizer state needs) and resumes exactly (see :mod:`lightning_prune.checkpoint`). Under DDP the
+    masks are broadcast from rank 0 after each step; sharded strategies (FSDP, DeepSpeed) are refused. With
+    several pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity`` and
+    ``pruning/<i>/target``. A later ``fit`` keeps the progress and masks again the zeros left by
+    ``make_permanent``.
+
     Args:
         sparsity: the final cumulative target: a fraction in [0, 1) of every chosen tensor (local) or of all
             chosen tensors together (global), or a per-layer mapping from module types (``nn.Conv2d``),
@@ -49,7 +62,8 @@ class PruningScheduleCallback(CallbackBase):
             whose constructor takes ``amount`` is driven by the schedule (with an exact integer amount);
             one that does not is applied as it is at each scheduled step.
         scope: ``"local"`` (each tensor to its own target) or ``"global"`` (one ranking, and so one
-            magnitude threshold, across all chosen tensors). Structured methods are local only.
+            magnitude threshold, across all chosen tensors). ``ln_structured`` and ``random_structured`` are
+            local only; ``NeuronPruning`` ranks neurons across layers.
         schedule: a :class:`~lightning_prune.schedules.Schedule` (``OneShot``, ``AtEpochs``,
             ``Polynomial``) or a plain function ``f(epoch) -> cumulative sparsity``. Default:
             ``OneShot(epoch=0)``.
@@ -60,10 +74,24 @@ class PruningScheduleCallback(CallbackBase):
             other methods.
         make_permanent: at the end of training, ``prune.remove`` every pruned tensor so that the model has
             plain parameters with the zeros baked in and its unpruned ``state_dict`` keys.
+        compact: at the end of training, physically remove the pruned neurons and channels (with
+            ``method=NeuronPruning(...)`` only; see :func:`lightning_prune.compact`): the model gets smaller
+            layers. Implies removing the masks.
         verbose: print a table (tensor, shape, zeros, sparsity, target) on rank zero at each pruning step
             and a summary at the end.
         seed: seeds random methods, identically on every process, so that all ranks draw the same masks.
         log_per_tensor: also log ``pruning/sparsity/<qualified name>`` for every tensor.
+        rewind: lottery-ticket rewinding, off by default. ``"init"`` or a :class:`~lightning_prune.rewind.Rewind`
+            (``Rewind(epoch=2)``, ``Rewind(step=500)``): after each pruning step, the pruned tensors'
+            surviving entries go back to their values at that point and the optimizer's state for them is
+            dropped. The saved values are copies and travel in the callback's checkpoint state.
+        mask_mode: how masks act between pruning steps. ``"hook"`` (default): torch's reparametrization,
+            ``weight = weight_orig * mask`` recomputed by a forward pre-hook at every forward pass.
+            ``"inplace"``: plain parameters with the masks kept aside
+            (:class:`~lightning_prune.inplace.InplaceMasks`); the gradients of pruned entries are zeroed
+            before every optimizer step and the pruned weights after it. Same guarantees (pruned entries
+            are zero after every optimizer step, the live ones get the same updates, the model at the end
+            is the same), cheaper steps on large layers (see the README's performance section).
 
     Raises:
         ValueError: for any argument outside what is allowed (see the messages); selection errors (a name,
@@ -91,9 +119,12 @@ class PruningScheduleCallback(CallbackBase):
         method_kwargs: Mapping[str, Any] | None = None,
         importance: ImportanceFn | None = None,
         make_permanent: bool = True,
+        compact: bool = False,
         verbose: bool = True,
         seed: int = 0,
         log_per_tensor: bool = True,
+        rewind: Rewind | Literal["init"] | None = None,
+        mask_mode: MaskMode = "hook",
     ) -> None:
         if scope not in ("local", "global"):
             raise ValueError(f"`scope` must be one of ['local', 'global'], got {scope!r}.")
@@ -101,9 +132,14 @@ class PruningScheduleCallback(CallbackBase):
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        if scope == "global" and self.method.structured:
+        if scope == "global" and not self.method.supports_global:
             raise ValueError(
                 f"`method={self.method.name}` is structured and works in `scope='local'` only, got scope='global'."
+            )
+        if compact and not callable(getattr(self.method, "compact", None)):
+            raise ValueError(
+                "`compact=True` removes pruned neurons and needs `method=NeuronPruning(...)`, "
+                f"got method={self.method.name}."
             )
         if scope == "global" and isinstance(sparsity, Mapping):
             raise ValueError("A per-layer `sparsity` mapping needs `scope='local'`; global scope takes one target.")
@@ -117,6 +153,7 @@ class PruningScheduleCallback(CallbackBase):
         self.parameters = parameters
         self.scope: Scope = scope
         self.make_permanent = make_permanent
+        self.compact = compact
         self.verbose = verbose
         self.seed = seed
         self.log_per_tensor = log_per_tensor
@@ -124,6 +161,20 @@ class PruningScheduleCallback(CallbackBase):
         self._applied: dict[str, float] = {}
         self._steps = 0
         self._last_report: SparsityReport | None = None
+        if rewind == "init":
+            rewind = Rewind()
+        if rewind is not None and not isinstance(rewind, Rewind):
+            raise ValueError(
+                f"`rewind` must be None, 'init' or a Rewind(epoch=...) / Rewind(step=...) object, got {rewind!r}."
+            )
+        self.rewind: Rewind | None = rewind
+        self._rewind_to: dict[str, Any] | None = None
+        self._slots: list[tuple[nn.Module, list[str]]] = []
+        self._log_prefix = "pruning"  # "pruning/<i>" when several pruning callbacks share a Trainer
+        if mask_mode not in ("hook", "inplace"):
+            raise ValueError(f"`mask_mode` must be one of ['hook', 'inplace'], got {mask_mode!r}.")
+        self.mask_mode: MaskMode = mask_mode
+        self._inplace: InplaceMasks | None = None  # mask_mode="inplace": the masks, between pruning steps
 
     def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
         if isinstance(sparsity, Mapping):
@@ -159,10 +210,17 @@ class PruningScheduleCallback(CallbackBase):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        restore_pruning_on_load(pl_module)  # fit/validate/test(ckpt_path=...) into a fresh model loads the masks
         if stage != "fit":
             return
+        check_strategy(trainer.strategy)
         local_sparsity = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local_sparsity)
+        self._check_overlap(trainer)
+        peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
+        self._log_prefix = "pruning" if len(peers) <= 1 else f"pruning/{peers.index(self)}"
+        self.method.setup(pl_module, self._targets)
+        self._slots = parameter_slots(t.module for t in self.method.masked(self._targets))
         last = self.schedule.last_epoch
         max_epochs = trainer.max_epochs
         if last is not None and max_epochs is not None and max_epochs >= 0 and last >= max_epochs:
@@ -177,34 +235,92 @@ class PruningScheduleCallback(CallbackBase):
             raise ValueError(
                 f"`{self.schedule!r}` prunes every {every} steps, which needs a train dataloader with a length."
             )
+        if self._steps and not self.compact:
+            self._reinstall_masks()
+        self._masks_aside()
 
     def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._capture_rewind(trainer, epoch_start=True)
         self._prune_to(trainer, pl_module, float(trainer.current_epoch))
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         every = self.schedule.every_n_steps
         accumulate = trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            self._capture_rewind(trainer, epoch_start=False)
         if every is None or batch_idx == 0 or batch_idx % accumulate or trainer.global_step % every:
             return
         steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
         self._prune_to(trainer, pl_module, trainer.current_epoch + (batch_idx // accumulate) / steps_per_epoch)
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        if self._inplace is not None:
+            self._inplace.zero_grads()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._inplace is not None:
+            self._inplace.zero_weights()
+
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._masks_back()
         if not self._targets:
             return
         report = measure(self._targets, self._goals())
-        if self.make_permanent:
-            make_permanent(self._targets)
+        if self.compact:
+            widths = self.method.compact(pl_module)
+        elif self.make_permanent:
+            make_permanent(self.method.masked(self._targets))
+            restore_slots(self._slots)
         if self.verbose and trainer.is_global_zero:
             how = "made permanent (prune.remove)" if self.make_permanent else "masks kept"
+            if self.compact:
+                how = "compacted, widths " + ", ".join(f"{n}: {a}->{b}" for n, (a, b) in widths.items())
             rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": dict(self._applied), "steps": self._steps}
+        return {"applied": dict(self._applied), "steps": self._steps, "rewind": self._rewind_to}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = dict(state_dict.get("applied", {}))
         self._steps = int(state_dict.get("steps", 0))
+        self._rewind_to = state_dict.get("rewind")
+
+    # ------------------------------------------------------------------ checkpoints, processes, rewinding
+
+    def _check_overlap(self, trainer: Any) -> None:
+        mine = {(id(t.module), t.param): t.name for t in self._targets}
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, PruningScheduleCallback):
+                continue
+            shared = sorted(mine[k] for k in {(id(t.module), t.param) for t in other._targets} & mine.keys())
+            if shared:
+                raise ValueError(
+                    f"Two PruningScheduleCallbacks in one Trainer both prune {shared}; give them disjoint "
+                    "`parameters` (one callback per tensor)."
+                )
+
+    def _reinstall_masks(self) -> None:
+        """A later ``fit`` after ``make_permanent``: mask the zeros again so that pruned entries stay pruned."""
+        for t in self._targets:
+            if not t.is_masked:
+                value = t.original.detach()
+                if not bool(value.ne(0).all()):
+                    apply_mask(t, value.ne(0).to(value.dtype))
+        restore_slots(self._slots)
+
+    def _capture_rewind(self, trainer: Any, epoch_start: bool) -> None:
+        if self.rewind is None or self._rewind_to is not None or not self._targets:
+            return
+        if self.rewind.reached(trainer.current_epoch, trainer.global_step, epoch_start):
+            self._rewind_to = capture(self._targets)
+
+    def _rewind(self, trainer: Any) -> None:
+        if self._rewind_to is None:
+            rank_zero_warn(
+                f"Pruning step {self._steps + 1} comes before the rewind point {self.rewind!r}: not rewound.",
+            )
+            return
+        rewind(self._targets, self._rewind_to, trainer.optimizers)
 
     # ------------------------------------------------------------------ pruning
 
@@ -219,22 +335,47 @@ class PruningScheduleCallback(CallbackBase):
             return {_GLOBAL: self.schedule.sparsity(epoch, 1.0)}
         if self.scope == "global":
             return {_GLOBAL: self.schedule.sparsity(epoch, self.sparsity if self.sparsity is not None else 1.0)}
-        return {t.name: self.schedule.sparsity(epoch, t.sparsity if t.sparsity is not None else 1.0) for t in self._targets}
+        return {
+            t.name: self.schedule.sparsity(epoch, t.sparsity if t.sparsity is not None else 1.0) for t in self._targets
+        }
 
     def _prune_to(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
         due = self._targets_at(epoch)
         if not any(s > self._applied.get(name, 0.0) + _EPS for name, s in due.items()):
             return
         due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
+        self._masks_back()
         seed = self.seed * 7919 + self._steps
         takes = self.method.takes_sparsity
         if self.scope == "global":
             self.method.prune_global(self._targets, due[_GLOBAL] if takes else None, seed)
         else:
             self.method.prune_local(self._targets, [due[t.name] if takes else None for t in self._targets], seed)
+        restore_slots(self._slots)  # keep `module.parameters()` in the order the optimizer was built with
+        broadcast_masks(self.method.masked(self._targets))  # every rank holds rank 0's masks
+        if self.rewind is not None:
+            self._rewind(trainer)
         self._applied.update(due)
         self._steps += 1
         self._report(trainer, pl_module, epoch)
+        self._masks_aside()
+
+    # ------------------------------------------------------------------ mask_mode="inplace"
+
+    def _masks_aside(self) -> None:
+        """``inplace`` mode: take torch's reparametrization off, keeping the masks (between pruning steps)."""
+        if self.mask_mode != "inplace" or self._inplace is not None or not self._targets:
+            return
+        self._inplace = InplaceMasks.from_targets(self.method.masked(self._targets))
+        restore_slots(self._slots)
+
+    def _masks_back(self) -> None:
+        """``inplace`` mode: put torch's reparametrization back (for a pruning step, or at the end)."""
+        if self._inplace is None:
+            return
+        self._inplace.restore()
+        self._inplace = None
+        restore_slots(self._slots)
 
     def _overall_target(self) -> float | None:
         if not self.method.takes_sparsity:
@@ -248,14 +389,21 @@ class PruningScheduleCallback(CallbackBase):
         report = measure(self._targets, self._goals())
         self._last_report = report
         target = self._overall_target()
-        log = {"pruning/sparsity": report.sparsity}
+        log = {f"{self._log_prefix}/sparsity": report.sparsity}
         if target is not None:
-            log["pruning/target"] = target
+            log[f"{self._log_prefix}/target"] = target
         if self.log_per_tensor:
             log.update({f"pruning/sparsity/{t.name}": t.sparsity for t in report.tensors})
+        log.update(self.method.metrics())
         for key, value in log.items():
             pl_module.log(
-                key, value, on_step=False, on_epoch=True, reduce_fx="max", prog_bar=key == "pruning/sparsity", batch_size=1
+                key,
+                value,
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+                prog_bar=key == f"{self._log_prefix}/sparsity",
+                batch_size=1,
             )
         if self.verbose and trainer.is_global_zero:
             goal = "" if target is None else f", target {target:.4f}"

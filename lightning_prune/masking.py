@@ -48,7 +48,8 @@ def apply_mask(target: PruningTarget, mask: Tensor) -> None:
 def pruned_count(target: PruningTarget) -> int:
     """Entries pruned by the mask (0 before the first step)."""
     mask = target.mask
-    return 0 if mask is None else int(mask.numel() - torch.count_nonzero(mask))
+    # counting a bool tensor is several times faster than counting a float one on CPU
+    return 0 if mask is None else int(mask.numel() - torch.count_nonzero(mask != 0))
 
 
 def count_for(sparsity: float, total: int) -> int:

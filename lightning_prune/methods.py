@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_prune.masking import apply_mask, count_for, pruned_count
 from lightning_prune.selection import PruningTarget
-from lightning_prune.thresholds import select_smallest
+from lightning_prune.thresholds import iter_smallest, iter_smallest_each
 
 __all__ = [
     "ImportanceFn",
@@ -40,7 +40,9 @@ __all__ = [
 ]
 
 MethodName = Literal["l1_unstructured", "random_unstructured", "ln_structured", "random_structured"]
-ImportanceFn = Callable[[Tensor], Tensor]
+# Returns a Tensor of scores (checked at run time). `Any`, not `Tensor`, as the return type: jsonargparse
+# (LightningCLI) then accepts import paths of functions without a return annotation, such as `torch.abs`.
+ImportanceFn = Callable[[Tensor], Any]
 Scope = Literal["local", "global"]
 
 
@@ -112,30 +114,48 @@ class ScoreMethod(PruningMethod):
         self._scores = scores
         self.name = name
 
-    def _select(self, targets: Sequence[PruningTarget], k: int, seed: int) -> None:
+    def _select(self, targets: Sequence[PruningTarget], k: int, seed: int, pruned: Sequence[int]) -> None:
         if k <= 0:
             return
-        masks = [t.mask if t.mask is not None else torch.ones_like(t.original) for t in targets]
+        masks = [t.mask for t in targets]
         fns = [(lambda t=t, i=i: self._scores(t, _step_seed(seed, 0, i))) for i, t in enumerate(targets)]
-        for t, mask in zip(targets, select_smallest(fns, masks, k)):
+        for t, mask in zip(targets, iter_smallest(fns, masks, k, pruned)):  # install each mask once built
             apply_mask(t, mask)
 
     def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float], seed: int) -> None:
+        chosen, fns, ks, pruned = [], [], [], []
         for i, (t, s) in enumerate(zip(targets, sparsities)):
-            self._select([t], count_for(s, t.original.numel()) - pruned_count(t), _step_seed(seed, 1, i))
+            already = pruned_count(t)
+            k = count_for(s, t.original.numel()) - already
+            if k > 0:
+                seed_i = _step_seed(_step_seed(seed, 1, i), 0, 0)
+                chosen.append(t)
+                fns.append(lambda t=t, seed_i=seed_i: self._scores(t, seed_i))
+                ks.append(k)
+                pruned.append(already)
+        masks = [t.mask for t in chosen]
+        for t, mask in zip(chosen, iter_smallest_each(fns, masks, ks, pruned)):  # work buffers shared
+            apply_mask(t, mask)
 
     def prune_global(self, targets: Sequence[PruningTarget], sparsity: float, seed: int) -> None:
         total = sum(t.original.numel() for t in targets)
-        already = sum(pruned_count(t) for t in targets)
-        self._select(targets, count_for(sparsity, total) - already, seed)
+        pruned = [pruned_count(t) for t in targets]
+        self._select(targets, count_for(sparsity, total) - sum(pruned), seed, pruned)
 
 
-def _magnitude(importance: ImportanceFn | None) -> Callable[[PruningTarget, int], Tensor]:
-    def scores(target: PruningTarget, seed: int) -> Tensor:
+class _Magnitude:
+    """Magnitude (or ``importance(orig * mask)``) scores. A class, not a closure, so that the callback pickles:
+    ``ddp_spawn`` sends it to the new processes."""
+
+    def __init__(self, importance: ImportanceFn | None) -> None:
+        self.importance = importance
+
+    def __call__(self, target: PruningTarget, seed: int) -> Tensor:
+        importance = self.importance
         with torch.no_grad():
+            if importance is None:  # pruned entries' scores are ignored by the selection: no orig * mask
+                return target.original.abs()
             weights = target.effective()
-            if importance is None:
-                return weights.abs()
             out = importance(weights)
         if not isinstance(out, Tensor) or out.shape != weights.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -145,7 +165,9 @@ def _magnitude(importance: ImportanceFn | None) -> Callable[[PruningTarget, int]
             )
         return out
 
-    return scores
+
+def _magnitude(importance: ImportanceFn | None) -> Callable[[PruningTarget, int], Tensor]:
+    return _Magnitude(importance)
 
 
 def _random_scores(target: PruningTarget, seed: int) -> Tensor:

@@ -119,3 +119,43 @@ def fit(callback: Any, max_epochs: int = 3, module: pl.LightningModule | None = 
     trainer = make_trainer([callback, recorder], max_epochs=max_epochs, **kwargs)
     trainer.fit(module, random_loader(), random_loader(16))
     return module, recorder, trainer
+
+
+class MaskRecorder(pl.Callback):
+    """Records ``{global_step: {name: effective == 0}}`` (copies) at every epoch and batch start (issue 4)."""
+
+    def __init__(self, parameters: Any = None) -> None:
+        self.parameters = parameters
+        self.zeros: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _record(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_prune import select_parameters
+
+        with torch.no_grad():
+            self.zeros[trainer.global_step] = {
+                t.name: (t.effective() == 0).cpu().clone() for t in select_parameters(pl_module, self.parameters)
+            }
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._record(trainer, pl_module)
+
+
+def write_tiny_mnist(root: Any, n_train: int = 60, n_test: int = 20) -> Any:
+    """MNIST-format IDX files with random digits in torchvision's layout (``root/MNIST/raw/``); returns ``root``
+    (issue 7)."""
+    import struct
+    from pathlib import Path
+
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        header = struct.pack(">IIII", 2051, n, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+    return root

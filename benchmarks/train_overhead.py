@@ -1,0 +1,175 @@
+"""Cost of training with masks in place: one optimizer step, masked versus dense, side by side.
+
+Models: the LeNet of ``examples/lenet_mnist.py`` and a larger MLP (784-2048-2048-10, 5.8 M weights), on a
+fixed random batch of ``--batch`` MNIST-shaped images (the data do not change the arithmetic). An
+optimizer step is forward, cross-entropy, backward, ``SGD(momentum=0.9).step()`` and ``zero_grad()``.
+
+Variants, each on its own copy of the same initial model:
+
+* ``dense``: no pruning;
+* ``hook``: pruned to ``--sparsity`` (global L1, ``lightning_prune``) with torch's reparametrization
+  (``weight_orig`` + ``weight_mask`` + a forward pre-hook that computes ``weight = weight_orig * mask`` at
+  every forward, and the matching multiplication in backward) -- the callback's default
+  ``mask_mode="hook"``;
+* ``inplace``: the same masks with plain parameters (the callback's ``mask_mode="inplace"``): gradients
+  of pruned entries are zeroed before the optimizer step and the pruned weights after it, through
+  :class:`lightning_prune.InplaceMasks`, the object the callback uses.
+
+Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps in turn (so that load from other
+processes hits all alike) after ``--warmup`` untimed steps in the first round; the table shows the median
+step time over all timed steps and its ratio to ``dense``. ``--threads`` CPU threads.
+
+Usage (from the repository root)::
+
+    python benchmarks/train_overhead.py
+    python benchmarks/train_overhead.py --models lenet --rounds 3 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_prune.inplace import InplaceMasks  # noqa: E402
+from lightning_prune.methods import resolve_method  # noqa: E402
+from lightning_prune.selection import select_parameters  # noqa: E402
+
+VARIANTS = ("dense", "hook", "inplace")
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "lenet":
+        from examples.lenet_mnist import LeNet
+
+        return LeNet()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+    )
+
+
+class Variant:
+    """One model copy with its optimizer and the per-step work of its mask mode."""
+
+    def __init__(self, kind: str, model: nn.Module, sparsity: float, lr: float) -> None:
+        self.kind = kind
+        self.model = model
+        self.masks: InplaceMasks | None = None
+        if kind != "dense":
+            targets = select_parameters(model)
+            resolve_method("l1_unstructured").prune_global(targets, sparsity, seed=0)
+            if kind == "inplace":
+                self.masks = InplaceMasks.from_targets(targets)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        if self.masks is not None:
+            self.masks.zero_grads()
+        self.optimizer.step()
+        if self.masks is not None:
+            self.masks.zero_weights()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def timed(fn: Callable[[], None], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def effective_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [t.effective().detach().clone() for t in select_parameters(model)]
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    torch.manual_seed(args.seed)
+    base = build_model(name)
+    variants = {kind: Variant(kind, copy.deepcopy(base), args.sparsity, args.lr) for kind in VARIANTS}
+    x = torch.randn(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    times: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
+    for kind in VARIANTS:
+        timed(lambda v=variants[kind]: v.step(x, y), args.warmup)
+    for r in range(args.rounds):
+        for kind in VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS)):
+            times[kind] += timed(lambda v=variants[kind]: v.step(x, y), args.steps)
+    # the two masked modes train the same model: same effective weights after the same steps
+    hook, inplace = effective_weights(variants["hook"].model), effective_weights(variants["inplace"].model)
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(hook, inplace))
+    zeros = all(bool((w[m == 0] == 0).all()) for w, m in zip(hook, variants["inplace"].masks.masks))
+    print(f"{name}: hook and inplace effective weights equal after training: {same}; pruned entries zero: {zeros}")
+    return times
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--models", nargs="+", choices=["lenet", "mlp"], default=["lenet", "mlp"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    rows = []
+    for name in args.models:
+        times = run_model(name, args)
+        med = {kind: statistics.median(v) for kind, v in times.items()}
+        for kind in VARIANTS:
+            rows.append((name, kind, med[kind], med[kind] / med["dense"], len(times[kind])))
+    print(
+        f"\nOptimizer step (SGD, momentum 0.9), batch {args.batch}, sparsity {args.sparsity}; median of "
+        f"{args.rounds} x {args.steps} interleaved steps\n"
+    )
+    print("| model | mask mode | median step | ratio to dense |")
+    print("|---|---|---:|---:|")
+    for name, kind, t, ratio, _ in rows:
+        print(f"| {name} | {kind} | {t * 1e3:.2f} ms | {ratio:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

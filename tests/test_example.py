@@ -1,0 +1,173 @@
+"""The LeNet/MNIST example end to end, on a tiny MNIST-format dataset written here (never the real one)."""
+
+import argparse
+import json
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.lenet_mnist import (
+    LeNet,
+    LitLeNet,
+    MNISTDataModule,
+    build_callback,
+    build_parser,
+    count_macs,
+    main,
+)
+from lightning_prune.schedules import AtEpochs, OneShot, Polynomial
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "lenet_mnist.py"
+
+
+def write_idx_mnist(root: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
+    """Write MNIST-format IDX files (torchvision's layout: ``root/MNIST/raw/``) with learnable digits:
+    each class lights a different 4-row band of the 28x28 image, plus noise."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=generator, dtype=torch.uint8)
+        images = torch.randint(0, 60, (n, 28, 28), generator=generator, dtype=torch.uint8)
+        for i, label in enumerate(labels.tolist()):
+            images[i, 2 * label + 4 : 2 * label + 8, 4:24] = 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+    return root
+
+
+def test_example_quick_run_writes_summary_and_a_strictly_reloadable_model(tmp_path, capsys):
+    data_dir = write_idx_mnist(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(data_dir), "--no-download", "--quick", "--epochs", "2", "--sparsity", "0.8"]
+    assert main([*argv, "--output", str(out)]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_acc", "sparsity", "sparsity_per_layer", "params_total", "params_nonzero", "epochs", "seconds"):
+        assert key in summary
+    assert summary["epochs"] == 2
+    assert summary["images"] == {"train": 200, "val": 40, "test": 60}
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["params_total"] == 60074
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1 / summary["weights_total"])  # global: exact count
+    layers = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
+    assert sorted(summary["sparsity_per_layer"]) == layers
+
+    model = LeNet()
+    model.load_state_dict(torch.load(out / "lenet_pruned.pt"), strict=True)  # plain, unpruned keys
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert summary["params_total"] - summary["params_nonzero"] == zeros
+    assert zeros >= round(0.8 * summary["weights_total"])
+    assert count_macs(model) == (summary["macs_dense"], summary["macs_nonzero"])
+    assert summary["macs_nonzero"] < summary["macs_dense"]
+    assert (out / "last.ckpt").exists()
+    metrics = (out / "metrics.csv").read_text()
+    assert "test_acc" in metrics and "pruning/sparsity" in metrics
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "compression ratio" in printed
+
+
+def test_example_missing_data_exits_with_a_message_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "nowhere"), "--no-download", "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr
+    assert str(Path("MNIST") / "raw") in result.stderr
+    assert "train-images-idx3-ubyte" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists()  # stopped before training
+
+
+def test_example_data_module_splits_with_a_fixed_seed(tmp_path):
+    data_dir = write_idx_mnist(tmp_path / "data", n_train=300)
+    a = MNISTDataModule(str(data_dir), batch_size=16, seed=0, quick=True, download=False)
+    b = MNISTDataModule(str(data_dir), batch_size=16, seed=5, quick=True, download=False)
+    a.setup("fit")
+    b.setup("fit")
+    assert a.split_sizes() == {"train": 250, "val": 50, "test": 60}
+    val_a, val_b = a.val_dataloader().dataset.tensors[0], b.val_dataloader().dataset.tensors[0]
+    assert torch.equal(val_a, val_b)  # the hold-out does not depend on the training seed
+    x, y = next(iter(a.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_example_count_macs_counts_only_nonzero_weights():
+    model = LeNet()
+    dense, nonzero = count_macs(model)
+    assert dense == nonzero == 6 * 26 * 26 * 9 + 16 * 11 * 11 * 54 + 400 * 120 + 120 * 84 + 84 * 10
+    with torch.no_grad():
+        model.conv1.weight[0].zero_()  # one 3x3 filter: 9 weights used at 26x26 positions
+        model.fc1.weight[:, :100].zero_()
+    assert count_macs(model) == (dense, dense - 9 * 26 * 26 - 120 * 100)
+
+
+@pytest.mark.parametrize(
+    ("flags", "schedule"),
+    [
+        ([], Polynomial(start_epoch=1, end_epoch=4, every_n_steps=50)),
+        (["--schedule", "one-shot", "--start-epoch", "2"], OneShot(epoch=2)),
+        (["--schedule", "at-epochs", "--at-epochs", "1", "3"], AtEpochs([1, 3])),
+        (
+            ["--schedule", "polynomial", "--start-epoch", "0", "--end-epoch", "4", "--every-n-steps", "0"],
+            Polynomial(0, 4),
+        ),
+    ],
+)
+def test_example_build_callback_maps_cli_flags(flags, schedule):
+    callback = build_callback(build_parser().parse_args(flags))
+    assert repr(callback.schedule) == repr(schedule)
+    assert callback.scope == "global" and callback.sparsity == 0.95
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--sparsity", "1.5"], r"`sparsity` must be in \[0, 1\), got 1.5"),
+        (["--scope", "global", "--method", "ln_structured"], r"structured and works in `scope='local'` only"),
+        (["--start-epoch", "3", "--end-epoch", "2"], r"`start_epoch` must be before `end_epoch`"),
+        (["--epochs", "0"], r"--epochs must be at least 1, got 0"),
+        (["--scope", "both"], r"invalid choice: 'both'"),
+    ],
+)
+def test_example_cli_rejects_bad_flags_with_a_message(flags, match, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: LitLeNet(lr=0), r"`lr` must be a positive number, got 0"),
+        (lambda: LitLeNet(optimizer="rmsprop"), r"`optimizer` must be one of \['adam', 'sgd'\], got 'rmsprop'"),
+        (lambda: LitLeNet(lr_schedule="step"), r"`lr_schedule` must be one of \['constant', 'cosine'\], got 'step'"),
+        (lambda: MNISTDataModule(batch_size=0), r"`batch_size` must be a positive integer, got 0"),
+        (lambda: MNISTDataModule(val_size=-1), r"`val_size` must be a positive integer, got -1"),
+    ],
+)
+def test_example_modules_reject_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_example_parser_lists_the_documented_flags():
+    text = build_parser().format_help()
+    for flag in ("--data-dir", "--epochs", "--sparsity", "--scope", "--method", "--schedule", "--start-epoch"):
+        assert flag in text
+    for flag in ("--end-epoch", "--every-n-steps", "--seed", "--batch-size", "--lr", "--output", "--quick"):
+        assert flag in text
+    assert isinstance(build_parser().parse_args([]), argparse.Namespace)

@@ -1,0 +1,117 @@
+"""``mask_mode="inplace"``: plain parameters with masks kept aside give the same training as torch's hook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.utils.prune as prune
+from helpers import TinyModule, make_trainer, random_loader
+from torch import nn
+
+from lightning_prune import PruningScheduleCallback, select_parameters
+from lightning_prune.inplace import InplaceMasks
+from lightning_prune.schedules import Polynomial
+
+
+class ZerosAfterStep(pl.Callback):
+    """After every optimizer step: how many chosen entries are zero, and the zero sets themselves."""
+
+    def __init__(self) -> None:
+        self.zeros: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.zeros.append({t.name: (t.effective() == 0).clone() for t in select_parameters(pl_module)})
+
+
+def run(mask_mode: str, optimizer: str, **kwargs: Any) -> tuple[TinyModule, ZerosAfterStep, PruningScheduleCallback]:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule(optimizer=optimizer)
+    callback = PruningScheduleCallback(
+        sparsity=0.7,
+        scope="global",
+        schedule=Polynomial(start_epoch=0, end_epoch=2, every_n_steps=2),
+        mask_mode=mask_mode,
+        verbose=False,
+        **kwargs,
+    )
+    zeros = ZerosAfterStep()
+    trainer = make_trainer([callback, zeros], max_epochs=3)
+    trainer.fit(module, random_loader(), random_loader(16))
+    return module, zeros, callback
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_mask_mode_inplace_trains_the_same_model_as_hook(optimizer: str) -> None:
+    hook, _, _ = run("hook", optimizer)
+    inplace, _, _ = run("inplace", optimizer)
+    a, b = hook.state_dict(), inplace.state_dict()
+    assert list(a) == list(b)  # prune.remove at the end: same plain keys, same order
+    assert not any(k.endswith(("_orig", "_mask")) for k in b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for p in (t.original for t in select_parameters(inplace)):
+        assert isinstance(p, nn.Parameter)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_mask_mode_inplace_keeps_pruned_entries_zero_after_every_step(optimizer: str) -> None:
+    module, zeros, callback = run("inplace", optimizer)
+    assert len(zeros.zeros) == 12
+    for before, after in zip(zeros.zeros, zeros.zeros[1:]):
+        for name in before:
+            assert bool(after[name][before[name]].all()), name  # once zero (pruned), zero after every step
+    total = sum(t.original.numel() for t in select_parameters(module))
+    final = sum(int(z.sum()) for z in zeros.zeros[-1].values())
+    assert final == round(0.7 * total)
+
+
+def test_mask_mode_inplace_parameters_are_plain_between_steps() -> None:
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            seen.append(any(name.endswith("_orig") for name, _ in pl_module.named_parameters()))
+
+    callback = PruningScheduleCallback(sparsity=0.5, mask_mode="inplace", verbose=False, make_permanent=False)
+    trainer = make_trainer([callback, Probe()], max_epochs=2)
+    module = TinyModule()
+    trainer.fit(module, random_loader(), random_loader(16))
+    assert seen and not any(seen)
+    # make_permanent=False: torch's masks are back at the end, as in hook mode
+    assert all(t.is_masked for t in select_parameters(module))
+
+
+def test_inplace_masks_restore_round_trip() -> None:
+    net = nn.Linear(6, 4)
+    prune.l1_unstructured(net, "weight", amount=10)
+    mask = net.weight_mask.clone()
+    param = net.weight_orig
+    masks = InplaceMasks.from_targets(select_parameters(net))
+    assert net.weight is param and len(masks) == 1  # the same Parameter object, now plain
+    net.weight.grad = torch.ones_like(net.weight)
+    masks.zero_grads()
+    assert torch.equal(net.weight.grad, mask)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    masks.zero_weights()
+    assert torch.equal(net.weight == 0, mask == 0)
+    masks.restore()
+    assert net.weight_orig is param and torch.equal(net.weight_mask, mask) and len(masks) == 0
+
+
+def test_mask_mode_rejects_unknown_value() -> None:
+    with pytest.raises(ValueError, match=r"`mask_mode` must be one of \['hook', 'inplace'\], got 'fast'"):
+        PruningScheduleCallback(sparsity=0.5, mask_mode="fast")
+
+
+def test_benchmarks_run_on_a_tiny_model() -> None:
+    from benchmarks import prune_step, train_overhead
+
+    assert prune_step.main(["--layers", "2", "--width", "32", "--rounds", "1", "--no-memory"]) == 0
+    assert (
+        train_overhead.main(["--models", "mlp", "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"]) == 0
+    )

@@ -1,0 +1,279 @@
+"""The exact k-smallest selection (radix select) against torch's pruning functions and a sorting reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from lightning_prune.methods import resolve_method
+from lightning_prune.selection import select_parameters
+from lightning_prune.thresholds import iter_smallest, iter_smallest_each, score_keys, select_smallest
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def sorted_reference(scores: list[torch.Tensor], masks: list[torch.Tensor | None], k: int) -> list[torch.Tensor]:
+    """Prune the k smallest live scores (compared in float32, -0.0 == +0.0), ties in tensor then flat order."""
+    items = []
+    for ti, (s, m) in enumerate(zip(scores, masks)):
+        flat = s.to(torch.float32).reshape(-1).tolist()
+        alive = [True] * len(flat) if m is None else (m.reshape(-1) != 0).tolist()
+        items += [(v + 0.0, ti, j) for j, v in enumerate(flat) if alive[j]]
+    items.sort()
+    out = [
+        (torch.ones(s.shape) if m is None else m.to(torch.float32).clone()).reshape(-1) for s, m in zip(scores, masks)
+    ]
+    for _, ti, j in items[:k]:
+        out[ti][j] = 0.0
+    return [o.reshape(s.shape) for o, s in zip(out, scores)]
+
+
+def model_of(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Conv1d(4, 5, 3), nn.Linear(20, 7)).to(device, dtype)
+
+
+def layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+
+
+def untied(weights: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Entries whose float32 magnitude differs from the threshold (the largest pruned float32 magnitude)."""
+    mag = weights.detach().to(torch.float32).abs()
+    return mag != mag[pruned].max()
+
+
+def assert_same_as_torch(ours: list[nn.Module], theirs: list[nn.Module], per_layer: bool) -> None:
+    groups = [[i] for i in range(len(ours))] if per_layer else [list(range(len(ours)))]
+    for group in groups:
+        n_ours = sum(int((ours[i].weight_mask == 0).sum()) for i in group)
+        n_theirs = sum(int((theirs[i].weight_mask == 0).sum()) for i in group)
+        assert n_ours == n_theirs
+        pruned = torch.cat([(ours[i].weight_mask == 0).reshape(-1) for i in group])
+        weights = torch.cat([ours[i].weight_orig.reshape(-1) for i in group])
+        free = untied(weights, pruned)
+        mask_ours = torch.cat([ours[i].weight_mask.reshape(-1) for i in group])
+        mask_theirs = torch.cat([theirs[i].weight_mask.reshape(-1) for i in group])
+        assert torch.equal(mask_ours[free], mask_theirs[free])
+        assert free.any()  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.3, 0.75])
+def test_prune_global_matches_global_unstructured(dtype: torch.dtype, sparsity: float) -> None:
+    ours, theirs = model_of(dtype), model_of(dtype)
+    resolve_method("l1_unstructured").prune_global(select_parameters(ours), sparsity, seed=0)
+    prune.global_unstructured([(m, "weight") for m in layers(theirs)], prune.L1Unstructured, amount=sparsity)
+    assert_same_as_torch(layers(ours), layers(theirs), per_layer=False)
+    for m in layers(ours):
+        assert m.weight_mask.dtype == dtype and m.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prune_local_matches_l1_unstructured(dtype: torch.dtype) -> None:
+    ours, theirs = model_of(dtype, seed=1), model_of(dtype, seed=1)
+    targets = select_parameters(ours)
+    resolve_method("l1_unstructured").prune_local(targets, [0.6] * len(targets), seed=0)
+    for m in layers(theirs):
+        prune.l1_unstructured(m, "weight", amount=0.6)
+    assert_same_as_torch(layers(ours), layers(theirs), per_layer=True)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_prune_incremental_matches_one_shot_torch(scope: str) -> None:
+    ours, theirs = model_of(torch.float32, seed=2), model_of(torch.float32, seed=2)
+    method, targets = resolve_method("l1_unstructured"), select_parameters(ours)
+    before = []
+    for s in (0.5, 0.8):
+        if scope == "global":
+            method.prune_global(targets, s, seed=0)
+        else:
+            method.prune_local(targets, [s] * len(targets), seed=0)
+        masks = [m.weight_mask.clone() for m in layers(ours)]
+        for old, new in zip(before, masks):
+            assert bool((new <= old).all())  # pruned entries stay pruned
+        before = masks
+    if scope == "global":
+        prune.global_unstructured([(m, "weight") for m in layers(theirs)], prune.L1Unstructured, amount=0.8)
+    else:
+        for m in layers(theirs):
+            prune.l1_unstructured(m, "weight", amount=0.8)
+    assert_same_as_torch(layers(ours), layers(theirs), per_layer=scope == "local")
+
+
+def test_select_smallest_matches_reference_with_ties_signs_and_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        scores, masks = [], []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            shape = tuple(int(v) for v in torch.randint(1, 6, (2,), generator=g))
+            kind = trial % 4
+            if kind == 0:
+                s = torch.randn(shape, generator=g)  # both signs: the general path
+            elif kind == 1:
+                s = torch.randint(-2, 3, shape, generator=g).float()  # many ties, -0.0 and +0.0 via products
+                s = s * torch.sign(torch.randn(shape, generator=g))
+            elif kind == 2:
+                s = torch.randint(0, 3, shape, generator=g).float()  # non-negative ties: the fast path
+            else:
+                s = torch.randn(shape, generator=g).abs()
+            mask = None if trial % 3 == 0 else (torch.rand(shape, generator=g) > 0.4).float()
+            scores.append(s.to(DTYPES[trial % 4]))
+            masks.append(mask)
+        live = sum(s.numel() if m is None else int(m.sum()) for s, m in zip(scores, masks))
+        for k in sorted({0, live, int(torch.randint(0, live + 1, (1,), generator=g))}):
+            got = select_smallest([lambda s=s: s for s in scores], masks, k)
+            for a, b in zip(got, sorted_reference(scores, masks, k)):
+                assert torch.equal(a.float(), b), (trial, k)
+
+
+def test_select_smallest_breaks_ties_in_tensor_then_flat_order() -> None:
+    a, b = torch.ones(2, 3), torch.ones(4)
+    m1, m2 = select_smallest([a.clone, b.clone], [None, None], k=7)
+    assert m1.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert m2.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_select_smallest_ignores_pruned_entries_whatever_their_scores() -> None:
+    scores = torch.tensor([float("inf"), -float("inf"), -5.0, 0.0, 1.0, 2.0])
+    mask = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    (new,) = select_smallest([scores.clone], [mask], k=2)
+    assert new.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    (pos,) = select_smallest([lambda: torch.tensor([1e38, 3.0, 0.5, 7.0])], [torch.tensor([0.0, 1, 1, 1])], k=1)
+    assert pos.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_select_smallest_k_zero_and_all() -> None:
+    s = torch.randn(3, 4)
+    mask = (torch.rand(3, 4) > 0.5).float()
+    (none_pruned,) = select_smallest([s.clone], [None], k=0)
+    assert torch.equal(none_pruned, torch.ones(3, 4))
+    (same,) = select_smallest([s.clone], [mask], k=0)
+    assert torch.equal(same, mask) and same is not mask
+    (everything,) = select_smallest([s.clone], [mask], k=int(mask.sum()))
+    assert not everything.any()
+
+
+@pytest.mark.parametrize(
+    ("scores", "mask", "k", "match"),
+    [
+        (torch.ones(4), None, 5, r"`k` must be in \[0, 4\]"),
+        (torch.ones(4), torch.tensor([1.0, 0, 0, 1]), 3, r"`k` must be in \[0, 2\]"),
+        (torch.ones(4), None, -1, "`k` must be >= 0"),
+        (torch.tensor([1.0, float("nan")]), None, 1, "NaN"),
+        (torch.tensor([-1.0, float("nan")]), None, 1, "NaN"),
+        (torch.ones(4, dtype=torch.int32), None, 1, "floating"),
+    ],
+)
+def test_select_smallest_rejects_bad_input(scores: torch.Tensor, mask: torch.Tensor | None, k: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        select_smallest([scores.clone], [mask], k)
+
+
+def test_select_smallest_rejects_mismatched_lists() -> None:
+    with pytest.raises(ValueError, match="one mask per score tensor"):
+        select_smallest([torch.ones(2).clone], [None, None], 1)
+
+
+def test_iter_smallest_computes_scores_again_and_yields_lazily() -> None:
+    calls = [0, 0]
+
+    def scores(i: int, value: torch.Tensor):
+        def fn() -> torch.Tensor:
+            calls[i] += 1
+            return value
+
+        return fn
+
+    it = iter_smallest([scores(0, torch.arange(5.0)), scores(1, torch.arange(5.0))], [None, None], k=3)
+    first = next(it)
+    assert calls == [3, 2]  # two histogram passes over both, then only the first tensor's mask is built
+    second = next(it)
+    assert calls == [3, 3]
+    assert first.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] and second.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_score_keys_sort_as_the_floats() -> None:
+    values = torch.tensor(
+        [-float("inf"), -3e38, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1.0, 3e38, float("inf")], dtype=torch.float32
+    )
+    keys = score_keys(values)
+    assert keys.dtype == torch.int32
+    assert bool((keys[1:] >= keys[:-1]).all())
+    assert int(keys[4]) == int(keys[5])  # -0.0 == +0.0
+    assert bool((keys[1:4] < keys[2:5]).all()) and bool((keys[5:-1] < keys[6:]).all())
+
+
+def test_select_smallest_leaves_inputs_untouched() -> None:
+    s = torch.rand(10)
+    mask = (torch.rand(10) > 0.3).float()
+    s0, m0 = s.clone(), mask.clone()
+    select_smallest([lambda: s], [mask], k=2)
+    assert torch.equal(s, s0) and torch.equal(mask, m0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_smallest_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randn(50, 40, generator=g).to(dtype), torch.randn(30, generator=g).abs().to(dtype)]
+    masks = [(torch.rand(50, 40, generator=g) > 0.3).to(dtype), None]
+    cpu = select_smallest([s.clone for s in scores], masks, k=900)
+    gpu = select_smallest([s.cuda for s in scores], [m.cuda() if m is not None else None for m in masks], k=900)
+    for a, b in zip(cpu, gpu):
+        assert b.is_cuda and torch.equal(a, b.cpu())
+
+
+@pytest.mark.cuda
+def test_prune_global_cuda_matches_global_unstructured() -> None:
+    ours, theirs = model_of(torch.float32, device="cuda"), model_of(torch.float32, device="cuda")
+    resolve_method("l1_unstructured").prune_global(select_parameters(ours), 0.7, seed=0)
+    prune.global_unstructured([(m, "weight") for m in layers(theirs)], prune.L1Unstructured, amount=0.7)
+    assert_same_as_torch(layers(ours), layers(theirs), per_layer=False)
+
+
+def test_prune_global_random_is_exact_and_deterministic() -> None:
+    a, b = model_of(torch.float32, seed=4), copy.deepcopy(model_of(torch.float32, seed=4))
+    for model in (a, b):
+        resolve_method("random_unstructured").prune_global(select_parameters(model), 0.45, seed=7)
+    total = sum(m.weight.numel() for m in layers(a))
+    assert sum(int((m.weight_mask == 0).sum()) for m in layers(a)) == round(0.45 * total)
+    assert all(torch.equal(x.weight_mask, y.weight_mask) for x, y in zip(layers(a), layers(b)))
+
+
+def test_select_smallest_mixes_fast_and_general_tensors() -> None:
+    # a non-negative tensor (fast path, pruned entries at key 0) whose entries are all pruned, next to a
+    # tensor of negative scores (general path): the threshold is negative, the pruned entries stay pruned
+    scores = [torch.tensor([1.0]), torch.tensor([3.0, 1.0]), torch.tensor([-1.0, -2.0])]
+    masks = [torch.ones(1), torch.zeros(2), None]
+    got = select_smallest([s.clone for s in scores], masks, k=2)
+    assert [m.tolist() for m in got] == [[1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert all(torch.equal(a.float(), b) for a, b in zip(got, sorted_reference(scores, masks, 2)))
+
+
+def test_iter_smallest_with_known_pruned_counts_gives_the_same_masks() -> None:
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.rand(8, 8, generator=g), torch.rand(20, generator=g)]
+    masks = [(torch.rand(8, 8, generator=g) > 0.5).float(), None]
+    pruned = [int((masks[0] == 0).sum()), 0]
+    a = list(iter_smallest([s.clone for s in scores], masks, 10))
+    b = list(iter_smallest([s.clone for s in scores], masks, 10, pruned))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_iter_smallest_each_selects_per_tensor() -> None:
+    g = torch.Generator().manual_seed(6)
+    ties = torch.randint(0, 3, (9,), generator=g).float()
+    scores = [torch.randn(6, 5, generator=g), torch.rand(40, generator=g), ties]
+    masks = [None, (torch.rand(40, generator=g) > 0.5).float(), None]
+    live = [30, int(masks[1].sum()), 9]
+    ks = [0, live[1], 4]
+    got = list(iter_smallest_each([s.clone for s in scores], masks, ks))
+    for s, m, k, mask in zip(scores, masks, ks, got):
+        assert torch.equal(mask.float(), sorted_reference([s], [m], k)[0])
+    with pytest.raises(ValueError, match="one mask and one k per score tensor"):
+        list(iter_smallest_each([scores[0].clone], [None], [1, 2]))
