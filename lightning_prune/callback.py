@@ -204,7 +204,11 @@ class PruningScheduleCallback(CallbackBase):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            parameters=repr(self.parameters), method=self.method.name, scope=self.scope, schedule=repr(self.schedule)
+            parameters=repr(self.parameters),
+            sparsity=repr(self.sparsity),
+            method=self.method.name,
+            scope=self.scope,
+            schedule=repr(self.schedule),
         )
 
     # ------------------------------------------------------------------ hooks
@@ -301,7 +305,7 @@ class PruningScheduleCallback(CallbackBase):
 
     def _reinstall_masks(self) -> None:
         """A later ``fit`` after ``make_permanent``: mask the zeros again so that pruned entries stay pruned."""
-        for t in self._targets:
+        for t in self.method.masked(self._targets):
             if not t.is_masked:
                 value = t.original.detach()
                 if not bool(value.ne(0).all()):

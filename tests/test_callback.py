@@ -336,6 +336,8 @@ def test_state_dict_round_trip_and_state_key():
     assert math.isclose(state["applied"]["__global__"], 0.5)
     assert cb.state_key == other.state_key
     assert cb.state_key != PruningScheduleCallback(sparsity=0.5, scope="local").state_key
+    other_target = PruningScheduleCallback(sparsity=0.6, scope="global", schedule=AtEpochs([0, 1]))
+    assert cb.state_key != other_target.state_key  # two callbacks differing only in sparsity can coexist
 
 
 def _four_uses():
