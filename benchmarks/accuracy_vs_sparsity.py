@@ -32,7 +32,6 @@ import csv
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,11 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
-from examples.lenet_mnist import LitLeNet, MNISTDataModule, MNISTNotFoundError, summarize  # noqa: E402
+from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
 from lightning_prune import PruningScheduleCallback  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
@@ -101,26 +99,11 @@ def make_pruning_callback(method: str, target: float, args: argparse.Namespace, 
 
 
 def run_one(method: str, target: float, seed: int, args: argparse.Namespace, data: MNISTDataModule) -> dict[str, Any]:
-    pl.seed_everything(seed, verbose=False)
-    data.seed = seed
-    module = LitLeNet(lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule)
-    pruning = make_pruning_callback(method, target, args, module)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        callbacks=[pruning] if pruning is not None else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        deterministic=True,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    (test,) = trainer.test(module, datamodule=data, verbose=False)
+    def callbacks(module: LitLeNet) -> list[Any]:
+        pruning = make_pruning_callback(method, target, args, module)
+        return [pruning] if pruning is not None else []
+
+    module, _, fit_seconds, test = fit_and_test(seed, args, data, callbacks)
     size = summarize(module.model)
     return {
         "method": method,
@@ -320,21 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--targets must be in [0, 1), got {args.targets}")
     if args.merge:
         return merge(args)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    import logging
-
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
-    try:
-        data.setup("fit")
-    except MNISTNotFoundError as missing:
-        print(f"error: {missing}", file=sys.stderr)
+    prepared = prepare(args)
+    if prepared is None:
         return 2
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    data, out = prepared
     csv_path = out / f"{args.name}.csv"
     rows = read_rows(csv_path) if args.resume else []
     done = {(r["method"], r["target"], r["seed"]) for r in rows}

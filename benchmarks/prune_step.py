@@ -47,7 +47,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -64,6 +63,7 @@ import torch  # noqa: E402
 import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import machine  # noqa: E402
 from lightning_prune.masking import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
@@ -205,19 +205,6 @@ def memory_in_subprocess(name: str, argv: Sequence[str]) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}"
-    )
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -252,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_weights = args.layers * args.width * args.width
     print(f"# Pruning step: {args.layers} x Linear({args.width}, {args.width}), {n_weights / 1e6:.1f} M weights")
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine(platform.processor() or platform.machine())}\n")
     model = build_model(args.layers, args.width, args.seed)
     snapshot = [m.weight.detach().clone() for m in layers_of(model)]
     times: dict[str, list[float]] = {name: [] for name in STEPS}

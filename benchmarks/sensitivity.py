@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,11 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-
 from benchmarks.accuracy_vs_sparsity import build_parser as budget_parser  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule, MNISTNotFoundError, summarize  # noqa: E402
+from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
 from examples.lenet_sensitivity import analyze_lenet  # noqa: E402
 from lightning_prune import PruningScheduleCallback, suggest_sparsity  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -67,25 +63,7 @@ def make_callback(kind: str, target: float, suggested: dict[str, float], args: a
 
 
 def train(seed: int, args: argparse.Namespace, data: MNISTDataModule, callback: Any) -> tuple[LitLeNet, dict]:
-    pl.seed_everything(seed, verbose=False)
-    data.seed = seed
-    module = LitLeNet(lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        callbacks=[callback] if callback is not None else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        deterministic=True,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    (test,) = trainer.test(module, datamodule=data, verbose=False)
+    module, _, fit_seconds, test = fit_and_test(seed, args, data, [callback] if callback is not None else [])
     size = summarize(module.model)
     return module, {
         "seed": seed,
@@ -144,19 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if any(not 0 < t < 1 for t in args.targets):
         raise SystemExit(f"--targets must be in (0, 1), got {args.targets}")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
-    try:
-        data.setup("fit")
-    except MNISTNotFoundError as missing:
-        print(f"error: {missing}", file=sys.stderr)
+    prepared = prepare(args)
+    if prepared is None:
         return 2
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    data, out = prepared
     csv_path = out / "sensitivity.csv"
     rows: list[dict[str, Any]] = []
     if args.append and csv_path.exists():

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import logging
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from examples.lenet_mnist import LeNet, LitLeNet, MNISTDataModule, MNISTNotFoundError, count_macs  # noqa: E402
+from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from examples.lenet_mnist import LeNet, MNISTDataModule, count_macs  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
@@ -156,47 +154,28 @@ def stage_profile(shapes: Sequence[str], repeats: int, batch: int = 256) -> str:
     return "\n".join(lines)
 
 
-def trainer_for(args: argparse.Namespace, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=args.epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        deterministic=True,
-    )
-
-
 def run_one(scope: str, target: float, seed: int, args: argparse.Namespace, data: MNISTDataModule) -> dict[str, Any]:
-    pl.seed_everything(seed, verbose=False)
-    data.seed = seed
-    module = LitLeNet(lr=args.lr, optimizer=args.optimizer)
-    callbacks = []
-    if target > 0:
-        schedule = Polynomial(
-            start_epoch=args.ramp_start, end_epoch=args.ramp_end, every_n_steps=args.every_n_steps or None, power=3
-        )
-        method = NeuronPruning(importance=args.importance, example_inputs=EXAMPLE)
-        callbacks.append(
-            PruningScheduleCallback(
-                target,
-                method=method,
-                scope=scope,
-                schedule=schedule,
-                make_permanent=False,  # keep the masks: the masked model is tested, then compacted below
-                verbose=False,
-                log_per_tensor=False,
+    def make_callbacks(_: Any) -> list[Any]:  # built after the module, as before: same RNG state
+        callbacks: list[Any] = []
+        if target > 0:
+            schedule = Polynomial(
+                start_epoch=args.ramp_start, end_epoch=args.ramp_end, every_n_steps=args.every_n_steps or None, power=3
             )
-        )
-    trainer = trainer_for(args, callbacks)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    (masked,) = trainer.test(module, datamodule=data, verbose=False)
+            method = NeuronPruning(importance=args.importance, example_inputs=EXAMPLE)
+            callbacks.append(
+                PruningScheduleCallback(
+                    target,
+                    method=method,
+                    scope=scope,
+                    schedule=schedule,
+                    make_permanent=False,  # keep the masks: the masked model is tested, then compacted below
+                    verbose=False,
+                    log_per_tensor=False,
+                )
+            )
+        return callbacks
+
+    module, trainer, fit_seconds, masked = fit_and_test(seed, args, data, make_callbacks)
     x = torch.randn(512, 1, 28, 28)
     module.eval()
     with torch.no_grad():
@@ -304,19 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"need 0 <= --ramp-start < --ramp-end <= --epochs, got {args.ramp_start}, {args.ramp_end}")
     if any(not 0 <= t < 1 for t in args.targets):
         raise SystemExit(f"--targets must be in [0, 1), got {args.targets}")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
-    try:
-        data.setup("fit")
-    except MNISTNotFoundError as missing:
-        print(f"error: {missing}", file=sys.stderr)
+    prepared = prepare(args)
+    if prepared is None:
         return 2
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    data, out = prepared
     csv_path = out / f"{args.name}.csv"
     runs = [("dense", 0.0, s) for s in args.seeds if 0.0 in args.targets]
     runs += [(sc, t, s) for t in args.targets if t > 0 for sc in args.scopes for s in args.seeds]

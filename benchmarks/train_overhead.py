@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import machine  # noqa: E402
 from lightning_prune.inplace import InplaceMasks  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
@@ -118,19 +117,6 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, list[float]]:
     zeros = all(bool((w[m == 0] == 0).all()) for w, m in zip(hook, variants["inplace"].masks.masks))
     print(f"{name}: hook and inplace effective weights equal after training: {same}; pruned entries zero: {zeros}")
     return times
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

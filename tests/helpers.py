@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -143,18 +145,17 @@ class MaskRecorder(pl.Callback):
         self._record(trainer, pl_module)
 
 
-def write_tiny_mnist(root: Any, n_train: int = 60, n_test: int = 20) -> Any:
-    """MNIST-format IDX files with random digits in torchvision's layout (``root/MNIST/raw/``); returns ``root``
-    (issue 7)."""
-    import struct
-    from pathlib import Path
-
+def write_tiny_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """Write MNIST-format IDX files (torchvision's layout: ``root/MNIST/raw/``) with learnable digits: each class
+    lights a different 4-row band of the 28x28 image, plus noise. Returns ``root`` (issue 7)."""
     raw = Path(root) / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
-        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=generator, dtype=torch.uint8)
+        images = torch.randint(0, 60, (n, 28, 28), generator=generator, dtype=torch.uint8)
+        for i, label in enumerate(labels.tolist()):
+            images[i, 2 * label + 4 : 2 * label + 8, 4:24] = 255
         header = struct.pack(">IIII", 2051, n, 28, 28)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())

@@ -3,13 +3,13 @@
 import argparse
 import json
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_tiny_mnist
 
 from examples.lenet_mnist import (
     LeNet,
@@ -26,26 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "lenet_mnist.py"
 
 
-def write_idx_mnist(root: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
-    """Write MNIST-format IDX files (torchvision's layout: ``root/MNIST/raw/``) with learnable digits:
-    each class lights a different 4-row band of the 28x28 image, plus noise."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.randint(0, 10, (n,), generator=generator, dtype=torch.uint8)
-        images = torch.randint(0, 60, (n, 28, 28), generator=generator, dtype=torch.uint8)
-        for i, label in enumerate(labels.tolist()):
-            images[i, 2 * label + 4 : 2 * label + 8, 4:24] = 255
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes()
-        )
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
-    return root
-
-
 def test_example_quick_run_writes_summary_and_a_strictly_reloadable_model(tmp_path, capsys):
-    data_dir = write_idx_mnist(tmp_path / "data")
+    data_dir = write_tiny_mnist(tmp_path / "data", n_train=240, n_test=60)
     out = tmp_path / "out"
     argv = ["--data-dir", str(data_dir), "--no-download", "--quick", "--epochs", "2", "--sparsity", "0.8"]
     assert main([*argv, "--output", str(out)]) == 0
@@ -92,7 +74,7 @@ def test_example_missing_data_exits_with_a_message_not_a_traceback(tmp_path):
 
 
 def test_example_data_module_splits_with_a_fixed_seed(tmp_path):
-    data_dir = write_idx_mnist(tmp_path / "data", n_train=300)
+    data_dir = write_tiny_mnist(tmp_path / "data", n_train=300, n_test=60)
     a = MNISTDataModule(str(data_dir), batch_size=16, seed=0, quick=True, download=False)
     b = MNISTDataModule(str(data_dir), batch_size=16, seed=5, quick=True, download=False)
     a.setup("fit")
