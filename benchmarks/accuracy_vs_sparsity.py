@@ -31,7 +31,6 @@ import argparse
 import csv
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record  # noqa: E402
 from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
 from lightning_prune import PruningScheduleCallback  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -314,25 +313,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         runs += [("dense", 0.0, seed)] if 0.0 in args.targets else []
         runs += [(m, t, seed) for t in args.targets if t > 0 for m in args.methods]
-    with csv_path.open("w" if not args.resume else "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if not args.resume or not rows:
-            writer.writeheader()
-        total_start = time.perf_counter()
-        for i, (method, target, seed) in enumerate(runs):
-            if (method, target, seed) in done:
-                continue
-            row = run_one(method, target, seed, args, data)
-            writer.writerow(row)
-            f.flush()
-            rows.append(row)
-            print(
-                f"[{i + 1}/{len(runs)} {time.perf_counter() - total_start:6.0f}s] {method:<19} target={target:<5g} "
-                f"seed={seed} sparsity={row['sparsity']:.4f} test_acc={100 * row['test_acc']:.2f}% "
-                f"fit={row['fit_seconds']:.0f}s",
-                flush=True,
-            )
-    wall = time.perf_counter() - total_start
+    wall = run_and_record(
+        csv_path,
+        FIELDS,
+        runs,
+        done,
+        rows,
+        lambda method, target, seed: run_one(method, target, seed, args, data),
+        lambda key, row: (
+            f"{key[0]:<19} target={key[1]:<5g} seed={key[2]} sparsity={row['sparsity']:.4f} "
+            f"test_acc={100 * row['test_acc']:.2f}% fit={row['fit_seconds']:.0f}s"
+        ),
+    )
     setup = describe(args)
     table = write_outputs(rows, out, args.name, setup, f"wall time of this invocation: {wall:.0f} s")
     print(f"\n{setup}\n\n{table}\n\nwall time: {wall:.0f} s; wrote {csv_path}, {out / (args.name + '.png')}")

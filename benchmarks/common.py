@@ -8,6 +8,7 @@ Lightning and the example are imported inside the functions that need them, so t
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import platform
@@ -124,3 +125,32 @@ def machine(cpu: str | None = None) -> str:
         f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"Python {platform.python_version()}"
     )
+
+
+def run_and_record(
+    csv_path: Path,
+    fields: Sequence[str],
+    runs: Sequence[tuple],
+    done: set,
+    rows: list[dict[str, Any]],
+    run: Callable[..., dict[str, Any]],
+    describe: Callable[[tuple, dict[str, Any]], str],
+) -> float:
+    """Run each of ``runs`` not in ``done`` (``run(*key)``), appending its row to ``csv_path`` as soon as it
+    is done, so an interrupted benchmark keeps what it finished; also appends it to ``rows``. The header is
+    written only when ``rows`` (the rows already in the file) is empty. Prints one progress line per run
+    (``describe(key, row)``) and returns the wall time in seconds."""
+    start = time.perf_counter()
+    with csv_path.open("a" if rows else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        if not rows:
+            writer.writeheader()
+        for i, key in enumerate(runs):
+            if key in done:
+                continue
+            row = run(*key)
+            writer.writerow(row)
+            f.flush()
+            rows.append(row)
+            print(f"[{i + 1}/{len(runs)} {time.perf_counter() - start:6.0f}s] {describe(key, row)}", flush=True)
+    return time.perf_counter() - start

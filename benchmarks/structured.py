@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record  # noqa: E402
 from examples.lenet_mnist import LeNet, MNISTDataModule, count_macs  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -297,26 +297,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         with csv_path.open() as f:
             rows = list(csv.DictReader(f))
     done = {(r["scope"], float(r["target"]), int(r["seed"])) for r in rows}
-    total_start = time.perf_counter()
-    with csv_path.open("a" if rows else "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if not rows:
-            writer.writeheader()
-        for i, (scope, target, seed) in enumerate(runs):
-            if (scope, target, seed) in done:
-                continue
-            row = run_one(scope, target, seed, args, data)
-            writer.writerow(row)
-            f.flush()
-            rows.append(row)
-            print(
-                f"[{i + 1}/{len(runs)} {time.perf_counter() - total_start:5.0f}s] {scope:<6} target={target:<4g} "
-                f"seed={seed} widths={row['widths']} acc={100 * row['test_acc']:.2f}% "
-                f"(masked {100 * row['test_acc_masked']:.2f}%, max|diff|={row['max_abs_diff']}) "
-                f"b256 {row['ms_b256_dense']:.2f}/{row['ms_b256']:.2f} ms fit={row['fit_seconds']:.0f}s",
-                flush=True,
-            )
-    wall = time.perf_counter() - total_start
+    wall = run_and_record(
+        csv_path,
+        FIELDS,
+        runs,
+        done,
+        rows,
+        lambda scope, target, seed: run_one(scope, target, seed, args, data),
+        lambda key, row: (
+            f"{key[0]:<6} target={key[1]:<4g} seed={key[2]} widths={row['widths']} acc={100 * row['test_acc']:.2f}% "
+            f"(masked {100 * row['test_acc_masked']:.2f}%, max|diff|={row['max_abs_diff']}) "
+            f"b256 {row['ms_b256_dense']:.2f}/{row['ms_b256']:.2f} ms fit={row['fit_seconds']:.0f}s"
+        ),
+    )
     setup = (
         f"LeNet/MNIST, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr={args.lr}, "
         f"NeuronPruning({args.importance}), Polynomial ramp epochs {args.ramp_start}->{args.ramp_end} every "
