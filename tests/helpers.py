@@ -96,14 +96,16 @@ class SparsityRecorder(pl.Callback):
         self.at_step[trainer.global_step] = sparsity_report(pl_module, self.parameters)
 
 
-def make_trainer(callbacks: list, max_epochs: int = 3, trainer_cls: type = pl.Trainer, **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    callbacks: list, max_epochs: int = 3, trainer_cls: type = pl.Trainer, accelerator: str = "cpu", **kwargs: Any
+) -> pl.Trainer:
     kwargs.setdefault("limit_train_batches", 4)
     kwargs.setdefault("limit_val_batches", 1)
     kwargs.setdefault("logger", False)
     return trainer_cls(
         max_epochs=max_epochs,
         callbacks=callbacks,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -256,16 +256,7 @@ def test_masks_live_on_cuda():
     cb = PruningScheduleCallback(sparsity=0.5, scope="global", make_permanent=False, verbose=False)
     pl.seed_everything(0)
     module = TinyModule()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[cb],
-        accelerator="cuda",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        limit_train_batches=2,
-        enable_progress_bar=False,
-    )
+    trainer = make_trainer([cb], max_epochs=1, accelerator="cuda", limit_train_batches=2)
     trainer.fit(module, random_loader())
     assert module.model.fc1.weight_mask.is_cuda
     assert abs(sparsity_report(module).zeros - 0.5 * sum(SIZES.values())) <= 1

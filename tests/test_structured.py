@@ -457,16 +457,7 @@ def test_callback_neuron_pruning_on_cuda_compacts_on_device():
     method = NeuronPruning(example_inputs=torch.zeros(1, 1, 10, 10))
     callback = PruningScheduleCallback(sparsity=0.5, method=method, scope="global", compact=True, verbose=False)
     pl_module = TracedModule()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        accelerator="cuda",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        limit_train_batches=2,
-        enable_progress_bar=False,
-    )
+    trainer = make_trainer([callback], max_epochs=1, accelerator="cuda", limit_train_batches=2)
     trainer.fit(pl_module, random_loader())
     assert all(p.is_cuda for p in pl_module.parameters())
     assert sum(pl_module.model.fc1.weight.shape) < 24 + 32
