@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lightning_prune.masking import refresh_weight
 from lightning_prune.selection import PruningTarget
 
 __all__ = ["broadcast_masks", "check_strategy"]
@@ -72,5 +73,5 @@ def broadcast_masks(targets: Sequence[PruningTarget], src: int = 0) -> bool:
         if mask is None:
             continue
         dist.broadcast(mask, src=src)
-        setattr(t.module, t.param, t.original * mask)
+        refresh_weight(t)
     return True

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_prune.selection import PruningTarget
 
-__all__ = ["apply_mask", "count_for", "make_permanent", "pruned_count"]
+__all__ = ["apply_mask", "count_for", "make_permanent", "pruned_count", "refresh_weight"]
 
 
 class _ScheduledMask(prune.BasePruningMethod):
@@ -42,7 +42,15 @@ def apply_mask(target: PruningTarget, mask: Tensor) -> None:
         return
     with torch.no_grad():
         current.mul_(mask.to(dtype=current.dtype, device=current.device))
-    setattr(module, name, target.original * current)
+    refresh_weight(target)
+
+
+def refresh_weight(target: PruningTarget) -> None:
+    """Recompute torch's cached ``<param>`` attribute (``orig * mask``) of a masked tensor now, rather than at
+    the next forward, after its original values or its mask changed in place. No-op for an unmasked tensor."""
+    mask = target.mask
+    if mask is not None:
+        setattr(target.module, target.param, target.original * mask)
 
 
 def pruned_count(target: PruningTarget) -> int:

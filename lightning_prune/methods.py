@@ -166,10 +166,6 @@ class _Magnitude:
         return out
 
 
-def _magnitude(importance: ImportanceFn | None) -> Callable[[PruningTarget, int], Tensor]:
-    return _Magnitude(importance)
-
-
 def _random_scores(target: PruningTarget, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(target.original.shape, generator=generator).to(target.original.device)
@@ -241,7 +237,7 @@ class TorchMethod(PruningMethod):
 
 
 _BUILTIN: dict[str, Callable[[Mapping[str, Any], ImportanceFn | None], PruningMethod]] = {
-    "l1_unstructured": lambda kw, imp: ScoreMethod(_magnitude(imp), "l1_unstructured"),
+    "l1_unstructured": lambda kw, imp: ScoreMethod(_Magnitude(imp), "l1_unstructured"),
     "random_unstructured": lambda kw, imp: ScoreMethod(_random_scores, "random_unstructured"),
     "ln_structured": lambda kw, imp: TorchMethod(prune.LnStructured, {"n": 2, "dim": 0, **kw}, imp),
     "random_structured": lambda kw, imp: TorchMethod(prune.RandomStructured, {"dim": 0, **kw}, imp),

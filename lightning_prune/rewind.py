@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_prune.masking import refresh_weight
 from lightning_prune.selection import PruningTarget
 
 __all__ = ["Rewind", "capture", "rewind"]
@@ -118,9 +119,7 @@ def rewind(
             params.append(original)
             done.append(t.name)
     for t in targets:
-        mask = t.mask
-        if mask is not None:
-            setattr(t.module, t.param, t.original * mask)
+        refresh_weight(t)
     for optimizer in optimizers:
         for p in params:
             optimizer.state.pop(p, None)

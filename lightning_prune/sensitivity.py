@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_prune._lightning import CallbackBase
+from lightning_prune.masking import refresh_weight
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
@@ -183,8 +184,7 @@ class _Swap:
             target = self.target
             with torch.no_grad():
                 target.original.copy_(self._saved)
-                if target.is_masked:  # torch's cached `<param>` attribute holds the last forward's pruned copy
-                    setattr(target.module, target.param, target.original * target.mask)
+                refresh_weight(target)  # torch's cached `<param>` attribute holds the last forward's pruned copy
             self._saved = None
 
 
