@@ -8,6 +8,9 @@ The model is ``--layers`` ``nn.Linear(--width, --width)`` layers built with a fi
   ``PruningScheduleCallback(scope="global")`` makes at each scheduled step;
 * local: ``prune.l1_unstructured(layer, "weight", amount=s)`` for every layer versus
   ``prune_local(targets, [s] * n, seed)`` (``scope="local"``);
+* ``mask_mode="inplace"`` (ours only): the same two calls with ``masks=InplaceMasks()``, as the callback
+  makes them in that mode: plain parameters zeroed in place and ``uint8`` masks kept aside, instead of
+  torch's reparametrization (a float32 mask and a ``weight`` copy per tensor);
 * incremental (ours only): from ``s`` to ``--next-sparsity`` with the masks of the first step in place, as
   a schedule's later steps run.
 
@@ -33,7 +36,8 @@ and method to method). Linux (glibc) only.
 Checks (in the timing process): the number of pruned entries equals the exact target count, and our
 masks equal torch's at every entry whose magnitude differs from the step's threshold (the largest pruned
 magnitude); entries tied at the threshold may be chosen differently, as torch's ``topk`` breaks ties in
-no documented order. Any failed check makes the script exit with status 1.
+no documented order. The ``inplace`` steps must give exactly the masks of the others. Any failed check
+makes the script exit with status 1.
 
 Usage (from the repository root)::
 
@@ -64,19 +68,35 @@ import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
+from lightning_prune.inplace import InplaceMasks  # noqa: E402
 from lightning_prune.masking import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-STEPS = ("torch_global", "ours_global", "torch_local", "ours_local", "ours_global_incr", "ours_local_incr")
+STEPS = (
+    "torch_global",
+    "ours_global",
+    "ours_global_inplace",
+    "torch_local",
+    "ours_local",
+    "ours_local_inplace",
+    "ours_global_incr",
+    "ours_global_inplace_incr",
+    "ours_local_incr",
+    "ours_local_inplace_incr",
+)
 LABELS = {
     "torch_global": "global, torch `global_unstructured`",
     "ours_global": "global, lightning_prune",
+    "ours_global_inplace": 'global, lightning_prune, `mask_mode="inplace"`',
     "torch_local": "local, torch `l1_unstructured` per layer",
     "ours_local": "local, lightning_prune",
+    "ours_local_inplace": 'local, lightning_prune, `mask_mode="inplace"`',
     "ours_global_incr": "global, lightning_prune, incremental",
+    "ours_global_inplace_incr": "global, lightning_prune, `inplace`, incremental",
     "ours_local_incr": "local, lightning_prune, incremental",
+    "ours_local_inplace_incr": "local, lightning_prune, `inplace`, incremental",
 }
 
 
@@ -89,8 +109,9 @@ def layers_of(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def make_step(name: str, sparsity: float, seed: int) -> Callable[[nn.Module], None]:
-    """The step ``name`` at cumulative ``sparsity`` on an unpruned (or, for ours, already pruned) model."""
+def make_step(name: str, sparsity: float, seed: int, store: InplaceMasks | None) -> Callable[[nn.Module], None]:
+    """The step ``name`` at cumulative ``sparsity`` on an unpruned (or, for ours, already pruned) model; the
+    ``inplace`` steps keep their masks in ``store``, beside plain parameters."""
     method = resolve_method("l1_unstructured")
     if name == "torch_global":
         return lambda model: prune.global_unstructured(
@@ -104,21 +125,24 @@ def make_step(name: str, sparsity: float, seed: int) -> Callable[[nn.Module], No
 
         return torch_local
     if name.startswith("ours_global"):
-        return lambda model: method.prune_global(select_parameters(model), sparsity, seed)
+        return lambda model: method.prune_global(select_parameters(model), sparsity, seed, masks=store)
 
     def ours_local(model: nn.Module) -> None:
         targets = select_parameters(model)
-        method.prune_local(targets, [sparsity] * len(targets), seed)
+        method.prune_local(targets, [sparsity] * len(targets), seed, masks=store)
 
     return ours_local
 
 
-def setup_and_step(name: str, args: argparse.Namespace) -> tuple[Callable[[nn.Module], None] | None, Callable]:
-    """``(untimed setup or None, timed step)`` for step ``name``."""
+def setup_and_step(
+    name: str, args: argparse.Namespace
+) -> tuple[Callable[[nn.Module], None] | None, Callable, InplaceMasks | None]:
+    """``(untimed setup or None, timed step, the inplace steps' masks)`` for step ``name``."""
+    store = InplaceMasks() if "inplace" in name else None
     if name.endswith("_incr"):
-        first = make_step(name[: -len("_incr")], args.sparsity, args.seed)
-        return first, make_step(name, args.next_sparsity, args.seed + 1)
-    return None, make_step(name, args.sparsity, args.seed)
+        first = make_step(name[: -len("_incr")], args.sparsity, args.seed, store)
+        return first, make_step(name, args.next_sparsity, args.seed + 1, store), store
+    return None, make_step(name, args.sparsity, args.seed, store), store
 
 
 def reset(model: nn.Module, snapshot: Sequence[torch.Tensor]) -> None:
@@ -131,7 +155,9 @@ def reset(model: nn.Module, snapshot: Sequence[torch.Tensor]) -> None:
     gc.collect()
 
 
-def masks_of(model: nn.Module) -> list[torch.Tensor]:
+def masks_of(model: nn.Module, store: InplaceMasks | None) -> list[torch.Tensor]:
+    if store is not None:
+        return [m.to(torch.bool) for m in store.masks]
     return [m.weight_mask.detach().to(torch.bool) for m in layers_of(model)]
 
 
@@ -182,7 +208,7 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
     if not args.default_malloc:
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # every block >= 1 MiB is its own mmap, unmapped when freed
     model = build_model(args.layers, args.width, args.seed)
-    setup, step = setup_and_step(name, args)
+    setup, step, _ = setup_and_step(name, args)
     if setup is not None:
         setup(model)
     gc.collect()
@@ -248,17 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         order = STEPS if r % 2 == 0 else tuple(reversed(STEPS))
         masks: dict[str, list[torch.Tensor]] = {}
         for name in order:
-            setup, step = setup_and_step(name, args)
+            setup, step, store = setup_and_step(name, args)
             reset(model, snapshot)
             if setup is not None:
                 setup(model)
             start = time.perf_counter()
             step(model)
             times[name].append(time.perf_counter() - start)
-            if r == 0 and not name.endswith("_incr"):
-                masks[name] = masks_of(model)
+            if r == 0:
+                masks[name] = masks_of(model, store)
             if r == 0 and name.endswith("_incr"):
-                pruned = sum(int((~m).sum()) for m in masks_of(model))
+                pruned = sum(int((~m).sum()) for m in masks[name])
                 per_layer = name.startswith("ours_local")
                 want = (
                     args.layers * count_for(args.next_sparsity, args.width**2)
@@ -275,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 checks_ok &= ok
                 print(f"check {scope} masks against torch: {text}")
+            for name in (n for n in STEPS if "inplace" in n):  # the same selection, kept elsewhere
+                same = all(torch.equal(a, b) for a, b in zip(masks[name], masks[name.replace("_inplace", "")]))
+                checks_ok &= same
+                print(f"check {name}: the same masks as without inplace: {same}")
             del masks
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in STEPS), flush=True)
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from lightning_prune.inplace import InplaceMasks
 from lightning_prune.masking import refresh_weight
 from lightning_prune.selection import PruningTarget
 
-__all__ = ["broadcast_masks", "check_strategy"]
+__all__ = ["broadcast_inplace_masks", "broadcast_masks", "check_strategy"]
 
 
 def _sharded_strategies() -> tuple[type, ...]:
@@ -66,7 +68,7 @@ def broadcast_masks(targets: Sequence[PruningTarget], src: int = 0) -> bool:
     Does nothing (and returns ``False``) unless ``torch.distributed`` is initialized with more than one
     process. Every rank must call it at the same point, with the same targets in the same order.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several_processes():
         return False
     for t in targets:
         mask = t.mask
@@ -75,3 +77,21 @@ def broadcast_masks(targets: Sequence[PruningTarget], src: int = 0) -> bool:
         dist.broadcast(mask, src=src)
         refresh_weight(t)
     return True
+
+
+def broadcast_inplace_masks(masks: InplaceMasks, src: int = 0) -> bool:
+    """:func:`broadcast_masks` for the masks that ``mask_mode="inplace"`` keeps beside plain parameters:
+    copy rank ``src``'s masks and the parameters they mask to every rank. The parameters travel too: a
+    rank whose own step pruned other entries has zeroed them in place, and only rank ``src`` still holds
+    the values of the entries that its masks keep (the ranks of a data-parallel run hold equal values)."""
+    if not _several_processes():
+        return False
+    with torch.no_grad():
+        for param, mask in masks.parameters_and_masks():
+            dist.broadcast(mask, src=src)
+            dist.broadcast(param.data, src=src)
+    return True
+
+
+def _several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -26,7 +26,15 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import Tensor
 
-from lightning_prune.masking import apply_mask, count_for, pruned_count
+from lightning_prune.inplace import InplaceMasks
+from lightning_prune.masking import (
+    apply_mask,
+    count_for,
+    count_zeros,
+    mask_zeros,
+    pruned_count,
+    remember_pruned_count,
+)
 from lightning_prune.selection import PruningTarget
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
 
@@ -114,18 +122,19 @@ class ScoreMethod(PruningMethod):
         self._scores = scores
         self.name = name
 
-    def _select(self, targets: Sequence[PruningTarget], k: int, seed: int, pruned: Sequence[int]) -> None:
-        if k <= 0:
-            return
-        masks = [t.mask for t in targets]
-        fns = [(lambda t=t, i=i: self._scores(t, _step_seed(seed, 0, i))) for i, t in enumerate(targets)]
-        for t, mask in zip(targets, iter_smallest(fns, masks, k, pruned)):  # install each mask once built
-            apply_mask(t, mask)
-
-    def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float], seed: int) -> None:
+    def prune_local(
+        self,
+        targets: Sequence[PruningTarget],
+        sparsities: Sequence[float],
+        seed: int,
+        masks: InplaceMasks | None = None,
+    ) -> None:
+        """See :class:`PruningMethod`. With ``masks``, the tensors are plain parameters whose masks ``masks``
+        keeps (``mask_mode="inplace"``): the step narrows those masks and zeros the weights in place."""
+        store = _MaskStore(masks)
         chosen, fns, ks, pruned = [], [], [], []
         for i, (t, s) in enumerate(zip(targets, sparsities)):
-            already = pruned_count(t)
+            already = store.pruned(t)
             k = count_for(s, t.original.numel()) - already
             if k > 0:
                 seed_i = _step_seed(_step_seed(seed, 1, i), 0, 0)
@@ -133,14 +142,52 @@ class ScoreMethod(PruningMethod):
                 fns.append(lambda t=t, seed_i=seed_i: self._scores(t, seed_i))
                 ks.append(k)
                 pruned.append(already)
-        masks = [t.mask for t in chosen]
-        for t, mask in zip(chosen, iter_smallest_each(fns, masks, ks, pruned)):  # work buffers shared
-            apply_mask(t, mask)
+        current = [store.mask(t) for t in chosen]
+        zeroed = self._zero_where_pruned(masks)
+        new_masks = iter_smallest_each(fns, current, ks, pruned, inplace=True, zero_where_pruned=zeroed)
+        for t, mask, k, already in zip(chosen, new_masks, ks, pruned):
+            store.install(t, mask, already + k)  # exactly k more: the next step need not count them
 
-    def prune_global(self, targets: Sequence[PruningTarget], sparsity: float, seed: int) -> None:
+    def prune_global(
+        self, targets: Sequence[PruningTarget], sparsity: float, seed: int, masks: InplaceMasks | None = None
+    ) -> None:
+        """See :class:`PruningMethod` and :meth:`prune_local` for ``masks``."""
+        store = _MaskStore(masks)
         total = sum(t.original.numel() for t in targets)
-        pruned = [pruned_count(t) for t in targets]
-        self._select(targets, count_for(sparsity, total) - sum(pruned), seed, pruned)
+        pruned = [store.pruned(t) for t in targets]
+        k = count_for(sparsity, total) - sum(pruned)
+        if k <= 0:
+            return
+        current = [store.mask(t) for t in targets]
+        fns = [(lambda t=t, i=i: self._scores(t, _step_seed(seed, 0, i))) for i, t in enumerate(targets)]
+        zeroed = self._zero_where_pruned(masks)
+        for t, mask in zip(targets, iter_smallest(fns, current, k, pruned, inplace=True, zero_where_pruned=zeroed)):
+            store.install(t, mask, None)  # each mask as soon as it is built
+
+    def _zero_where_pruned(self, masks: InplaceMasks | None) -> bool:
+        """Whether the scores are +0.0 at pruned entries: magnitudes of plain weights zeroed in place."""
+        return masks is not None and isinstance(self._scores, _Magnitude) and self._scores.importance is None
+
+
+class _MaskStore:
+    """Where a score method reads and puts masks: torch's reparametrization, or ``InplaceMasks``."""
+
+    def __init__(self, masks: InplaceMasks | None) -> None:
+        self.masks = masks
+
+    def mask(self, t: PruningTarget) -> Tensor | None:
+        return t.mask if self.masks is None else self.masks.mask_of(t)
+
+    def pruned(self, t: PruningTarget) -> int:
+        return pruned_count(t) if self.masks is None else mask_zeros(self.masks.mask_of(t))
+
+    def install(self, t: PruningTarget, mask: Tensor, zeros: int | None) -> None:
+        if self.masks is None:
+            apply_mask(t, mask)
+        else:
+            self.masks.install(t, mask)
+        if zeros is not None:
+            remember_pruned_count(self.mask(t), zeros)
 
 
 class _Magnitude:
@@ -206,7 +253,7 @@ class TorchMethod(PruningMethod):
         """Additional entries (unstructured) or slices (structured) to prune to reach ``sparsity``."""
         mask = t.mask if t.mask is not None else torch.ones_like(t.original)
         if not self.structured:
-            return count_for(sparsity, mask.numel()) - int(mask.numel() - torch.count_nonzero(mask))
+            return count_for(sparsity, mask.numel()) - count_zeros(mask)
         dim = self.kwargs.get("dim", -1) % mask.dim()
         return count_for(sparsity, mask.shape[dim]) - _pruned_slices(mask, dim)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_prune.masking import count_zeros
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
 __all__ = ["SparsityReport", "TensorSparsity", "sparsity_report"]
@@ -84,11 +85,7 @@ def measure(targets: Sequence[PruningTarget], goals: Mapping[str, float] | None 
     with torch.no_grad():
         for t in targets:
             w = t.effective()
-            rows.append(
-                TensorSparsity(
-                    t.name, tuple(w.shape), w.numel(), int(w.numel() - torch.count_nonzero(w)), goals.get(t.name)
-                )
-            )
+            rows.append(TensorSparsity(t.name, tuple(w.shape), w.numel(), count_zeros(w), goals.get(t.name)))
     return SparsityReport(tuple(rows))
 
 

@@ -11,8 +11,9 @@ by a two-pass radix select over int32 keys that sort as the float32 scores do, t
    at the threshold are pruned in a fixed order (tensor order, then flat index) until exactly ``k`` are.
 
 Memory is bounded by the largest single tensor, not by the model (tensor by tensor, no chunking of a
-tensor): each pass computes one tensor's scores, turns them into keys and reduces them to a histogram (two
-int64 vectors of 65,536 bins) before the next tensor's scores are computed. The working set is the scores
+tensor): each pass computes one tensor's scores, turns them into keys and reduces them to a histogram
+(two int64 vectors of 65,536 bins) before the next tensor's scores are computed. For one tensor alone
+(local scope), its keys are computed once and kept for the three passes. The working set is the scores
 the score function returns for one tensor plus three reused work buffers as large as the largest tensor
 (two int32/float32, one bool), whatever the number of tensors; reusing them also spares a fresh
 allocation and its page faults for every temporary. The scores of all tensors are never held at once
@@ -20,11 +21,18 @@ allocation and its page faults for every temporary. The scores of all tensors ar
 new mask as soon as it is built, so that a caller that installs it at once never holds all new masks.
 
 Entries already pruned (mask 0) are never counted and always stay pruned, without boolean-index copies.
-In the histogram passes on the fast path (scores finite and >= 0, as magnitudes are) one multiplication
-by the mask puts them at key 0, and the histogram bins of key 0 are corrected by their number (counted
-once); otherwise (negative or infinite scores) their keys are set to -2**31, below every key of a float.
+In the histogram passes on the fast path (scores finite and >= 0, as magnitudes are) the float32 mask
+weighs each key in ``bincount`` (tensors of up to 2**24 entries, where float32 counts are exact): pruned
+entries count 0 and keep their own keys, so that they do not pile into one bin, which slows ``bincount``
+down (by about half at 60% sparsity). For larger tensors or other mask dtypes one multiplication by the
+mask puts them at key 0, and the histogram bins of key 0 are corrected by their number (counted once);
+otherwise (negative or infinite scores) their keys are set to -2**31, below every key of a float. Masks
+are binary (1 = live, 0 = pruned), as torch's are.
 The mask pass compares the unmasked keys with the threshold and multiplies by the old mask, which keeps
 pruned entries pruned whatever their scores; only when ties must be broken does it compare the mask.
+Where no tie is broken (the common case) and the keys are non-negative, the comparison and the
+multiplication are one sign-bit trick on int32 (see ``_mask_by_arithmetic``), and with ``inplace=True``
+the old mask is narrowed where it lies, so that a schedule's later steps allocate no new mask.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ __all__ = ["iter_smallest", "iter_smallest_each", "score_keys", "select_smallest
 _BINS = 1 << 16
 _HALF = _BINS // 2  # high 16 bits of key 0 fall in bin _HALF: bins are offset so that negative keys fit
 _INF_BITS = 0x7F800000  # bits of float32 +inf; larger magnitudes are NaN
+_ONE_BITS = 0x3F800000  # bits of float32 1.0
+_EXACT_FLOAT32 = 1 << 24  # float32 counts every integer up to here exactly
 
 
 _INT32_MIN = -(1 << 31)  # key of pruned entries on the general path: below every key of a non-NaN float
@@ -47,14 +57,25 @@ _INT32_MIN = -(1 << 31)  # key of pruned entries on the general path: below ever
 class _Keys:
     """The int32 keys of one tensor's scores, with its pruned entries out of the way (see the docstring)."""
 
-    __slots__ = ("alive", "flat", "nonneg", "pruned_at_zero", "shape")
+    __slots__ = ("alive", "flat", "nonneg", "pruned_at", "shape", "weights")
 
-    def __init__(self, flat: Tensor, nonneg: bool, alive: Tensor | None, pruned_at_zero: bool, shape: torch.Size):
+    def __init__(
+        self,
+        flat: Tensor,
+        nonneg: bool,
+        alive: Tensor | None,
+        pruned_at: str | None,
+        shape: torch.Size,
+        weights: Tensor | None = None,
+    ):
         self.flat = flat  # 1-d int32; may be a view of the scores: never modified in place
         self.nonneg = nonneg  # every key >= 0
         self.alive = alive  # the flat mask, or None when nothing is pruned
-        self.pruned_at_zero = pruned_at_zero  # fast path: pruned entries have key 0 (else key -2**31)
+        # where the histograms count the pruned entries: "zero" (key 0, fast path), "bottom" (key -2**31,
+        # general path) or None (nowhere: nothing is pruned, or the histograms are weighted by the mask)
+        self.pruned_at = pruned_at
         self.shape = shape
+        self.weights = weights  # the float32 mask as bincount weights, or None
 
 
 def _float32_bits(scores: Tensor) -> Tensor:
@@ -129,26 +150,45 @@ class _Scratch:
         return buf[:n]
 
 
-def _live_keys(
-    score: Callable[[], Tensor], mask: Tensor | None, fast: bool | None, scratch: _Scratch
-) -> tuple[_Keys, bool]:
-    """Keys of one tensor's scores with its pruned entries out of the way; ``fast=None``: check (first pass)."""
+def _raw_keys(score: Callable[[], Tensor], fast: bool | None) -> tuple[_Keys, bool]:
+    """Keys of one tensor's scores, pruned entries included; ``fast=None``: check the scores (first pass)."""
     scores = score()
     shape, bits = scores.shape, _float32_bits(scores)
     del scores
     if fast is None:
         fast = _check_bits(bits)
+    return _Keys(bits if fast else _signed_keys(bits), fast, None, None, shape), fast
+
+
+def _live_keys(raw: _Keys, mask: Tensor | None, weighted: bool, scratch: _Scratch, zeroed: bool = False) -> _Keys:
+    """``raw`` with its pruned entries out of the way of the histograms (see the module docstring);
+    ``zeroed``: the scores are already +0.0 at every pruned entry."""
     if mask is None:
-        return _Keys(bits if fast else _signed_keys(bits), fast, None, False, shape), fast
+        return raw
     alive = mask.detach().reshape(-1)
+    bits = raw.flat
+    if zeroed and raw.nonneg:  # already at key 0: nothing to read but the count
+        return _Keys(bits, True, alive, "zero", raw.shape)
     if alive.device != bits.device or alive.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         alive = alive.to(device=bits.device, dtype=torch.float32)
-    if fast:  # live: s * 1 = s; pruned: s * 0 = +0.0 (s is finite and >= 0)
-        product = scratch.get("keys", bits.numel(), torch.float32, bits.device)
-        torch.mul(bits.view(torch.float32), alive, out=product)
-        return _Keys(product.view(torch.int32), True, alive, True, shape), fast
-    keys = torch.where(alive != 0, _signed_keys(bits), _INT32_MIN)
-    return _Keys(keys, False, alive, False, shape), fast
+    if not raw.nonneg:  # general path
+        return _Keys(torch.where(alive != 0, bits, _INT32_MIN), False, alive, "bottom", raw.shape)
+    if weighted and alive.dtype == torch.float32 and alive.numel() <= _EXACT_FLOAT32:
+        # the mask weighs each key in the histogram (0: not counted); the keys keep the magnitudes of the
+        # pruned entries, so that they do not all pile into one bin, which slows bincount down
+        return _Keys(bits, True, alive, None, raw.shape, weights=alive)
+    # live: s * 1 = s; pruned: s * 0 = +0.0 (s is finite and >= 0)
+    product = scratch.get("keys", bits.numel(), torch.float32, bits.device)
+    torch.mul(bits.view(torch.float32), alive, out=product)
+    return _Keys(product.view(torch.int32), True, alive, "zero", raw.shape)
+
+
+def _bincount(values: Tensor, keys: _Keys, minlength: int) -> Tensor:
+    """Histogram of ``values`` (int64), each weighted by the mask where ``keys`` carries it."""
+    if keys.weights is None:
+        return torch.bincount(values, minlength=minlength)
+    # float32 counts are exact integers: no bin can exceed the tensor's size, at most 2**24 here
+    return torch.bincount(values, weights=keys.weights, minlength=minlength).to(torch.int64)
 
 
 def _add_high_histogram(hist: Tensor, keys: _Keys, scratch: _Scratch) -> None:
@@ -156,9 +196,9 @@ def _add_high_histogram(hist: Tensor, keys: _Keys, scratch: _Scratch) -> None:
     high = scratch.get("bins", keys.flat.numel(), torch.int32, keys.flat.device)
     torch.bitwise_right_shift(keys.flat, 16, out=high)
     if keys.nonneg:  # all in the upper half: no offset pass
-        hist[_HALF:] += torch.bincount(high, minlength=_HALF).to(hist.device)
+        hist[_HALF:] += _bincount(high, keys, _HALF).to(hist.device)
     else:
-        hist += torch.bincount(high.add_(_HALF), minlength=_BINS).to(hist.device)
+        hist += _bincount(high.add_(_HALF), keys, _BINS).to(hist.device)
 
 
 def _count_pruned(keys: _Keys) -> int:
@@ -173,7 +213,7 @@ def _add_low_histogram(hist: Tensor, keys: _Keys, high: int, scratch: _Scratch) 
     # key - base + 1 is in [1, 65536] inside the bin; clamping sends the others to bins 0 and 65537
     shifted = scratch.get("bins", keys.flat.numel(), torch.int32, keys.flat.device)
     torch.sub(keys.flat, base - 1, out=shifted).clamp_(0, _BINS + 1)
-    hist += torch.bincount(shifted, minlength=_BINS + 2)[1 : _BINS + 1].to(hist.device)
+    hist += _bincount(shifted, keys, _BINS + 2)[1 : _BINS + 1].to(hist.device)
 
 
 def _find_bin(hist: Tensor, k: int) -> tuple[int, int]:
@@ -189,6 +229,9 @@ def iter_smallest(
     masks: Sequence[Tensor | None],
     k: int,
     pruned: Sequence[int] | None = None,
+    *,
+    inplace: bool = False,
+    zero_where_pruned: bool = False,
 ) -> Iterator[Tensor]:
     """Like :func:`select_smallest`, but yield each new mask as soon as it is built, in tensor order.
 
@@ -196,7 +239,12 @@ def iter_smallest(
     Installing each mask as it comes (as :class:`~lightning_prune.methods.ScoreMethod` does) keeps the
     step's peak memory at the masks being installed plus one tensor's temporaries. A given ``masks``
     entry must not change before its own new mask has been yielded. ``pruned``, the number of zeros of
-    each mask when the caller knows it already, saves counting them again.
+    each mask when the caller knows it already, saves counting them again. With ``inplace=True``, each
+    given mask (not ``None``) is narrowed in place and yielded itself, rather than a new tensor: a
+    schedule's later steps then allocate no mask at all. ``zero_where_pruned=True`` promises that every
+    score is +0.0 where its mask is 0 (the magnitudes of weights zeroed in place, as ``mask_mode="inplace"``
+    keeps them): the histogram passes then take the pruned entries off key 0 by their number, without
+    reading the masks.
 
     Example::
 
@@ -206,7 +254,7 @@ def iter_smallest(
     """
     if len(scores) != len(masks):
         raise ValueError(f"Expected one mask per score tensor, got {len(masks)} masks for {len(scores)}.")
-    yield from _iter_smallest(scores, masks, k, pruned, _Scratch())
+    yield from _iter_smallest(scores, masks, k, pruned, _Scratch(), inplace, zero_where_pruned)
 
 
 def iter_smallest_each(
@@ -214,11 +262,15 @@ def iter_smallest_each(
     masks: Sequence[Tensor | None],
     ks: Sequence[int],
     pruned: Sequence[int] | None = None,
+    *,
+    inplace: bool = False,
+    zero_where_pruned: bool = False,
 ) -> Iterator[Tensor]:
     """Local selection: for each tensor alone, prune its ``ks[i]`` live entries with the smallest scores.
 
     The same as ``iter_smallest([scores[i]], [masks[i]], ks[i])`` for each ``i`` in turn, but the work
-    buffers are allocated once for all tensors. Yields one new mask per tensor, in order.
+    buffers are allocated once for all tensors. Yields one new mask per tensor, in order (``inplace`` and
+    ``zero_where_pruned``: as in :func:`iter_smallest`).
 
     Example::
 
@@ -230,7 +282,8 @@ def iter_smallest_each(
         raise ValueError(f"Expected one mask and one k per score tensor, got {len(masks)} masks and {len(ks)} ks.")
     scratch = _Scratch()
     for i, (score, mask, k) in enumerate(zip(scores, masks, ks)):
-        yield from _iter_smallest([score], [mask], k, None if pruned is None else [pruned[i]], scratch)
+        pruned_i = None if pruned is None else [pruned[i]]
+        yield from _iter_smallest([score], [mask], k, pruned_i, scratch, inplace, zero_where_pruned)
 
 
 def _iter_smallest(
@@ -239,28 +292,44 @@ def _iter_smallest(
     k: int,
     pruned: Sequence[int] | None,
     scratch: _Scratch,
+    inplace: bool,
+    zeroed: bool,
 ) -> Iterator[Tensor]:
     if k < 0:
         raise ValueError(f"`k` must be >= 0 (how many live entries to prune), got {k}.")
     if k == 0:
         for score, mask in zip(scores, masks):
-            yield mask.clone() if mask is not None else torch.ones_like(score(), dtype=torch.float32)
+            if mask is None:
+                yield torch.ones_like(score(), dtype=torch.float32)
+            else:
+                yield mask if inplace else mask.clone()
         return
 
-    # pass 1: high 16 bits of every key; pruned entries at key 0 (fast path) or below every live key
+    # pass 1: high 16 bits of every key; pruned entries weigh 0 (fast path, float32 masks), or lie at key 0
+    # (fast path) or below every live key (general path)
     hist: Tensor | None = None
     fast: list[bool] = []
     n_at_zero = n_below = 0  # pruned entries counted at key 0 / at key -2**31
+    n_zero_low = 0  # pruned entries at key 0 in pass 2, where the fast path multiplies by the mask
+    # one tensor (local scope): its raw keys serve all three passes, so its scores are computed once
+    held: _Keys | None = None
     for i, (score, mask) in enumerate(zip(scores, masks)):
-        keys, is_fast = _live_keys(score, mask, None, scratch)
+        raw, is_fast = _raw_keys(score, None)
+        if len(scores) == 1:
+            held = raw
+        keys = _live_keys(raw, mask, True, scratch, zeroed)
+        del raw
         if hist is None:
             hist = torch.zeros(_BINS, dtype=torch.int64, device=keys.flat.device)
         _add_high_histogram(hist, keys, scratch)
-        n = _count_pruned(keys) if pruned is None else pruned[i]
-        if keys.pruned_at_zero:
-            n_at_zero += n
-        else:
-            n_below += n
+        if mask is not None:
+            n = _count_pruned(keys) if pruned is None else pruned[i]
+            if keys.pruned_at == "zero":
+                n_at_zero += n
+            elif keys.pruned_at == "bottom":
+                n_below += n
+            if is_fast:
+                n_zero_low += n
         fast.append(is_fast)
         del keys
     if hist is not None:
@@ -271,12 +340,16 @@ def _iter_smallest(
     rank = n_below + k  # the k-th smallest live key is the rank-th smallest key counted
     high, below_high = _find_bin(hist, rank)
 
-    # pass 2: low 16 bits of the keys inside that bin (never the bin of key -2**31)
+    # pass 2: low 16 bits of the keys inside that bin (never the bin of key -2**31); no weights here: most
+    # keys fall outside the bin and pile into two bins anyway, where a weighted bincount is slower than
+    # a multiplication by the mask followed by a plain one
     hist_low = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
     for i, (score, mask) in enumerate(zip(scores, masks)):
-        _add_low_histogram(hist_low, _live_keys(score, mask, fast[i], scratch)[0], high, scratch)
+        raw = held if held is not None else _raw_keys(score, fast[i])[0]
+        _add_low_histogram(hist_low, _live_keys(raw, mask, False, scratch, zeroed), high, scratch)
+        del raw
     if high == _HALF:
-        hist_low[0] -= n_at_zero
+        hist_low[0] -= n_zero_low
     low, below_low = _find_bin(hist_low, rank - below_high)
     threshold = ((high - _HALF) << 16) | low
     ties_left = rank - below_high - below_low  # entries equal to the threshold that must go, first come first
@@ -285,7 +358,11 @@ def _iter_smallest(
     # pass 3: masks from the unmasked keys: keys above the threshold stay (and the ties not taken), times
     # the old mask, so that pruned entries stay pruned whatever their scores
     for i, (score, mask) in enumerate(zip(scores, masks)):
-        keys, _ = _live_keys(score, None, fast[i], scratch)
+        keys = held if held is not None else _raw_keys(score, fast[i])[0]
+        held = None
+        if fast[i] and threshold >= 0 and (prune_all_ties or ties_left == 0):  # no tie to break here
+            yield _mask_by_arithmetic(keys, threshold + 1 if prune_all_ties else threshold, mask, inplace, scratch)
+            continue
         keep = scratch.get("keep", keys.flat.numel(), torch.bool, keys.flat.device)
         if prune_all_ties or ties_left > 0:
             torch.gt(keys.flat, threshold, out=keep)
@@ -304,8 +381,37 @@ def _iter_smallest(
         del keys
         if mask is None:
             yield keep.view(shape).to(torch.float32)
+        elif inplace:
+            mask.mul_(keep.view(mask.shape).to(device=mask.device, dtype=mask.dtype))
+            yield mask
         else:
             yield mask * keep.view(mask.shape).to(mask.device)
+
+
+def _mask_by_arithmetic(keys: _Keys, lowest_kept: int, mask: Tensor | None, inplace: bool, scratch: _Scratch) -> Tensor:
+    """The mask "key >= lowest_kept" (times ``mask``) from non-negative keys, by int32 arithmetic: on the CPU
+    this is about twice as fast as a comparison to bool followed by a conversion and a multiplication.
+
+    ``(key - lowest_kept) >> 31`` is -1 (all bits set) where the entry is pruned and 0 where it stays (no
+    overflow: both are in [0, 2**31)); its complement ANDed with the bits of a float32 mask keeps each kept
+    entry's bits and gives +0.0 at each pruned one; ANDed with the bits of 1.0 it is a new 0/1 mask.
+    """
+    flat = keys.flat
+    if mask is None:  # a fresh tensor: the work buffer is reused for the next tensor
+        fresh = torch.sub(flat, lowest_kept).bitwise_right_shift_(31).bitwise_not_().bitwise_and_(_ONE_BITS)
+        return fresh.view(torch.float32).view(keys.shape)
+    keep_bits = scratch.get("bins", flat.numel(), torch.int32, flat.device)
+    torch.sub(flat, lowest_kept, out=keep_bits).bitwise_right_shift_(31).bitwise_not_()  # -1: kept, 0: pruned
+    if mask.dtype == torch.float32 and mask.device == flat.device and mask.is_contiguous():
+        target = mask if inplace else mask.clone()
+        target.view(-1).view(torch.int32).bitwise_and_(keep_bits)
+        return target
+    if mask.dtype in (torch.uint8, torch.bool) and mask.device == flat.device and mask.is_contiguous():
+        target = mask if inplace else mask.clone()
+        target.view(-1).bitwise_and_(keep_bits.to(mask.dtype))  # -1 -> 255 or True, 0 -> 0 or False
+        return target
+    keep = keep_bits.bitwise_and_(_ONE_BITS).view(torch.float32).view(mask.shape).to(mask.device, mask.dtype)
+    return mask.mul_(keep) if inplace else mask * keep
 
 
 def select_smallest(
@@ -317,10 +423,11 @@ def select_smallest(
 
     Args:
         scores: one zero-argument function per tensor that returns its scores (any floating dtype, the
-            tensor's shape, compared in float32). Each is called up to three times (once per pass), so the
-            scores are computed again rather than held in memory; it must return the same scores each
-            time. The scores of pruned entries are ignored (they may be anything but NaN).
-        masks: the current mask of each tensor (nonzero = live, 0 = pruned), or ``None`` for all-live
+            tensor's shape, compared in float32). With several tensors, each is called up to three times
+            (once per pass), so the scores are computed again rather than all held in memory; it must
+            return the same scores each time. A single tensor's keys are kept for all passes instead.
+            The scores of pruned entries are ignored (they may be anything but NaN).
+        masks: the current binary mask of each tensor (1 = live, 0 = pruned), or ``None`` for all-live
             (the new mask is then float32).
         k: how many live entries to prune, in ``[0, number of live entries]``.
 

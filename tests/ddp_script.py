@@ -73,6 +73,7 @@ CALLBACKS: dict[str, dict[str, Any]] = {
         "sparsity": 0.6,
         "method": "rank_dependent",
         "schedule": AtEpochs([0, 1]),
+        "mask_mode": "inplace",  # its masks travel through broadcast_inplace_masks
     },
 }
 RANK_DEPENDENT = "model.fc2.weight"
@@ -162,8 +163,12 @@ def main() -> None:
     parser.add_argument("--modes", default="broadcast", help="comma-separated: broadcast, no-broadcast")
     args = parser.parse_args()
     broadcast = lightning_prune.callback.broadcast_masks
+    broadcast_inplace = lightning_prune.callback.broadcast_inplace_masks
     for mode in args.modes.split(","):
         lightning_prune.callback.broadcast_masks = broadcast if mode == "broadcast" else (lambda targets: False)
+        lightning_prune.callback.broadcast_inplace_masks = (
+            broadcast_inplace if mode == "broadcast" else (lambda masks: False)
+        )
         fit(args.strategy, args.out, mode)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 from lightning_prune import PruningScheduleCallback, select_parameters
 from lightning_prune.inplace import InplaceMasks
+from lightning_prune.methods import resolve_method
 from lightning_prune.schedules import Polynomial
 
 
@@ -27,12 +29,14 @@ class ZerosAfterStep(pl.Callback):
             self.zeros.append({t.name: (t.effective() == 0).clone() for t in select_parameters(pl_module)})
 
 
-def run(mask_mode: str, optimizer: str, **kwargs: Any) -> tuple[TinyModule, ZerosAfterStep, PruningScheduleCallback]:
+def run(
+    mask_mode: str, optimizer: str, scope: str = "global", **kwargs: Any
+) -> tuple[TinyModule, ZerosAfterStep, PruningScheduleCallback]:
     pl.seed_everything(0, verbose=False)
     module = TinyModule(optimizer=optimizer)
     callback = PruningScheduleCallback(
         sparsity=0.7,
-        scope="global",
+        scope=scope,
         schedule=Polynomial(start_epoch=0, end_epoch=2, every_n_steps=2),
         mask_mode=mask_mode,
         verbose=False,
@@ -44,10 +48,20 @@ def run(mask_mode: str, optimizer: str, **kwargs: Any) -> tuple[TinyModule, Zero
     return module, zeros, callback
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_mask_mode_inplace_trains_the_same_model_as_hook(optimizer: str) -> None:
-    hook, _, _ = run("hook", optimizer)
-    inplace, _, _ = run("inplace", optimizer)
+@pytest.mark.parametrize(
+    ("optimizer", "scope", "kwargs"),
+    [
+        ("sgd", "global", {}),
+        ("adamw", "global", {}),
+        ("adamw", "local", {}),
+        ("sgd", "local", {"method": "random_unstructured"}),
+        ("adamw", "global", {"importance": torch.square}),
+        ("sgd", "local", {"method": "ln_structured"}),  # through torch's reparametrization at each step
+    ],
+)
+def test_mask_mode_inplace_trains_the_same_model_as_hook(optimizer: str, scope: str, kwargs: dict) -> None:
+    hook, _, _ = run("hook", optimizer, scope, **kwargs)
+    inplace, _, _ = run("inplace", optimizer, scope, **kwargs)
     a, b = hook.state_dict(), inplace.state_dict()
     assert list(a) == list(b)  # prune.remove at the end: same plain keys, same order
     assert not any(k.endswith(("_orig", "_mask")) for k in b)
@@ -115,3 +129,33 @@ def test_benchmarks_run_on_a_tiny_model() -> None:
     assert (
         train_overhead.main(["--models", "mlp", "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"]) == 0
     )
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_score_method_steps_on_inplace_masks_without_torchs_reparametrization(scope: str, method: str) -> None:
+    torch.manual_seed(0)
+    hooked = TinyModule().model
+    plain = copy.deepcopy(hooked)
+    store, pruning = InplaceMasks(), resolve_method(method)
+    params = [id(p) for p in plain.parameters()]
+    for step, sparsity in enumerate((0.3, 0.6, 0.8)):
+        for model, masks in ((hooked, None), (plain, store)):
+            targets = select_parameters(model)
+            if scope == "local":
+                pruning.prune_local(targets, [sparsity] * len(targets), seed=step, masks=masks)
+            else:
+                pruning.prune_global(targets, sparsity, seed=step, masks=masks)
+        assert [id(p) for p in plain.parameters()] == params  # plain, the same Parameter objects throughout
+        assert not any(name.endswith(("_orig", "_mask")) for name in plain.state_dict())
+        assert all(m.dtype == torch.uint8 for m in store.masks)
+        for t, kept in zip(select_parameters(hooked), store.masks):
+            assert torch.equal(t.mask, kept.float())  # exactly torch-mode's masks
+        for u, kept in zip(select_parameters(plain), store.masks):
+            assert bool((u.original[kept == 0] == 0).all())  # zeroed in place
+        with torch.no_grad():  # a training step between pruning steps, alike in both
+            for t, u in zip(select_parameters(hooked), select_parameters(plain)):
+                noise = torch.randn(t.original.shape, generator=torch.Generator().manual_seed(step))
+                t.original.add_(noise)
+                u.original.add_(noise)
+        store.zero_weights()

@@ -277,3 +277,48 @@ def test_iter_smallest_each_selects_per_tensor() -> None:
         assert torch.equal(mask.float(), sorted_reference([s], [m], k)[0])
     with pytest.raises(ValueError, match="one mask and one k per score tensor"):
         list(iter_smallest_each([scores[0].clone], [None], [1, 2]))
+
+
+def _zeroed_case(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Magnitudes with ties and live zeros, already +0.0 wherever the mask prunes (as ``inplace`` mode keeps
+    the weights), over a masked tensor, an unmasked one and a fully live masked one."""
+    g = torch.Generator().manual_seed(seed)
+    scores = [
+        torch.randint(0, 6, (7, 9), generator=g).float(),
+        torch.rand(30, generator=g),
+        torch.rand(11, generator=g),
+    ]
+    masks = [(torch.rand(7, 9, generator=g) > 0.4).float(), None, torch.ones(11)]
+    for s, m in zip(scores, masks):
+        if m is not None:
+            s.mul_(m)
+    return scores, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8, torch.bool])
+@pytest.mark.parametrize("zero_where_pruned", [False, True])
+def test_iter_smallest_inplace_narrows_the_given_masks(dtype: torch.dtype, zero_where_pruned: bool) -> None:
+    for seed in range(4):
+        scores, masks = _zeroed_case(seed)
+        live = sum(int(m.sum()) if m is not None else m_s.numel() for m, m_s in zip(masks, scores))
+        for k in (0, 1, 17, live // 2, live):
+            want = sorted_reference(scores, masks, k)
+            given = [None if m is None else m.to(dtype, copy=True) for m in masks]
+            got = list(
+                iter_smallest([s.clone for s in scores], given, k, inplace=True, zero_where_pruned=zero_where_pruned)
+            )
+            for g_mask, m, w in zip(got, given, want):
+                if m is not None:
+                    assert g_mask is m and g_mask.dtype == dtype  # the given tensor, narrowed in place
+                assert torch.equal(g_mask.float(), w), (seed, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_iter_smallest_each_inplace_with_zeroed_scores(dtype: torch.dtype) -> None:
+    scores, masks = _zeroed_case(11)
+    ks = [5, 12, 0]
+    want = [sorted_reference([s], [m], k)[0] for s, m, k in zip(scores, masks, ks)]
+    given = [None if m is None else m.to(dtype, copy=True) for m in masks]
+    got = list(iter_smallest_each([s.clone for s in scores], given, ks, inplace=True, zero_where_pruned=True))
+    assert all(torch.equal(g.float(), w) for g, w in zip(got, want))
+    assert got[0] is given[0] and got[2] is given[2]
