@@ -11,7 +11,11 @@ tested again. The dense baseline trains the same model without pruning.
 
 Latency: dense and compact models are timed side by side in the same process (alternating, so that load
 from other processes hits both alike), ``torch.no_grad()``, eval mode, ``--threads`` CPU threads, batch 1
-and batch 256; each figure is the median of ``--repeats`` timed calls after warm-up.
+and batch 256; each figure is the median of ``--repeats`` timed calls after warm-up. The table is followed
+by two timings of the dense and 50% shapes at batch 256 (random weights, only the shapes matter): one per
+operation of the forward pass, and one per CPU execution mode (eager, ``channels_last``, TorchScript
+``trace`` + ``freeze``, and with ``--compile`` ``torch.compile``), with the ratio of speed-up to MAC
+reduction. ``--table-only`` rebuilds the table from the CSV and re-times those two, without training.
 
 Usage (from the repository root)::
 
@@ -81,13 +85,14 @@ def widths(model: nn.Module) -> list[int]:
     return [getattr(model, n).weight.shape[0] for n in LAYERS]
 
 
-def latency_ms(models: Sequence[nn.Module], batch: int, repeats: int) -> list[float]:
+def latency_ms(models: Sequence[nn.Module], batch: int, repeats: int, x: torch.Tensor | None = None) -> list[float]:
     """Median milliseconds of one forward pass of each model, timed in alternating order on one input."""
-    x = torch.randn(batch, 1, 28, 28)
+    x = torch.randn(batch, 1, 28, 28) if x is None else x
     times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
         for m in models:
-            m.eval()
+            if isinstance(m, nn.Module):
+                m.eval()
             for _ in range(5):
                 m(x)
         for r in range(repeats):
@@ -97,6 +102,49 @@ def latency_ms(models: Sequence[nn.Module], batch: int, repeats: int) -> list[fl
                 m(x)
                 times[i].append(time.perf_counter() - start)
     return [1000 * statistics.median(t) for t in times]
+
+
+def lenet_of(shape: str) -> LeNet:
+    """The example's LeNet with the widths ``"conv1-conv2-fc1-fc2"`` (random weights; only shapes matter)."""
+    c1, c2, f1, f2 = (int(v) for v in shape.split("-"))
+    net = LeNet()
+    net.conv1, net.conv2 = nn.Conv2d(1, c1, 3), nn.Conv2d(c1, c2, 3)
+    net.fc1, net.fc2, net.fc3 = nn.Linear(c2 * 25, f1), nn.Linear(f1, f2), nn.Linear(f2, 10)
+    return net.eval()
+
+
+def execution_modes(shapes: Sequence[str], repeats: int, compile_too: bool, batch: int = 256) -> str:
+    """Markdown: the dense shape (first) against each other shape at ``batch``, run the way PyTorch offers
+    for CPU inference: eager (NCHW), eager ``channels_last``, TorchScript (``trace`` + ``freeze``) and, with
+    ``compile_too``, ``torch.compile`` (inductor). Each mode times all shapes side by side (alternating)."""
+    x = torch.randn(batch, 1, 28, 28)
+    modes: dict[str, tuple[Any, torch.Tensor]] = {
+        "eager": (lambda net: net, x),
+        "eager, channels_last": (
+            lambda net: net.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        ),
+        "TorchScript trace + freeze": (lambda net: torch.jit.freeze(torch.jit.trace(net, x)), x),
+    }
+    if compile_too:
+        modes["torch.compile (inductor)"] = (torch.compile, x)
+    macs = [count_macs(lenet_of(shape))[0] for shape in shapes]
+    header = (
+        "| mode | "
+        + " | ".join(f"ms, widths {s}" for s in shapes)
+        + " | "
+        + " | ".join(f"speed-up {s} (MAC reduction {macs[0] / m:.2f}x) / ratio" for s, m in zip(shapes[1:], macs[1:]))
+    )
+    lines = [header + " |", "|---|" + "---:|" * (2 * len(shapes) - 1)]
+    for mode, (prepare_net, inputs) in modes.items():
+        with torch.no_grad():
+            nets = [prepare_net(lenet_of(shape)) for shape in shapes]
+        ms = latency_ms(nets, batch, repeats, inputs)
+        cells = [f"{m:.2f}" for m in ms] + [
+            f"{ms[0] / m:.2f}x / {(ms[0] / m) / (macs[0] / mac):.2f}" for m, mac in zip(ms[1:], macs[1:])
+        ]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def stage_profile(shapes: Sequence[str], repeats: int, batch: int = 256) -> str:
@@ -274,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="structured")
     p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the existing CSV")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (needs a C++ compiler)")
     return p
 
 
@@ -319,9 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(rows)
     shapes = list(dict.fromkeys(r["widths"] for r in rows if float(r["target"]) in (0.0, 0.5)))
     profile = stage_profile(shapes, args.repeats_b256)
+    modes = execution_modes(shapes, args.repeats_b256, args.compile)
     text = (
         f"{setup}\n\n{table}\n\nPer-operation CPU time at batch 256 (median of {args.repeats_b256} calls, "
-        f"{args.threads} thread(s)):\n\n{profile}\n\nwall time of this invocation: {wall:.0f} s\n"
+        f"{args.threads} thread(s)):\n\n{profile}\n\nThe same shapes at batch 256 in each of PyTorch's CPU "
+        f"execution modes (median ms of {args.repeats_b256} calls; ratio = speed-up / MAC reduction):"
+        f"\n\n{modes}\n\nwall time of this invocation: {wall:.0f} s\n"
     )
     (out / f"{args.name}.md").write_text(text)
     print(f"\n{text}\nwrote {csv_path}")
