@@ -44,8 +44,8 @@ class PruningScheduleCallback(CallbackBase):
     ``state_dict``; ``trainer.fit(fresh_model, ckpt_path=...)`` re-creates the masks (in the parameter order
     the optimizer state needs) and resumes exactly (see :mod:`lightning_prune.checkpoint`). Under DDP the
     masks are broadcast from rank 0 after each step; sharded strategies (FSDP, DeepSpeed) are refused. With
-    several pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity`` and
-    ``pruning/<i>/target``. A later ``fit`` keeps the progress and masks again the zeros left by
+    several pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity``,
+    ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``. A later ``fit`` keeps the progress and masks again the zeros left by
     ``make_permanent``.
 
     Args:
@@ -409,7 +409,8 @@ class PruningScheduleCallback(CallbackBase):
             log[f"{self._log_prefix}/target"] = target
         if self.log_per_tensor:
             log.update({f"pruning/sparsity/{t.name}": t.sparsity for t in report.tensors})
-        log.update(self.method.metrics())
+        for key, value in self.method.metrics().items():  # "pruning/x" -> "pruning/<i>/x" beside other callbacks
+            log[self._log_prefix + key[len("pruning") :] if key.startswith("pruning/") else key] = value
         for key, value in log.items():
             pl_module.log(
                 key,

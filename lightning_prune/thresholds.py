@@ -400,15 +400,18 @@ def _mask_by_arithmetic(keys: _Keys, lowest_kept: int, mask: Tensor | None, inpl
     if mask is None:  # a fresh tensor: the work buffer is reused for the next tensor
         fresh = torch.sub(flat, lowest_kept).bitwise_right_shift_(31).bitwise_not_().bitwise_and_(_ONE_BITS)
         return fresh.view(torch.float32).view(keys.shape)
+    same_layout = mask.device == flat.device and mask.is_contiguous()
+    if mask.dtype in (torch.uint8, torch.bool) and same_layout:  # byte masks: one comparison is cheaper
+        keep = scratch.get("keep", flat.numel(), torch.bool, flat.device)
+        torch.ge(flat, lowest_kept, out=keep)
+        target = mask if inplace else mask.clone()
+        target.view(-1).bitwise_and_(keep.view(mask.dtype))  # True is byte 1
+        return target
     keep_bits = scratch.get("bins", flat.numel(), torch.int32, flat.device)
     torch.sub(flat, lowest_kept, out=keep_bits).bitwise_right_shift_(31).bitwise_not_()  # -1: kept, 0: pruned
-    if mask.dtype == torch.float32 and mask.device == flat.device and mask.is_contiguous():
+    if mask.dtype == torch.float32 and same_layout:
         target = mask if inplace else mask.clone()
         target.view(-1).view(torch.int32).bitwise_and_(keep_bits)
-        return target
-    if mask.dtype in (torch.uint8, torch.bool) and mask.device == flat.device and mask.is_contiguous():
-        target = mask if inplace else mask.clone()
-        target.view(-1).bitwise_and_(keep_bits.to(mask.dtype))  # -1 -> 255 or True, 0 -> 0 or False
         return target
     keep = keep_bits.bitwise_and_(_ONE_BITS).view(torch.float32).view(mask.shape).to(mask.device, mask.dtype)
     return mask.mul_(keep) if inplace else mask * keep

@@ -491,3 +491,15 @@ def test_callback_neuron_pruning_resumes_from_checkpoint(tmp_path):
     rows_kept = net.fc1.weight.abs().sum(dim=1) != 0
     assert bool((kept | ~rows_kept).all())  # neurons pruned before the checkpoint stay pruned
     assert bool((net.fc1.bias[~rows_kept] == 0).all())
+
+
+def test_neuron_metrics_are_prefixed_per_callback_beside_another_pruning_callback() -> None:
+    neurons = PruningScheduleCallback(sparsity=0.5, method=NeuronPruning(), verbose=False)
+    biases = PruningScheduleCallback(sparsity=0.5, parameters=["model.fc3.bias"], verbose=False)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer([neurons, biases], max_epochs=1)
+    trainer.fit(TracedModule(), random_loader(), random_loader(16))
+    logged = trainer.callback_metrics
+    assert logged["pruning/0/neurons_removed"] == 26 and logged["pruning/0/width/model.conv2"] == 4
+    assert "pruning/neurons_removed" not in logged  # no key shared by the two callbacks
+    assert logged["pruning/1/sparsity"] == pytest.approx(2 / 3)  # fc3.bias: round(0.5 * 3) = 2 of 3 entries
