@@ -40,13 +40,14 @@ class PruningScheduleCallback(CallbackBase):
     pruned model. Step schedules (``every_n_steps``) also prune before the batch that starts every
     ``n``-th optimizer step.
 
-    Checkpoints and processes: the masks travel in the model's checkpoint and the callback's progress in its
-    ``state_dict``; ``trainer.fit(fresh_model, ckpt_path=...)`` re-creates the masks (in the parameter order
-    the optimizer state needs) and resumes exactly (see :mod:`lightning_prune.checkpoint`). Under DDP the
-    masks are broadcast from rank 0 after each step; sharded strategies (FSDP, DeepSpeed) are refused. With
-    several pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity``,
-    ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``. A later ``fit`` keeps the progress and masks again the zeros left by
-    ``make_permanent``.
+    Checkpoints and processes: the masks travel in the model's checkpoint (in ``mask_mode="inplace"``, as
+    ``uint8`` in the callback's state) and the callback's progress in its ``state_dict``;
+    ``trainer.fit(fresh_model, ckpt_path=...)`` re-creates the masks (in the parameter order the optimizer
+    state needs) and resumes exactly (see :mod:`lightning_prune.checkpoint`). Under DDP the masks are
+    broadcast from rank 0 after each step; sharded strategies (FSDP, DeepSpeed) are refused. With several
+    pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity``,
+    ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``. A later ``fit`` keeps the
+    progress and masks again the zeros left by ``make_permanent``.
 
     Args:
         sparsity: the final cumulative target: a fraction in [0, 1) of every chosen tensor (local) or of all
@@ -177,6 +178,7 @@ class PruningScheduleCallback(CallbackBase):
             raise ValueError(f"`mask_mode` must be one of ['hook', 'inplace'], got {mask_mode!r}.")
         self.mask_mode: MaskMode = mask_mode
         self._inplace: InplaceMasks | None = None  # mask_mode="inplace": the masks, between pruning steps
+        self._saved_masks: dict[str, Any] = {}  # inplace masks from a checkpoint, until training starts
 
     def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
         if isinstance(sparsity, Mapping):
@@ -284,12 +286,17 @@ class PruningScheduleCallback(CallbackBase):
             rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": dict(self._applied), "steps": self._steps, "rewind": self._rewind_to}
+        state = {"applied": dict(self._applied), "steps": self._steps, "rewind": self._rewind_to}
+        if self._inplace is not None:  # inplace mode: the model's state holds plain weights, the masks go here
+            masked = ((t.name, self._inplace.mask_of(t)) for t in self.method.masked(self._targets))
+            state["masks"] = {name: mask for name, mask in masked if mask is not None}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = dict(state_dict.get("applied", {}))
         self._steps = int(state_dict.get("steps", 0))
         self._rewind_to = state_dict.get("rewind")
+        self._saved_masks = dict(state_dict.get("masks") or {})
 
     # ------------------------------------------------------------------ checkpoints, processes, rewinding
 
@@ -306,12 +313,23 @@ class PruningScheduleCallback(CallbackBase):
                 )
 
     def _reinstall_masks(self) -> None:
-        """A later ``fit`` after ``make_permanent``: mask the zeros again so that pruned entries stay pruned."""
+        """Resuming from an ``inplace``-mode checkpoint: put back the masks saved in the callback's state.
+        A later ``fit`` after ``make_permanent``: mask the zeros again so that pruned entries stay pruned."""
+        saved, self._saved_masks = self._saved_masks, {}
         for t in self.method.masked(self._targets):
-            if not t.is_masked:
-                value = t.original.detach()
-                if not bool(value.ne(0).all()):
-                    apply_mask(t, value.ne(0).to(value.dtype))
+            if t.is_masked:
+                continue
+            value = t.original.detach()
+            mask = saved.get(t.name)
+            if mask is not None:
+                if tuple(mask.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"The checkpoint's mask for {t.name!r} has shape {tuple(mask.shape)}, but the tensor has "
+                        f"{tuple(value.shape)}: the checkpoint belongs to another model."
+                    )
+                apply_mask(t, mask.to(device=value.device, dtype=value.dtype))
+            elif not bool(value.ne(0).all()):
+                apply_mask(t, value.ne(0).to(value.dtype))
         restore_slots(self._slots)
 
     def _capture_rewind(self, trainer: Any, epoch_start: bool) -> None:

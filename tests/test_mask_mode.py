@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from lightning_prune import PruningScheduleCallback, select_parameters
 from lightning_prune.inplace import InplaceMasks
 from lightning_prune.methods import resolve_method
-from lightning_prune.schedules import Polynomial
+from lightning_prune.schedules import AtEpochs, Polynomial
 
 
 class ZerosAfterStep(pl.Callback):
@@ -159,3 +160,46 @@ def test_score_method_steps_on_inplace_masks_without_torchs_reparametrization(sc
                 t.original.add_(noise)
                 u.original.add_(noise)
         store.zero_weights()
+
+
+def test_mask_mode_inplace_checkpoint_carries_the_masks_and_resume_uses_them(tmp_path: Path) -> None:
+    """A live weight that is exactly zero when the checkpoint is written stays live after resuming: the masks
+    come from the checkpoint (the callback's state, uint8), not from the zeros of the plain weights."""
+    path = tmp_path / "mid.ckpt"
+    live_zero: dict[str, int] = {}
+
+    class ZeroALiveWeightThenSave(pl.Callback):
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == 0:
+                weight = pl_module.model.fc1.weight
+                index = int(weight.detach().reshape(-1).ne(0).nonzero()[0])
+                with torch.no_grad():
+                    weight.view(-1)[index] = 0.0  # live (unpruned) yet exactly zero
+                live_zero["index"] = index
+                trainer.save_checkpoint(path)
+
+    def callback() -> PruningScheduleCallback:
+        return PruningScheduleCallback(
+            sparsity=0.6, schedule=AtEpochs([0, 1]), mask_mode="inplace", verbose=False, make_permanent=False
+        )
+
+    first = callback()
+    trainer = make_trainer([first, ZeroALiveWeightThenSave()], max_epochs=1)
+    trainer.fit(TinyModule(), random_loader(), random_loader(16))
+    state = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "Pruning" in k)
+    saved = state["masks"]["model.fc1.weight"]
+    assert saved.dtype == torch.uint8 and saved.reshape(-1)[live_zero["index"]] == 1
+    assert set(state["masks"]) == {t.name for t in first.targets}
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:  # after the pruning callback's
+            (target,) = [t for t in resumed.targets if t.name == "model.fc1.weight"]
+            seen["mask"] = resumed._inplace.mask_of(target).clone()
+
+    resumed = callback()
+    trainer = make_trainer([resumed, Probe()], max_epochs=2)
+    trainer.fit(TinyModule(), random_loader(), random_loader(16), ckpt_path=path)
+    assert torch.equal(seen["mask"], saved)  # the checkpoint's mask, the live zero included
+    assert resumed.state_dict()["steps"] == 2
