@@ -13,7 +13,7 @@ Variants, each on its own copy of the same initial model:
   ``mask_mode="hook"``;
 * ``inplace``: the same masks with plain parameters (the callback's ``mask_mode="inplace"``): gradients
   of pruned entries are zeroed before the optimizer step and the pruned weights after it, through
-  :class:`lightning_prune.InplaceMasks`, the object the callback uses.
+  :class:`lightning_prune.inplace.InplaceMasks` (``uint8`` masks), the object the callback uses.
 
 Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps in turn (so that load from other
 processes hits all alike) after ``--warmup`` untimed steps in the first round; the table shows the median
