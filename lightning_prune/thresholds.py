@@ -21,13 +21,14 @@ allocation and its page faults for every temporary. The scores of all tensors ar
 new mask as soon as it is built, so that a caller that installs it at once never holds all new masks.
 
 Entries already pruned (mask 0) are never counted and always stay pruned, without boolean-index copies.
-In the histogram passes on the fast path (scores finite and >= 0, as magnitudes are) the float32 mask
-weighs each key in ``bincount`` (tensors of up to 2**24 entries, where float32 counts are exact): pruned
-entries count 0 and keep their own keys, so that they do not pile into one bin, which slows ``bincount``
-down (by about half at 60% sparsity). For larger tensors or other mask dtypes one multiplication by the
-mask puts them at key 0, and the histogram bins of key 0 are corrected by their number (counted once);
-otherwise (negative or infinite scores) their keys are set to -2**31, below every key of a float. Masks
-are binary (1 = live, 0 = pruned), as torch's are.
+In the first histogram pass on the fast path (scores finite and >= 0, as magnitudes are) the float32
+mask weighs each key in ``bincount`` (on the CPU, for tensors of up to 2**24 entries, where float32 counts
+are exact): pruned entries count 0 and keep their own keys, so that they do not pile into one bin, which
+slows ``bincount`` down (by about half at 60% sparsity). Otherwise (the second pass, larger tensors,
+other devices or mask dtypes) one multiplication by the mask puts them at key 0, and the histogram bins
+of key 0 are corrected by their number (counted once); on the general path (negative or infinite scores)
+their keys are set to -2**31, below every key of a float. Masks are binary (1 = live, 0 = pruned), as
+torch's are. With ``zero_where_pruned`` (scores already +0.0 there) the masks are not read at all.
 The mask pass compares the unmasked keys with the threshold and multiplies by the old mask, which keeps
 pruned entries pruned whatever their scores; only when ties must be broken does it compare the mask.
 Where no tie is broken (the common case) and the keys are non-negative, the comparison and the
@@ -173,9 +174,10 @@ def _live_keys(raw: _Keys, mask: Tensor | None, weighted: bool, scratch: _Scratc
         alive = alive.to(device=bits.device, dtype=torch.float32)
     if not raw.nonneg:  # general path
         return _Keys(torch.where(alive != 0, bits, _INT32_MIN), False, alive, "bottom", raw.shape)
-    if weighted and alive.dtype == torch.float32 and alive.numel() <= _EXACT_FLOAT32:
+    if weighted and alive.dtype == torch.float32 and alive.numel() <= _EXACT_FLOAT32 and bits.device.type == "cpu":
         # the mask weighs each key in the histogram (0: not counted); the keys keep the magnitudes of the
-        # pruned entries, so that they do not all pile into one bin, which slows bincount down
+        # pruned entries, so that they do not all pile into one bin, which slows bincount down on the CPU
+        # (a weighted bincount on CUDA counts with float atomics: torch refuses it in deterministic mode)
         return _Keys(bits, True, alive, None, raw.shape, weights=alive)
     # live: s * 1 = s; pruned: s * 0 = +0.0 (s is finite and >= 0)
     product = scratch.get("keys", bits.numel(), torch.float32, bits.device)

@@ -203,3 +203,21 @@ def test_mask_mode_inplace_checkpoint_carries_the_masks_and_resume_uses_them(tmp
     trainer.fit(TinyModule(), random_loader(), random_loader(16), ckpt_path=path)
     assert torch.equal(seen["mask"], saved)  # the checkpoint's mask, the live zero included
     assert resumed.state_dict()["steps"] == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_mask_mode_inplace_on_cuda_matches_hook_in_deterministic_mode(scope: str) -> None:
+    """On CUDA, with ``deterministic=True`` (no float-atomic bincount allowed): the same model as the hook."""
+    models = []
+    for mask_mode in ("hook", "inplace"):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        callback = PruningScheduleCallback(
+            sparsity=0.7, scope=scope, schedule=Polynomial(0, 1, every_n_steps=2), mask_mode=mask_mode, verbose=False
+        )
+        trainer = make_trainer([callback], max_epochs=2, accelerator="cuda", deterministic=True)
+        trainer.fit(module, random_loader(), random_loader(16))
+        models.append(module.cpu().state_dict())
+    for key in models[0]:
+        torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-4, atol=1e-5)
