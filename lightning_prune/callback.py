@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from lightning_prune.checkpoint import parameter_slots, restore_pruning_on_load,
 from lightning_prune.distributed import broadcast_inplace_masks, broadcast_masks, check_strategy
 from lightning_prune.inplace import InplaceMasks
 from lightning_prune.masking import apply_mask, make_permanent
-from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, ScoreMethod, resolve_method
+from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, capture, rewind
 from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
@@ -370,7 +371,7 @@ class PruningScheduleCallback(CallbackBase):
         due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
         # inplace mode, score methods: the step works on the plain parameters and the masks kept aside
         # (no float32 mask or `weight` copy from torch's reparametrization); other methods need torch's
-        kept = self._inplace if isinstance(self.method, ScoreMethod) and self.rewind is None else None
+        kept = self._inplace if self.rewind is None and _steps_on_inplace_masks(self.method) else None
         if kept is None:
             self._masks_back()
         extra = {} if kept is None else {"masks": kept}
@@ -455,3 +456,9 @@ class PruningScheduleCallback(CallbackBase):
     def last_report(self) -> SparsityReport | None:
         """The measured figures after the latest pruning step."""
         return self._last_report
+
+
+def _steps_on_inplace_masks(method: PruningMethod) -> bool:
+    """Whether the method's steps take ``masks=InplaceMasks`` (``ScoreMethod`` does, and so do subclasses that
+    keep that keyword), so that ``mask_mode="inplace"`` needs no reparametrization for them."""
+    return all("masks" in inspect.signature(fn).parameters for fn in (method.prune_local, method.prune_global))
