@@ -28,17 +28,20 @@ class ZerosStayZero(pl.Callback):
     """After every batch (so after every optimizer step): masked entries are exactly 0 in ``orig * mask`` and
     in the weight the forward uses; the set of zeros only grows."""
 
-    def __init__(self) -> None:
+    def __init__(self, pruning: PruningScheduleCallback | None = None) -> None:
         self.checked = 0
         self.previous: dict[str, torch.Tensor] = {}
+        self.pruning = pruning  # mask_mode="inplace": its masks are kept aside, not on the modules
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        kept = None if self.pruning is None else self.pruning._inplace
         with torch.no_grad():
             pl_module(X.to(pl_module.device))  # the forward pre-hook recomputes module.weight
             for t in select_parameters(pl_module):
-                if t.mask is None:
+                mask = t.mask if kept is None else kept.mask_of(t)
+                if mask is None:
                     continue
-                pruned = t.mask == 0
+                pruned = mask == 0
                 assert torch.all(t.effective()[pruned] == 0), t.name
                 assert torch.all(getattr(t.module, t.param)[pruned] == 0), t.name
                 if t.name in self.previous:
@@ -50,20 +53,30 @@ class ZerosStayZero(pl.Callback):
 class MasksAtEnd(pl.Callback):
     """Placed before the pruning callback: the masks just before ``make_permanent``."""
 
+    def __init__(self, pruning: PruningScheduleCallback | None = None) -> None:
+        self.pruning = pruning  # mask_mode="inplace": its masks are kept aside, not on the modules
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self.masks = {t.name: t.mask.clone() for t in select_parameters(pl_module) if t.mask is not None}
+        kept = None if self.pruning is None else self.pruning._inplace
+        masks = {t.name: t.mask if kept is None else kept.mask_of(t) for t in select_parameters(pl_module)}
+        self.masks = {name: mask.clone() for name, mask in masks.items() if mask is not None}
 
 
+@pytest.mark.parametrize("mask_mode", ["hook", "inplace"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize(("clip", "accumulate"), [(None, 1), (0.05, 2)], ids=["plain", "clip-accumulate"])
 def test_pruned_entries_stay_exactly_zero_after_every_optimizer_step(
-    optimizer: str, clip: Any, accumulate: int
+    optimizer: str, clip: Any, accumulate: int, mask_mode: str
 ) -> None:
-    """SGD with momentum and weight decay, Adam, AdamW (decoupled decay), clipping and accumulation."""
+    """SGD with momentum and weight decay, Adam, AdamW (decoupled decay), clipping and accumulation, with
+    torch's reparametrization and with the masks kept aside."""
     pl.seed_everything(0, verbose=False)
     module = TinyModule(optimizer=optimizer)
-    check, at_end = ZerosStayZero(), MasksAtEnd()
-    callback = PruningScheduleCallback(0.8, schedule=Polynomial(0, 2, every_n_steps=2), verbose=False)
+    callback = PruningScheduleCallback(
+        0.8, schedule=Polynomial(0, 2, every_n_steps=2), verbose=False, mask_mode=mask_mode
+    )
+    aside = callback if mask_mode == "inplace" else None
+    check, at_end = ZerosStayZero(aside), MasksAtEnd(aside)
     trainer = make_trainer(
         [at_end, callback, check],
         max_epochs=3,
@@ -164,15 +177,16 @@ def configurations(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "widths": widths, "conv": conv, "method": method, "names": chosen, "scope": scope,
         "schedule": schedule, "epochs": epochs, "sparsity": sparsity, "batches": draw(st.integers(2, 5)),
+        "mask_mode": draw(st.sampled_from(["hook", "inplace"])),
     }  # fmt: skip
 
 
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(configurations())
 def test_sparsity_follows_schedule_to_the_element_property(config: dict[str, Any]) -> None:
-    """Random small models, selections, methods, scopes and schedules: sparsity never decreases, equals the
-    schedule's target within one element per tensor (global: overall) at every point, and the final
-    ``state_dict`` has the unpruned keys."""
+    """Random small models, selections, methods, scopes, schedules and mask modes: sparsity never decreases,
+    equals the schedule's target within one element per tensor (global: overall) at every point, and the
+    final ``state_dict`` has the unpruned keys."""
     pl.seed_everything(0, verbose=False)
     module = PropModule(config["widths"], config["conv"])
     keys = list(module.state_dict())
@@ -184,6 +198,7 @@ def test_sparsity_follows_schedule_to_the_element_property(config: dict[str, Any
         schedule=config["schedule"],
         verbose=False,
         log_per_tensor=False,
+        mask_mode=config["mask_mode"],
     )
     structured = config["method"].endswith("_structured")
     expected = Expected(config["schedule"], config["sparsity"], config["scope"], structured, config["names"])
