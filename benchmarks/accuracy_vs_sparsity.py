@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
 from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
 from lightning_prune import PruningScheduleCallback  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -234,27 +234,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/ (torchvision layout)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per run (same for every method)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--targets", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.9, 0.95, 0.98])
+    p = training_parser(__doc__, name="accuracy_vs_sparsity", targets=[0.0, 0.5, 0.75, 0.9, 0.95, 0.98], ramp_end=4)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="dense runs at target 0")
-    p.add_argument("--ramp-start", type=int, default=1, help="first epoch of the pruning ramp")
-    p.add_argument("--ramp-end", type=int, default=4, help="epoch at whose start every method reaches the target")
-    p.add_argument(
-        "--every-n-steps", type=int, default=50, help="callback: prune every N steps in the ramp (0: per epoch)"
-    )
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy small machine)")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--name", default="accuracy_vs_sparsity", help="file name stem of the CSV, PNG and table")
-    p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     p.add_argument(
         "--merge",
         nargs="+",

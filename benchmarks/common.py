@@ -21,10 +21,36 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from examples.lenet_mnist import LitLeNet, MNISTDataModule
+
+
+def training_parser(doc: str, *, name: str, targets: Sequence[float], ramp_end: int) -> argparse.ArgumentParser:
+    """The options every training benchmark shares: the data, the training budget that :func:`prepare` and
+    :func:`fit_and_test` read, the pruning ramp, and the resumable CSV of :func:`run_and_record`. Each script
+    adds its own options to the parser returned."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/ (torchvision layout)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per run (the same for every run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--targets", type=float, nargs="+", default=list(targets), help="0: dense baseline")
+    p.add_argument("--ramp-start", type=int, default=1, help="first epoch of the pruning ramp")
+    p.add_argument("--ramp-end", type=int, default=ramp_end, help="epoch at whose start the target is reached")
+    p.add_argument("--every-n-steps", type=int, default=50, help="prune every N steps in the ramp (0: per epoch)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy small machine)")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default=name, help="file name stem of the CSV and the table")
+    p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
+    return p
 
 
 def quiet_lightning(threads: int) -> None:

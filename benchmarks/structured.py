@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
 from examples.lenet_mnist import LeNet, MNISTDataModule, count_macs  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -300,27 +300,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/ (torchvision layout)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per run (as accuracy_vs_sparsity.py)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--targets", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="0: dense baseline")
+    p = training_parser(__doc__, name="structured", targets=[0.0, 0.25, 0.5, 0.75], ramp_end=3)
     p.add_argument("--scopes", nargs="+", choices=("local", "global"), default=["local"])
     p.add_argument("--importance", choices=("l2", "l1", "random"), default="l2")
-    p.add_argument("--ramp-start", type=int, default=1)
-    p.add_argument("--ramp-end", type=int, default=3)
-    p.add_argument("--every-n-steps", type=int, default=50, help="prune every N steps in the ramp (0: per epoch)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for training and timing")
     p.add_argument("--repeats-b1", type=int, default=500, help="timed calls at batch 1 (median)")
     p.add_argument("--repeats-b256", type=int, default=100, help="timed calls at batch 256 (median)")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--name", default="structured")
-    p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the existing CSV")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (needs a C++ compiler)")
     return p
