@@ -108,7 +108,7 @@ def count_zeros(tensor: Tensor) -> int:
 
 # id(mask) -> (weak reference to the mask, its version counter, its number of zeros): a schedule's next
 # step reads the count instead of the mask, as long as the mask has not changed in place since
-_EXACT_FLOAT32 = 1 << 24  # float32 sums of 0/1 entries are exact up to here
+EXACT_FLOAT32 = 1 << 24  # float32 sums of 0/1 entries are exact up to here
 _ZEROS: dict[int, tuple[weakref.ref[Tensor], int, int]] = {}
 
 
@@ -141,7 +141,7 @@ def mask_zeros(mask: Tensor | None) -> int:
         return record[2]
     m = mask.detach()
     # a binary mask's sum is exact (float32 up to 2**24 entries; uint8 sums in int64) and faster than a count
-    exact_sum = m.dtype == torch.uint8 or (m.dtype == torch.float32 and m.numel() <= _EXACT_FLOAT32)
+    exact_sum = m.dtype == torch.uint8 or (m.dtype == torch.float32 and m.numel() <= EXACT_FLOAT32)
     count = m.numel() - int(m.sum()) if exact_sum else count_zeros(m)
     remember_pruned_count(mask, count)
     return count

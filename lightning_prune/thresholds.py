@@ -43,13 +43,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lightning_prune.masking import EXACT_FLOAT32, mask_zeros
+
 __all__ = ["iter_smallest", "iter_smallest_each", "score_keys", "select_smallest"]
 
 _BINS = 1 << 16
 _HALF = _BINS // 2  # high 16 bits of key 0 fall in bin _HALF: bins are offset so that negative keys fit
 _INF_BITS = 0x7F800000  # bits of float32 +inf; larger magnitudes are NaN
 _ONE_BITS = 0x3F800000  # bits of float32 1.0
-_EXACT_FLOAT32 = 1 << 24  # float32 counts every integer up to here exactly
 
 
 _INT32_MIN = -(1 << 31)  # key of pruned entries on the general path: below every key of a non-NaN float
@@ -58,20 +59,18 @@ _INT32_MIN = -(1 << 31)  # key of pruned entries on the general path: below ever
 class _Keys:
     """The int32 keys of one tensor's scores, with its pruned entries out of the way (see the docstring)."""
 
-    __slots__ = ("alive", "flat", "nonneg", "pruned_at", "shape", "weights")
+    __slots__ = ("flat", "nonneg", "pruned_at", "shape", "weights")
 
     def __init__(
         self,
         flat: Tensor,
         nonneg: bool,
-        alive: Tensor | None,
         pruned_at: str | None,
         shape: torch.Size,
         weights: Tensor | None = None,
     ):
         self.flat = flat  # 1-d int32; may be a view of the scores: never modified in place
         self.nonneg = nonneg  # every key >= 0
-        self.alive = alive  # the flat mask, or None when nothing is pruned
         # where the histograms count the pruned entries: "zero" (key 0, fast path), "bottom" (key -2**31,
         # general path) or None (nowhere: nothing is pruned, or the histograms are weighted by the mask)
         self.pruned_at = pruned_at
@@ -158,7 +157,7 @@ def _raw_keys(score: Callable[[], Tensor], fast: bool | None) -> tuple[_Keys, bo
     del scores
     if fast is None:
         fast = _check_bits(bits)
-    return _Keys(bits if fast else _signed_keys(bits), fast, None, None, shape), fast
+    return _Keys(bits if fast else _signed_keys(bits), fast, None, shape), fast
 
 
 def _live_keys(raw: _Keys, mask: Tensor | None, weighted: bool, scratch: _Scratch, zeroed: bool = False) -> _Keys:
@@ -166,23 +165,23 @@ def _live_keys(raw: _Keys, mask: Tensor | None, weighted: bool, scratch: _Scratc
     ``zeroed``: the scores are already +0.0 at every pruned entry."""
     if mask is None:
         return raw
-    alive = mask.detach().reshape(-1)
     bits = raw.flat
     if zeroed and raw.nonneg:  # already at key 0: nothing to read but the count
-        return _Keys(bits, True, alive, "zero", raw.shape)
+        return _Keys(bits, True, "zero", raw.shape)
+    alive = mask.detach().reshape(-1)
     if alive.device != bits.device or alive.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         alive = alive.to(device=bits.device, dtype=torch.float32)
     if not raw.nonneg:  # general path
-        return _Keys(torch.where(alive != 0, bits, _INT32_MIN), False, alive, "bottom", raw.shape)
-    if weighted and alive.dtype == torch.float32 and alive.numel() <= _EXACT_FLOAT32 and bits.device.type == "cpu":
+        return _Keys(torch.where(alive != 0, bits, _INT32_MIN), False, "bottom", raw.shape)
+    if weighted and alive.dtype == torch.float32 and alive.numel() <= EXACT_FLOAT32 and bits.device.type == "cpu":
         # the mask weighs each key in the histogram (0: not counted); the keys keep the magnitudes of the
         # pruned entries, so that they do not all pile into one bin, which slows bincount down on the CPU
         # (a weighted bincount on CUDA counts with float atomics: torch refuses it in deterministic mode)
-        return _Keys(bits, True, alive, None, raw.shape, weights=alive)
+        return _Keys(bits, True, None, raw.shape, weights=alive)
     # live: s * 1 = s; pruned: s * 0 = +0.0 (s is finite and >= 0)
     product = scratch.get("keys", bits.numel(), torch.float32, bits.device)
     torch.mul(bits.view(torch.float32), alive, out=product)
-    return _Keys(product.view(torch.int32), True, alive, "zero", raw.shape)
+    return _Keys(product.view(torch.int32), True, "zero", raw.shape)
 
 
 def _bincount(values: Tensor, keys: _Keys, minlength: int) -> Tensor:
@@ -201,12 +200,6 @@ def _add_high_histogram(hist: Tensor, keys: _Keys, scratch: _Scratch) -> None:
         hist[_HALF:] += _bincount(high, keys, _HALF).to(hist.device)
     else:
         hist += _bincount(high.add_(_HALF), keys, _BINS).to(hist.device)
-
-
-def _count_pruned(keys: _Keys) -> int:
-    if keys.alive is None:
-        return 0
-    return keys.flat.numel() - int(torch.count_nonzero(keys.alive != 0))  # a bool count is the fast one
 
 
 def _add_low_histogram(hist: Tensor, keys: _Keys, high: int, scratch: _Scratch) -> None:
@@ -325,7 +318,7 @@ def _iter_smallest(
             hist = torch.zeros(_BINS, dtype=torch.int64, device=keys.flat.device)
         _add_high_histogram(hist, keys, scratch)
         if mask is not None:
-            n = _count_pruned(keys) if pruned is None else pruned[i]
+            n = mask_zeros(mask) if pruned is None else pruned[i]
             if keys.pruned_at == "zero":
                 n_at_zero += n
             elif keys.pruned_at == "bottom":
