@@ -152,30 +152,17 @@ def stage_profile(shapes: Sequence[str], repeats: int, batch: int = 256) -> str:
     ``"conv1-conv2-fc1-fc2"`` (random weights; only the shapes matter), timed in alternating order."""
     import torch.nn.functional as F
 
-    nets = []
-    for shape in shapes:
-        c1, c2, f1, f2 = (int(v) for v in shape.split("-"))
-        nets.append(
-            nn.ModuleDict(
-                {
-                    "conv1": nn.Conv2d(1, c1, 3),
-                    "conv2": nn.Conv2d(c1, c2, 3),
-                    "fc1": nn.Linear(c2 * 25, f1),
-                    "fc2": nn.Linear(f1, f2),
-                    "fc3": nn.Linear(f2, 10),
-                }
-            )
-        )
+    nets = [lenet_of(shape) for shape in shapes]
     ops = [
-        ("conv1", lambda m, x: m["conv1"](x)),
+        ("conv1", lambda m, x: m.conv1(x)),
         ("relu1", lambda m, x: F.relu(x)),
         ("pool1", lambda m, x: F.max_pool2d(x, 2)),
-        ("conv2", lambda m, x: m["conv2"](x)),
+        ("conv2", lambda m, x: m.conv2(x)),
         ("relu2", lambda m, x: F.relu(x)),
         ("pool2", lambda m, x: F.max_pool2d(x, 2)),
-        ("fc1", lambda m, x: F.relu(m["fc1"](torch.flatten(x, 1)))),
-        ("fc2", lambda m, x: F.relu(m["fc2"](x))),
-        ("fc3", lambda m, x: m["fc3"](x)),
+        ("fc1", lambda m, x: F.relu(m.fc1(torch.flatten(x, 1)))),
+        ("fc2", lambda m, x: F.relu(m.fc2(x))),
+        ("fc3", lambda m, x: m.fc3(x)),
     ]
     times = [[[] for _ in ops] for _ in nets]
     x0 = torch.randn(batch, 1, 28, 28)
