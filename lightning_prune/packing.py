@@ -1,0 +1,59 @@
+"""Bit-packed masks: eight entries a byte, the one format of masks in checkpoints and sparse files.
+
+A mask is any tensor whose nonzero entries are kept (1) and whose zeros are pruned (0). :func:`pack_bits`
+stores it as ``ceil(numel / 8)`` bytes, most significant bit first (``numpy.packbits`` order), over the
+row-major flattening of the tensor; :func:`unpack_bits` needs the shape to undo it.
+
+Example::
+
+    >>> import torch
+    >>> mask = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1]], dtype=torch.uint8)
+    >>> packed = pack_bits(mask)
+    >>> packed.tolist(), packed.dtype
+    ([184, 128], torch.uint8)
+    >>> torch.equal(unpack_bits(packed, mask.shape), mask)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["pack_bits", "packed_size", "unpack_bits"]
+
+_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def packed_size(numel: int) -> int:
+    """Bytes that :func:`pack_bits` uses for ``numel`` entries."""
+    return (numel + 7) // 8
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Pack a mask (nonzero = kept) into a flat ``uint8`` tensor of ``ceil(numel / 8)`` bytes, on the CPU."""
+    flat = mask.detach().reshape(-1).ne(0).to(device="cpu", dtype=torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, 8).mul_(_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int] | torch.Size) -> Tensor:
+    """The ``uint8`` mask (0/1) of ``shape`` that :func:`pack_bits` packed.
+
+    Raises:
+        ValueError: when ``packed`` is not ``uint8`` or does not hold ``ceil(numel / 8)`` bytes for ``shape``.
+    """
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    if packed.dtype != torch.uint8 or packed.numel() != packed_size(numel):
+        raise ValueError(
+            f"A packed mask of shape {tuple(shape)} is {packed_size(numel)} uint8 bytes, "
+            f"got {packed.numel()} {packed.dtype} entries."
+        )
+    bits = packed.reshape(-1, 1).bitwise_right_shift(_SHIFTS.to(packed.device)).bitwise_and_(1)
+    return bits.reshape(-1)[:numel].reshape(shape).contiguous()
