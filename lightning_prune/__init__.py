@@ -8,24 +8,29 @@ Example::
 """
 
 from lightning_prune.callback import PruningScheduleCallback
-from lightning_prune.checkpoint import restore_pruning, restore_pruning_on_load
 from lightning_prune.compaction import compact, load_compact_state_dict, resize_to_state_dict
-from lightning_prune.masking import make_permanent
+from lightning_prune.methods import NewMask, PruningMethod
+from lightning_prune.neuron_graph import NeuronGroup, neuron_groups
+from lightning_prune.reparam import convert_on_load, make_permanent, upgrade_state_dict
 from lightning_prune.report import SparsityReport, TensorSparsity, sparsity_report
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 from lightning_prune.selection import PruningTarget, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
-from lightning_prune.structured import NeuronGroup, NeuronPruning, neuron_groups
+from lightning_prune.store import MaskStore
+from lightning_prune.structured import NeuronPruning
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AtEpochs",
+    "MaskStore",
     "NeuronGroup",
     "NeuronPruning",
+    "NewMask",
     "OneShot",
     "Polynomial",
+    "PruningMethod",
     "PruningScheduleCallback",
     "PruningTarget",
     "Rewind",
@@ -35,15 +40,15 @@ __all__ = [
     "TensorSparsity",
     "__version__",
     "compact",
+    "convert_on_load",
     "load_compact_state_dict",
     "make_permanent",
     "neuron_groups",
     "plot_sensitivity",
     "resize_to_state_dict",
-    "restore_pruning",
-    "restore_pruning_on_load",
     "select_parameters",
     "sensitivity_analysis",
     "sparsity_report",
     "suggest_sparsity",
+    "upgrade_state_dict",
 ]

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
+from lightning_prune import reparam
+from lightning_prune._checks import allowed, check_choice, check_fraction, check_int
 from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
-from lightning_prune.checkpoint import parameter_slots, restore_pruning_on_load, restore_slots
-from lightning_prune.distributed import broadcast_inplace_masks, broadcast_masks, check_strategy
-from lightning_prune.inplace import InplaceMasks
-from lightning_prune.masking import apply_mask, make_permanent
+from lightning_prune.counting import count_for
+from lightning_prune.distributed import agree_masks, check_strategy
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, capture, rewind
 from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
+from lightning_prune.seeding import derive_seed
 from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, select_parameters
+from lightning_prune.store import MaskStore
 
 __all__ = ["PruningScheduleCallback"]
 
 Scope = Literal["local", "global"]
-MaskMode = Literal["hook", "inplace"]
+MaskMode = Literal["inplace", "hook"]
 _GLOBAL = "__global__"
 _EPS = 1e-12
+_STATE_VERSION = 2
 
 
 class PruningScheduleCallback(CallbackBase):
@@ -34,21 +37,28 @@ class PruningScheduleCallback(CallbackBase):
 
     At each scheduled point the chosen tensors are brought to the schedule's *cumulative* target: after the
     step, the fraction of zeros is the target (within one entry per tensor in local scope, one entry
-    overall in global scope), whatever was pruned before. Pruning uses torch's reparametrization
-    (``<name>_orig``, ``<name>_mask``, a forward pre-hook), and entries once pruned stay pruned.
+    overall in global scope), whatever was pruned before. Entries once pruned stay pruned.
+
+    The model stays a plain model throughout: its parameters are the user's tensors with the pruned entries
+    at zero, its ``state_dict`` has the user's keys, and the masks live beside it in the callback
+    (:class:`~lightning_prune.store.MaskStore`, ``uint8``; bit-packed in checkpoints). Pruned entries are zero
+    in every forward pass: gradients are masked after backward and before every optimizer step (before
+    Lightning clips them), and the optimizer's state is masked at each pruning step, so that the optimizers
+    of :data:`~lightning_prune.store.ZERO_KEEPING_OPTIMIZERS` leave them at exactly zero; after a step of any
+    other optimizer the weights are masked again. Attention modules, tied weights and parametrized layers
+    therefore read ordinary, pruned weights.
 
     "Epoch ``e``" means before the training batches of epoch ``e``: that epoch trains, and validates, the
     pruned model. Step schedules (``every_n_steps``) also prune before the batch that starts every
     ``n``-th optimizer step.
 
-    Checkpoints and processes: the masks travel in the model's checkpoint (in ``mask_mode="inplace"``, as
-    ``uint8`` in the callback's state) and the callback's progress in its ``state_dict``;
-    ``trainer.fit(fresh_model, ckpt_path=...)`` re-creates the masks (in the parameter order the optimizer
-    state needs) and resumes exactly (see :mod:`lightning_prune.checkpoint`). Under DDP the masks are
-    broadcast from rank 0 after each step; sharded strategies (FSDP, DeepSpeed) are refused. With several
-    pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity``,
-    ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``. A later ``fit`` keeps the
-    progress and masks again the zeros left by ``make_permanent``.
+    Checkpoints: the model's ``state_dict`` loads into the user's own class with nothing of this package
+    (strict ``load_from_checkpoint``, ``load_state_dict``); the masks and the callback's progress travel in its
+    state, so ``trainer.fit(model, ckpt_path=...)`` resumes exactly. Version 0.1 checkpoints (torch's
+    ``weight_orig``/``weight_mask`` keys) load too (see :mod:`lightning_prune.reparam`). Under DDP the ranks'
+    masks are checked to agree after each step (rank 0's are taken where they do not); sharded strategies
+    (FSDP, DeepSpeed) are refused. With several pruning callbacks in one Trainer (on disjoint tensors), each
+    logs ``pruning/<i>/sparsity``, ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``.
 
     Args:
         sparsity: the final cumulative target: a fraction in [0, 1) of every chosen tensor (local) or of all
@@ -57,12 +67,14 @@ class PruningScheduleCallback(CallbackBase):
             matching key wins). May be left out for a method that takes no amount, or when the schedule
             defines it (``AtEpochs({...})``, a plain function).
         parameters: which tensors: qualified names relative to the ``LightningModule``
-            (``"model.conv1.weight"``), glob patterns, or ``(module, "weight")`` pairs. Default: the
-            ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``; biases only when named.
+            (``"model.conv1.weight"``, any name of a shared tensor), glob patterns, or ``(module, "weight")``
+            pairs. Default: the ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``, each tensor once
+            (see :func:`~lightning_prune.select_parameters` for parametrized layers); biases only when named.
         method: ``"l1_unstructured"`` (default), ``"random_unstructured"``, ``"ln_structured"``,
-            ``"random_structured"``, or any ``torch.nn.utils.prune.BasePruningMethod`` subclass. A class
-            whose constructor takes ``amount`` is driven by the schedule (with an exact integer amount);
-            one that does not is applied as it is at each scheduled step.
+            ``"random_structured"``, any ``torch.nn.utils.prune.BasePruningMethod`` subclass, or a
+            :class:`~lightning_prune.methods.PruningMethod` (``NeuronPruning(...)``). A class whose constructor
+            takes ``amount`` is driven by the schedule (with an exact integer amount); one that does not is
+            applied as it is at each scheduled step.
         scope: ``"local"`` (each tensor to its own target) or ``"global"`` (one ranking, and so one
             magnitude threshold, across all chosen tensors). ``ln_structured`` and ``random_structured`` are
             local only; ``NeuronPruning`` ranks neurons across layers.
@@ -72,13 +84,13 @@ class PruningScheduleCallback(CallbackBase):
         method_kwargs: extra arguments for the method (``n`` and ``dim`` for ``ln_structured``, ``dim`` for
             ``random_structured``, a custom class's own arguments).
         importance: a function ``tensor -> scores`` of the same shape (higher is kept) that replaces the
-            magnitude in L1 pruning, local or global, and is passed to torch as ``importance_scores`` for
-            other methods.
-        make_permanent: at the end of training, ``prune.remove`` every pruned tensor so that the model has
-            plain parameters with the zeros baked in and its unpruned ``state_dict`` keys.
-        compact: at the end of training, physically remove the pruned neurons and channels (with
-            ``method=NeuronPruning(...)`` only; see :func:`lightning_prune.compact`): the model gets smaller
-            layers. Implies removing the masks.
+            magnitude in L1 pruning, local or global, and is passed to a torch method's ``compute_mask``.
+        make_permanent: at the end of training, forget the masks: the model keeps its zeros as plain weights
+            and a later ``fit`` may let them grow back. ``False`` keeps the masks in the callback (and, with
+            ``mask_mode="hook"``, torch's reparametrization on the model).
+        compact: at the end of training, physically remove the pruned neurons and channels (with a method
+            that can, ``NeuronPruning(...)``; see :func:`lightning_prune.compact`): the model gets smaller
+            layers.
         verbose: print a table (tensor, shape, zeros, sparsity, target) on rank zero at each pruning step
             and a summary at the end.
         seed: seeds random methods, identically on every process, so that all ranks draw the same masks.
@@ -87,20 +99,18 @@ class PruningScheduleCallback(CallbackBase):
             (``Rewind(epoch=2)``, ``Rewind(step=500)``): after each pruning step, the pruned tensors'
             surviving entries go back to their values at that point and the optimizer's state for them is
             dropped. The saved values are copies and travel in the callback's checkpoint state.
-        mask_mode: how masks act between pruning steps. ``"hook"`` (default): torch's reparametrization,
-            ``weight = weight_orig * mask`` recomputed by a forward pre-hook at every forward pass.
-            ``"inplace"``: plain parameters with the masks kept aside
-            (:class:`~lightning_prune.inplace.InplaceMasks`, ``uint8``); the gradients of pruned entries
-            are zeroed before every optimizer step and the pruned weights after it. Same guarantees (pruned
-            entries are zero after every optimizer step, the live ones get the same updates, the model at
-            the end is the same), cheaper training steps on large layers, and pruning steps of the score
-            methods that allocate a quarter of the model (the first ``uint8`` masks) instead of twice it
-            (see the README's performance section). Checkpoints then hold the plain weights, not the masks.
+        mask_mode: ``"inplace"`` (default): plain parameters, masks kept aside, as described above.
+            ``"hook"``: between pruning steps the masks are put on the model in torch's own form
+            (``weight_orig``, ``weight_mask``, a forward pre-hook), for code that expects it; it cannot mask a
+            weight read without its module's ``forward`` (attention's ``out_proj``) or a tied weight, and is
+            refused for those when ``fit`` starts. Both modes train the same model, and checkpoints hold the
+            model's own keys in both.
 
     Raises:
         ValueError: for any argument outside what is allowed (see the messages); selection errors (a name,
-            pattern or key that matches nothing, a non-floating tensor, an empty selection) are raised when
-            ``fit`` starts, before the first batch, with the model untouched.
+            pattern or key that matches nothing, a non-floating tensor, an empty selection, a target that
+            would prune every entry of a tensor) are raised when ``fit`` starts, before the first batch,
+            with the model untouched.
 
     Example::
 
@@ -128,21 +138,20 @@ class PruningScheduleCallback(CallbackBase):
         seed: int = 0,
         log_per_tensor: bool = True,
         rewind: Rewind | Literal["init"] | None = None,
-        mask_mode: MaskMode = "hook",
+        mask_mode: MaskMode = "inplace",
     ) -> None:
-        if scope not in ("local", "global"):
-            raise ValueError(f"`scope` must be one of ['local', 'global'], got {scope!r}.")
+        self.scope: Scope = check_choice("scope", scope, allowed(Scope))
+        self.mask_mode: MaskMode = check_choice("mask_mode", mask_mode, allowed(MaskMode))
         self.method = resolve_method(method, method_kwargs, importance)
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.seed = check_int("seed", seed)
         if scope == "global" and not self.method.supports_global:
             raise ValueError(
                 f"`method={self.method.name}` is structured and works in `scope='local'` only, got scope='global'."
             )
-        if compact and not callable(getattr(self.method, "compact", None)):
+        if compact and not self.method.compacts:
             raise ValueError(
-                "`compact=True` removes pruned neurons and needs `method=NeuronPruning(...)`, "
+                "`compact=True` removes pruned neurons and needs a method that can (`method=NeuronPruning(...)`), "
                 f"got method={self.method.name}."
             )
         if scope == "global" and isinstance(sparsity, Mapping):
@@ -152,19 +161,12 @@ class PruningScheduleCallback(CallbackBase):
                 "A plain-function `schedule` returns one sparsity for all tensors; use a Schedule object "
                 "(OneShot, AtEpochs, Polynomial) with a per-layer `sparsity` mapping."
             )
-        sparsity = self._check_sparsity(sparsity)
-        self.sparsity = sparsity
+        self.sparsity = self._check_sparsity(sparsity)
         self.parameters = parameters
-        self.scope: Scope = scope
         self.make_permanent = make_permanent
         self.compact = compact
         self.verbose = verbose
-        self.seed = seed
         self.log_per_tensor = log_per_tensor
-        self._targets: list[PruningTarget] = []
-        self._applied: dict[str, float] = {}
-        self._steps = 0
-        self._last_report: SparsityReport | None = None
         if rewind == "init":
             rewind = Rewind()
         if rewind is not None and not isinstance(rewind, Rewind):
@@ -172,22 +174,26 @@ class PruningScheduleCallback(CallbackBase):
                 f"`rewind` must be None, 'init' or a Rewind(epoch=...) / Rewind(step=...) object, got {rewind!r}."
             )
         self.rewind: Rewind | None = rewind
+        self._targets: list[PruningTarget] = []
+        self._applied: dict[str, float] = {}
+        self._steps = 0
+        self._last_report: SparsityReport | None = None
         self._rewind_to: dict[str, Any] | None = None
-        self._slots: list[tuple[nn.Module, list[str]]] = []
         self._log_prefix = "pruning"  # "pruning/<i>" when several pruning callbacks share a Trainer
-        if mask_mode not in ("hook", "inplace"):
-            raise ValueError(f"`mask_mode` must be one of ['hook', 'inplace'], got {mask_mode!r}.")
-        self.mask_mode: MaskMode = mask_mode
-        self._inplace: InplaceMasks | None = None  # mask_mode="inplace": the masks, between pruning steps
-        self._saved_masks: dict[str, Any] = {}  # inplace masks from a checkpoint, until training starts
+        self._store = MaskStore()
+        self._saved_masks: dict[str, torch.Tensor] = {}  # masks from a checkpoint or the model, until training
+        self._training = False
 
     def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
         if isinstance(sparsity, Mapping):
-            return sparsity  # keys and values are checked against the model in setup()
-        if sparsity is not None and (
-            isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0
-        ):
-            raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+            if not self.method.takes_sparsity:
+                raise ValueError(
+                    f"`sparsity` has no effect with `method={self.method.name}`, whose constructor takes no "
+                    f"`amount`; leave it out, got a per-layer mapping {dict(sparsity)!r}."
+                )
+            return dict(sparsity)  # keys and values are checked against the model in setup()
+        if sparsity is not None:
+            sparsity = check_fraction("sparsity", sparsity)
         defined = self.schedule.final_sparsity
         if not self.method.takes_sparsity:
             if sparsity is not None:
@@ -208,6 +214,8 @@ class PruningScheduleCallback(CallbackBase):
 
     @property
     def state_key(self) -> str:
+        # plain configuration values only (as ModelCheckpoint's key): equal configurations give equal keys in
+        # every process, so a resumed run finds its state
         return self._generate_state_key(
             parameters=repr(self.parameters),
             sparsity=repr(self.sparsity),
@@ -219,17 +227,20 @@ class PruningScheduleCallback(CallbackBase):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        restore_pruning_on_load(pl_module)  # fit/validate/test(ckpt_path=...) into a fresh model loads the masks
+        reparam.convert_on_load(pl_module)  # fit/validate/test(ckpt_path=<a 0.1 checkpoint>) into a plain model
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
         local_sparsity = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local_sparsity)
+        self._check_reachable()
         self._check_overlap(trainer)
+        if self.mask_mode == "hook":
+            reparam.check_hook_mode(pl_module, self.method.masked(self._targets))
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
         self._log_prefix = "pruning" if len(peers) <= 1 else f"pruning/{peers.index(self)}"
         self.method.setup(pl_module, self._targets)
-        self._slots = parameter_slots(t.module for t in self.method.masked(self._targets))
         last = self.schedule.last_epoch
         max_epochs = trainer.max_epochs
         if last is not None and max_epochs is not None and max_epochs >= 0 and last >= max_epochs:
@@ -244,9 +255,13 @@ class PruningScheduleCallback(CallbackBase):
             raise ValueError(
                 f"`{self.schedule!r}` prunes every {every} steps, which needs a train dataloader with a length."
             )
-        if self._steps and not self.compact:
-            self._reinstall_masks()
-        self._masks_aside()
+        self._saved_masks.update(reparam.loaded_masks(pl_module, pop=True))
+        self._restore_masks()
+        self._training = True
+        if self.mask_mode == "hook":
+            reparam.install(self._store.items())
+        else:
+            self._store.attach(trainer.optimizers)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._capture_rewind(trainer, epoch_start=True)
@@ -263,75 +278,149 @@ class PruningScheduleCallback(CallbackBase):
         self._prune_to(trainer, pl_module, trainer.current_epoch + (batch_idx // accumulate) / steps_per_epoch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
-        if self._inplace is not None:
-            self._inplace.zero_grads()
+        if self.mask_mode == "inplace":
+            self._store.mask_grads(optimizer)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._inplace is not None:
-            self._inplace.zero_weights()
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        # the epoch's value is the last one measured in it (a step schedule prunes several times an epoch)
+        if self._last_report is not None:
+            self._log(pl_module, self._last_report)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        self._masks_back()
+        self._end_training()
         if not self._targets:
             return
         report = measure(self._targets, self._goals())
+        self._warn_if_short(report)
+        widths: dict[str, tuple[int, int]] = {}
         if self.compact:
             widths = self.method.compact(pl_module)
+            self._store.clear()
         elif self.make_permanent:
-            make_permanent(self.method.masked(self._targets))
-            restore_slots(self._slots)
+            self._store.clear()
+        elif self.mask_mode == "hook":
+            reparam.install(self._store.items())
         if self.verbose and trainer.is_global_zero:
-            how = "made permanent (prune.remove)" if self.make_permanent else "masks kept"
+            how = "masks dropped, zeros kept as plain weights" if self.make_permanent else "masks kept"
             if self.compact:
                 how = "compacted, widths " + ", ".join(f"{n}: {a}->{b}" for n, (a, b) in widths.items())
             rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
 
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        self._end_training()
+        if self._targets:
+            self._warn_if_short(
+                measure(self._targets, self._goals()), f"training stopped by {type(exception).__name__}"
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        state = {"applied": dict(self._applied), "steps": self._steps, "rewind": self._rewind_to}
-        if self._inplace is not None:  # inplace mode: the model's state holds plain weights, the masks go here
-            masked = ((t.name, self._inplace.mask_of(t)) for t in self.method.masked(self._targets))
-            state["masks"] = {name: mask for name, mask in masked if mask is not None}
-        return state
+        return {
+            "version": _STATE_VERSION,
+            "applied": dict(self._applied),
+            "steps": self._steps,
+            "rewind": self._rewind_to,
+            "masks": self._store.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = dict(state_dict.get("applied", {}))
         self._steps = int(state_dict.get("steps", 0))
         self._rewind_to = state_dict.get("rewind")
-        self._saved_masks = dict(state_dict.get("masks") or {})
+        self._saved_masks = MaskStore.unpack(state_dict.get("masks") or {})
 
-    # ------------------------------------------------------------------ checkpoints, processes, rewinding
+    def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        if self.mask_mode == "hook" and "state_dict" in checkpoint:  # the model's own keys, as in inplace mode
+            checkpoint["state_dict"] = reparam.upgrade_state_dict(checkpoint["state_dict"])[0]
+
+    # ------------------------------------------------------------------ checks
+
+    def _final_targets(self) -> dict[str, float]:
+        """The final cumulative targets (``{_GLOBAL: s}`` in global scope); empty when unknown."""
+        if not self.method.takes_sparsity or isinstance(self.schedule, FunctionSchedule):
+            return {}
+        return self._targets_at(math.inf)
+
+    def _check_reachable(self, due: Mapping[str, float] | None = None) -> None:
+        """Refuse a target that would prune every entry of a tensor (or of all tensors together)."""
+        due = self._final_targets() if due is None else due
+        sizes = {t.name: t.tensor.numel() for t in self._targets}
+        if _GLOBAL in due:
+            total = sum(sizes.values())
+            if count_for(due[_GLOBAL], total) >= total:
+                raise ValueError(
+                    f"A global target of {due[_GLOBAL]!r} would prune all {total} entries of the chosen tensors; "
+                    "give a lower `sparsity`."
+                )
+            return
+        empty = [n for n, s in due.items() if n in sizes and count_for(s, sizes[n]) >= sizes[n]]
+        if empty and not self.method.structured:
+            raise ValueError(
+                f"The target would prune every entry of {empty} (sparsity {max(due[n] for n in empty)!r} of "
+                f"{min(sizes[n] for n in empty)} entries rounds to all of them); give a lower `sparsity`."
+            )
 
     def _check_overlap(self, trainer: Any) -> None:
-        mine = {(id(t.module), t.param): t.name for t in self._targets}
+        mine = {t.name for t in self._targets}
         for other in trainer.callbacks:
             if other is self or not isinstance(other, PruningScheduleCallback):
                 continue
-            shared = sorted(mine[k] for k in {(id(t.module), t.param) for t in other._targets} & mine.keys())
+            shared = sorted(mine & {t.name for t in other._targets})
             if shared:
                 raise ValueError(
                     f"Two PruningScheduleCallbacks in one Trainer both prune {shared}; give them disjoint "
                     "`parameters` (one callback per tensor)."
                 )
 
-    def _reinstall_masks(self) -> None:
-        """Resuming from an ``inplace``-mode checkpoint: put back the masks saved in the callback's state.
-        A later ``fit`` after ``make_permanent``: mask the zeros again so that pruned entries stay pruned."""
+    def _check_finite(self) -> None:
+        bad = [t.name for t in self.method.masked(self._targets) if not bool(torch.isfinite(t.tensor).all())]
+        if bad:
+            raise ValueError(
+                f"Pruning step {self._steps + 1}: {bad} hold NaN or infinite values; no tensor was pruned. "
+                "Check the learning rate, the loss or the data."
+            )
+
+    def _warn_if_short(self, report: SparsityReport, why: str = "training ended") -> None:
+        final = self._final_targets()
+        if not final:
+            return
+        if _GLOBAL in final:
+            planned = final[_GLOBAL]
+        else:
+            sizes = {t.name: t.tensor.numel() for t in self._targets}
+            planned = sum(final[n] * k for n, k in sizes.items()) / sum(sizes.values())
+        if report.sparsity + 1.0 / max(report.numel, 1) < planned - _EPS:
+            rank_zero_warn(
+                f"Pruning: {why} at sparsity {report.sparsity:.4f}, below the planned {planned:.4f} of "
+                f"{self.schedule!r} (step {self._steps}); the model is left at {report.sparsity:.4f}."
+            )
+
+    # ------------------------------------------------------------------ masks, rewinding
+
+    def _restore_masks(self) -> None:
+        """Put back masks saved in a checkpoint (or taken from the model), and, for a later ``fit`` after the
+        masks were dropped, mask the zeros again so that pruned entries stay pruned."""
         saved, self._saved_masks = self._saved_masks, {}
         for t in self.method.masked(self._targets):
-            if t.is_masked:
-                continue
-            value = t.original.detach()
-            mask = saved.get(t.name)
+            mask = next((saved[a] for a in t.aliases if a in saved), saved.get(t.name))
+            value = t.tensor.detach()
             if mask is not None:
                 if tuple(mask.shape) != tuple(value.shape):
                     raise ValueError(
                         f"The checkpoint's mask for {t.name!r} has shape {tuple(mask.shape)}, but the tensor has "
                         f"{tuple(value.shape)}: the checkpoint belongs to another model."
                     )
-                apply_mask(t, mask.to(device=value.device, dtype=value.dtype))
-            elif not bool(value.ne(0).all()):
-                apply_mask(t, value.ne(0).to(value.dtype))
-        restore_slots(self._slots)
+                self._store.replace(t, mask.to(value.device))
+            elif t not in self._store and self._steps and not bool(value.ne(0).all()):
+                self._store.replace(t, value.ne(0))
+        self._store.apply()
+
+    def _end_training(self) -> None:
+        if not self._training:
+            return
+        self._training = False
+        if self.mask_mode == "hook":
+            reparam.remove(t for t, _ in self._store.items())
+        self._store.detach()
 
     def _capture_rewind(self, trainer: Any, epoch_start: bool) -> None:
         if self.rewind is None or self._rewind_to is not None or not self._targets:
@@ -345,7 +434,7 @@ class PruningScheduleCallback(CallbackBase):
                 f"Pruning step {self._steps + 1} comes before the rewind point {self.rewind!r}: not rewound.",
             )
             return
-        rewind(self._targets, self._rewind_to, trainer.optimizers)
+        rewind(self._targets, self._rewind_to, trainer.optimizers, self._store)
 
     # ------------------------------------------------------------------ pruning
 
@@ -369,66 +458,60 @@ class PruningScheduleCallback(CallbackBase):
         if not any(s > self._applied.get(name, 0.0) + _EPS for name, s in due.items()):
             return
         due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
-        # inplace mode, score methods: the step works on the plain parameters and the masks kept aside
-        # (no float32 mask or `weight` copy from torch's reparametrization); other methods need torch's
-        kept = self._inplace if self.rewind is None and _steps_on_inplace_masks(self.method) else None
-        if kept is None:
-            self._masks_back()
-        extra = {} if kept is None else {"masks": kept}
-        seed = self.seed * 7919 + self._steps
+        if self.method.takes_sparsity:
+            self._check_reachable(due)
+        if self.mask_mode == "hook":
+            reparam.remove(t for t, _ in self._store.items())
+        self._check_finite()
+        seed = derive_seed(self.seed, self._steps)
         takes = self.method.takes_sparsity
         if self.scope == "global":
-            self.method.prune_global(self._targets, due[_GLOBAL] if takes else None, seed, **extra)
+            decided = self.method.global_masks(self._targets, due[_GLOBAL] if takes else None, seed, self._store)
         else:
             sparsities = [due[t.name] if takes else None for t in self._targets]
-            self.method.prune_local(self._targets, sparsities, seed, **extra)
-        restore_slots(self._slots)  # keep `module.parameters()` in the order the optimizer was built with
-        if kept is None:
-            broadcast_masks(self.method.masked(self._targets))  # every rank holds rank 0's masks
-        else:
-            broadcast_inplace_masks(kept)
+            decided = self.method.local_masks(self._targets, sparsities, seed, self._store)
+        for new in decided:
+            self._store.set(new.target, new.mask, new.zeros)
+        agree_masks(self._store, self.method.masked(self._targets), trainer.strategy)
+        self._store.apply()
         if self.rewind is not None:
             self._rewind(trainer)
         self._applied.update(due)
         self._steps += 1
         self._report(trainer, pl_module, epoch)
-        self._masks_aside()
-
-    # ------------------------------------------------------------------ mask_mode="inplace"
-
-    def _masks_aside(self) -> None:
-        """``inplace`` mode: take torch's reparametrization off, keeping the masks (between pruning steps)."""
-        if self.mask_mode != "inplace" or self._inplace is not None or not self._targets:
-            return
-        self._inplace = InplaceMasks.from_targets(self.method.masked(self._targets))
-        restore_slots(self._slots)
-
-    def _masks_back(self) -> None:
-        """``inplace`` mode: put torch's reparametrization back (for a pruning step, or at the end)."""
-        if self._inplace is None:
-            return
-        self._inplace.restore()
-        self._inplace = None
-        restore_slots(self._slots)
+        if self.mask_mode == "hook":
+            reparam.install(self._store.items())
 
     def _overall_target(self) -> float | None:
         if not self.method.takes_sparsity:
             return None
         if self.scope == "global":
             return self._applied.get(_GLOBAL)
-        sizes = {t.name: t.original.numel() for t in self._targets}
+        sizes = {t.name: t.tensor.numel() for t in self._targets}
         return sum(self._applied.get(n, 0.0) * k for n, k in sizes.items()) / sum(sizes.values())
 
     def _report(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
         report = measure(self._targets, self._goals())
         self._last_report = report
-        target = self._overall_target()
+        emptied = [t.name for t in report.tensors if t.numel and t.zeros == t.numel]
+        if emptied:
+            rank_zero_warn(f"Pruning step {self._steps} pruned every entry of {emptied}: their outputs are constant.")
+        if self.verbose and trainer.is_global_zero:
+            target = self._overall_target()
+            goal = "" if target is None else f", target {target:.4f}"
+            rank_zero_info(
+                f"Pruning step {self._steps} at epoch {epoch:g} (global step {trainer.global_step}): "
+                f"sparsity {report.sparsity:.4f}{goal}\n{report}"
+            )
+
+    def _log(self, pl_module: nn.Module, report: SparsityReport) -> None:
         log = {f"{self._log_prefix}/sparsity": report.sparsity}
+        target = self._overall_target()
         if target is not None:
             log[f"{self._log_prefix}/target"] = target
         if self.log_per_tensor:
             log.update({f"pruning/sparsity/{t.name}": t.sparsity for t in report.tensors})
-        for key, value in self.method.metrics().items():  # "pruning/x" -> "pruning/<i>/x" beside other callbacks
+        for key, value in self.method.metrics(self._store).items():  # "pruning/x" -> "pruning/<i>/x" if shared
             log[self._log_prefix + key[len("pruning") :] if key.startswith("pruning/") else key] = value
         for key, value in log.items():
             pl_module.log(
@@ -440,12 +523,6 @@ class PruningScheduleCallback(CallbackBase):
                 prog_bar=key == f"{self._log_prefix}/sparsity",
                 batch_size=1,
             )
-        if self.verbose and trainer.is_global_zero:
-            goal = "" if target is None else f", target {target:.4f}"
-            rank_zero_info(
-                f"Pruning step {self._steps} at epoch {epoch:g} (global step {trainer.global_step}): "
-                f"sparsity {report.sparsity:.4f}{goal}\n{report}"
-            )
 
     @property
     def targets(self) -> list[PruningTarget]:
@@ -453,12 +530,11 @@ class PruningScheduleCallback(CallbackBase):
         return list(self._targets)
 
     @property
+    def masks(self) -> MaskStore:
+        """The masks kept beside the model's parameters."""
+        return self._store
+
+    @property
     def last_report(self) -> SparsityReport | None:
         """The measured figures after the latest pruning step."""
         return self._last_report
-
-
-def _steps_on_inplace_masks(method: PruningMethod) -> bool:
-    """Whether the method's steps take ``masks=InplaceMasks`` (``ScoreMethod`` does, and so do subclasses that
-    keep that keyword), so that ``mask_mode="inplace"`` needs no reparametrization for them."""
-    return all("masks" in inspect.signature(fn).parameters for fn in (method.prune_local, method.prune_global))

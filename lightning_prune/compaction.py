@@ -31,23 +31,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.utils.prune as prune
 from torch import Tensor, nn
 
-from lightning_prune.selection import PruningTarget, iter_parameters
-from lightning_prune.structured import ExcludeSpec, NeuronGroup, build_graph, groups_from_graph
+from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, build_graph, groups_from_graph
+from lightning_prune.reparam import make_permanent
 
-__all__ = ["compact", "load_compact_state_dict", "remove_masks", "resize_to_state_dict"]
-
-
-def remove_masks(model: nn.Module) -> list[str]:
-    """``prune.remove`` every masked tensor of ``model`` (zeros baked in). Returns their qualified names."""
-    removed = []
-    for qual, module, pname in list(iter_parameters(model)):
-        if PruningTarget(qual, "", module, pname).is_masked:
-            prune.remove(module, pname)
-            removed.append(qual)
-    return removed
+__all__ = ["compact", "load_compact_state_dict", "resize_to_state_dict"]
 
 
 def _dead(group: NeuronGroup) -> list[int]:
@@ -63,11 +52,11 @@ def _dead(group: NeuronGroup) -> list[int]:
 def compact(model: nn.Module, example_inputs: Any, exclude: Sequence[ExcludeSpec] = ()) -> dict[str, tuple[int, int]]:
     """Physically remove pruned neurons/channels from ``model``, in place.
 
-    Masks are removed first (``prune.remove``, zeros baked in). A neuron is removed when all of its entries
-    are zero: its row and bias entry in every coupled layer, its normalization entries and its columns in
-    every consumer, so the compact model computes what the masked one did (a neuron whose column is zero
-    contributes nothing downstream). Output layers and ``exclude`` keep their width; each group keeps at
-    least one neuron.
+    Torch's pruning reparametrization, if the model carries it, is removed first (zeros baked in). A neuron is
+    removed when all of its entries are zero: its row and bias entry in every coupled layer, its normalization
+    entries and its columns in every consumer, so the compact model computes what the masked one did (a neuron whose
+    column is zero contributes nothing downstream). Output layers and ``exclude`` keep their width; each group keeps
+    at least one neuron.
 
     Args:
         model: any module (a ``LightningModule`` too), masked or with permanent zeros.
@@ -80,7 +69,7 @@ def compact(model: nn.Module, example_inputs: Any, exclude: Sequence[ExcludeSpec
     Note:
         Parameters are replaced by new, smaller ones: build the optimizer again to train the compact model.
     """
-    remove_masks(model)
+    make_permanent(model)  # a model still in torch's pruning form
     graph = build_graph(model, example_inputs)
     plan = [(g, _dead(g)) for g in groups_from_graph(model, graph, exclude)]
     widths = {}

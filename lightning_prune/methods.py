@@ -1,17 +1,21 @@
 """How entries are chosen: built-in and custom pruning methods behind one small interface.
 
-Every method is driven by *cumulative* targets and turns them into exact counts:
+A method *decides* masks and never applies them: given the tensors, their cumulative targets and the masks
+kept so far (a :class:`~lightning_prune.store.MaskStore`), it yields a :class:`NewMask` per tensor that
+changes; the store narrows its masks and zeros the weights. Every method is driven by cumulative targets
+and turns them into exact counts:
 
 * score methods (``"l1_unstructured"``, ``"random_unstructured"``, or an importance function) rank live
-  entries with :func:`lightning_prune.thresholds.select_smallest`, per tensor (local) or across all
-  tensors (global), and prune exactly ``round(sparsity * n) - already pruned`` more;
-* torch methods (``"ln_structured"``, ``"random_structured"`` and any ``BasePruningMethod`` subclass whose
-  constructor takes ``amount``) run through torch's own ``apply`` / ``global_unstructured`` with an integer
-  ``amount``, which torch's ``PruningContainer`` applies to the entries (or channels) still live;
-* a ``BasePruningMethod`` subclass without ``amount`` is applied as it is at each scheduled step.
+  entries with :func:`lightning_prune.thresholds.iter_smallest`, per tensor (local) or across all tensors
+  (global), and prune exactly ``round(sparsity * n) - already pruned`` more;
+* torch methods (``"ln_structured"``, ``"random_structured"`` and any ``BasePruningMethod`` subclass) call the
+  class's own ``compute_mask`` through torch's ``PruningContainer``, which applies an integer ``amount`` to
+  the entries (or channels) still live, exactly as ``torch.nn.utils.prune`` composes repeated pruning, without
+  its reparametrization; a subclass whose constructor takes no ``amount`` runs as it is at each step.
 
-Randomness comes from generators seeded by the callback's ``seed`` and the step index, so every process
-of a distributed run draws the same masks.
+Randomness comes from generators seeded by the callback's ``seed`` and the step index
+(:mod:`lightning_prune.seeding`), so every process of a distributed run draws the same masks, whatever the
+caller's random state.
 """
 
 from __future__ import annotations
@@ -20,27 +24,23 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, get_args
+from functools import partial
+from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import torch
 import torch.nn.utils.prune as prune
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_prune.inplace import InplaceMasks
-from lightning_prune.masking import (
-    apply_mask,
-    count_for,
-    count_zeros,
-    mask_zeros,
-    pruned_count,
-    remember_pruned_count,
-)
+from lightning_prune.counting import count_for, mask_zeros
+from lightning_prune.seeding import derive_seed, generator
 from lightning_prune.selection import PruningTarget
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
 
 __all__ = [
     "ImportanceFn",
+    "MaskReader",
     "MethodName",
+    "NewMask",
     "PruningMethod",
     "ScoreMethod",
     "TorchMethod",
@@ -51,17 +51,29 @@ MethodName = Literal["l1_unstructured", "random_unstructured", "ln_structured", 
 # Returns a Tensor of scores (checked at run time). `Any`, not `Tensor`, as the return type: jsonargparse
 # (LightningCLI) then accepts import paths of functions without a return annotation, such as `torch.abs`.
 ImportanceFn = Callable[[Tensor], Any]
-Scope = Literal["local", "global"]
 
 
-def _step_seed(seed: int, step: int, index: int = 0) -> int:
-    return (seed * 1_000_003 + step * 10_007 + index) % (2**63 - 1)
+class MaskReader(Protocol):
+    """What a method may read of the masks kept so far (a :class:`~lightning_prune.store.MaskStore`)."""
+
+    def mask(self, target: PruningTarget) -> Tensor | None: ...
+
+    def pruned(self, target: PruningTarget) -> int: ...
+
+
+class NewMask(NamedTuple):
+    """A method's decision for one tensor: its new mask (1 = keep; it may be the kept mask, narrowed in place)
+    and, when the method knows it, the number of pruned entries it holds."""
+
+    target: PruningTarget
+    mask: Tensor
+    zeros: int | None = None
 
 
 @contextmanager
 def _seeded(seed: int, targets: Sequence[PruningTarget]) -> Iterator[None]:
     """Run torch's global-RNG code with a fixed seed, leaving the caller's RNG state as it was."""
-    devices = sorted({t.original.device.index or 0 for t in targets if t.original.is_cuda})
+    devices = sorted({t.tensor.device.index or 0 for t in targets if t.tensor.is_cuda})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -70,40 +82,56 @@ def _seeded(seed: int, targets: Sequence[PruningTarget]) -> Iterator[None]:
 class PruningMethod(ABC):
     """One way of choosing entries to prune, for a list of tensors at one scheduled step.
 
+    Subclasses implement :meth:`local_masks` and :meth:`global_masks`: they read the masks kept so far from
+    ``masks`` and yield one :class:`NewMask` per tensor whose mask changes; they never change a weight.
+
     Attributes:
         name: shown in logs and errors.
         structured: whether whole slices are pruned.
         takes_sparsity: whether cumulative targets drive it (``False``: applied as it is at each step).
-        supports_global: whether ``scope="global"`` is allowed (default: for unstructured methods only).
+        compacts: whether :meth:`compact` can remove the pruned slices physically at the end.
+        per_tensor: whether each tensor's mask is decided from that tensor alone (``False`` for methods that
+            couple tensors, such as neuron pruning's rows and columns).
     """
 
     name: str = "method"
     structured: bool = False
     takes_sparsity: bool = True
+    compacts: bool = False
+    per_tensor: bool = True
 
     @property
     def supports_global(self) -> bool:
+        """Whether ``scope="global"`` is allowed (default: for unstructured methods only)."""
         return not self.structured
 
-    def setup(self, pl_module: Any, targets: Sequence[PruningTarget]) -> None:
+    def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
         """Called once when ``fit`` starts, before any pruning, with the whole module (optional hook)."""
         return None
 
     def masked(self, targets: Sequence[PruningTarget]) -> list[PruningTarget]:
-        """Every tensor this method may mask (made permanent at the end); default: the chosen ones."""
+        """Every tensor this method may mask; default: the chosen ones."""
         return list(targets)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, masks: MaskReader) -> dict[str, float]:
         """Extra figures logged after each pruning step (optional hook)."""
         return {}
 
-    @abstractmethod
-    def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float], seed: int) -> None:
-        """Bring each tensor to its own cumulative sparsity (``None`` entries for methods without one)."""
+    def compact(self, pl_module: nn.Module) -> dict[str, tuple[int, int]]:
+        """Remove the pruned slices physically (only where :attr:`compacts`); returns the changed widths."""
+        raise ValueError(f"`method={self.name}` cannot remove pruned entries physically (`compact=True`).")
 
     @abstractmethod
-    def prune_global(self, targets: Sequence[PruningTarget], sparsity: float, seed: int) -> None:
-        """Bring all tensors together to one cumulative sparsity."""
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        """Each tensor to its own cumulative sparsity (``None`` entries for methods that take none)."""
+
+    @abstractmethod
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        """All tensors together to one cumulative sparsity."""
 
     def __repr__(self) -> str:
         return self.name
@@ -116,94 +144,62 @@ class ScoreMethod(PruningMethod):
         scores: ``(target, seed) -> scores`` of the tensor's shape; called more than once per step, it must
             return the same scores each time.
         name: for messages.
+        zero_where_pruned: the scores are +0.0 wherever an entry is pruned (magnitudes of weights that the
+            store keeps at zero): the selection then need not read the masks.
     """
 
-    def __init__(self, scores: Callable[[PruningTarget, int], Tensor], name: str) -> None:
+    def __init__(
+        self, scores: Callable[[PruningTarget, int], Tensor], name: str, zero_where_pruned: bool = False
+    ) -> None:
         self._scores = scores
         self.name = name
+        self.zero_where_pruned = zero_where_pruned
 
-    def prune_local(
-        self,
-        targets: Sequence[PruningTarget],
-        sparsities: Sequence[float],
-        seed: int,
-        masks: InplaceMasks | None = None,
-    ) -> None:
-        """See :class:`PruningMethod`. With ``masks``, the tensors are plain parameters whose masks ``masks``
-        keeps (``mask_mode="inplace"``): the step narrows those masks and zeros the weights in place."""
-        store = _MaskStore(masks)
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
         chosen, fns, ks, pruned = [], [], [], []
         for i, (t, s) in enumerate(zip(targets, sparsities)):
-            already = store.pruned(t)
-            k = count_for(s, t.original.numel()) - already
+            already = masks.pruned(t)
+            k = count_for(s if s is not None else 0.0, t.tensor.numel()) - already
             if k > 0:
-                seed_i = _step_seed(_step_seed(seed, 1, i), 0, 0)
                 chosen.append(t)
-                fns.append(lambda t=t, seed_i=seed_i: self._scores(t, seed_i))
+                fns.append(partial(self._scores, t, derive_seed(seed, i)))
                 ks.append(k)
                 pruned.append(already)
-        current = [store.mask(t) for t in chosen]
-        zeroed = self._zero_where_pruned(masks)
-        new_masks = iter_smallest_each(fns, current, ks, pruned, inplace=True, zero_where_pruned=zeroed)
-        for t, mask, k, already in zip(chosen, new_masks, ks, pruned):
-            store.install(t, mask, already + k)  # exactly k more: the next step need not count them
+        current = [masks.mask(t) for t in chosen]
+        new = iter_smallest_each(fns, current, ks, pruned, inplace=True, zero_where_pruned=self.zero_where_pruned)
+        for t, mask, k, already in zip(chosen, new, ks, pruned):
+            yield NewMask(t, mask, already + k)  # exactly k more: the next step need not count them
 
-    def prune_global(
-        self, targets: Sequence[PruningTarget], sparsity: float, seed: int, masks: InplaceMasks | None = None
-    ) -> None:
-        """See :class:`PruningMethod` and :meth:`prune_local` for ``masks``."""
-        store = _MaskStore(masks)
-        total = sum(t.original.numel() for t in targets)
-        pruned = [store.pruned(t) for t in targets]
-        k = count_for(sparsity, total) - sum(pruned)
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        total = sum(t.tensor.numel() for t in targets)
+        pruned = [masks.pruned(t) for t in targets]
+        k = count_for(sparsity if sparsity is not None else 0.0, total) - sum(pruned)
         if k <= 0:
             return
-        current = [store.mask(t) for t in targets]
-        fns = [(lambda t=t, i=i: self._scores(t, _step_seed(seed, 0, i))) for i, t in enumerate(targets)]
-        zeroed = self._zero_where_pruned(masks)
-        for t, mask in zip(targets, iter_smallest(fns, current, k, pruned, inplace=True, zero_where_pruned=zeroed)):
-            store.install(t, mask, None)  # each mask as soon as it is built
-
-    def _zero_where_pruned(self, masks: InplaceMasks | None) -> bool:
-        """Whether the scores are +0.0 at pruned entries: magnitudes of plain weights zeroed in place."""
-        return masks is not None and isinstance(self._scores, _Magnitude) and self._scores.importance is None
-
-
-class _MaskStore:
-    """Where a score method reads and puts masks: torch's reparametrization, or ``InplaceMasks``."""
-
-    def __init__(self, masks: InplaceMasks | None) -> None:
-        self.masks = masks
-
-    def mask(self, t: PruningTarget) -> Tensor | None:
-        return t.mask if self.masks is None else self.masks.mask_of(t)
-
-    def pruned(self, t: PruningTarget) -> int:
-        return pruned_count(t) if self.masks is None else mask_zeros(self.masks.mask_of(t))
-
-    def install(self, t: PruningTarget, mask: Tensor, zeros: int | None) -> None:
-        if self.masks is None:
-            apply_mask(t, mask)
-        else:
-            self.masks.install(t, mask)
-        if zeros is not None:
-            remember_pruned_count(self.mask(t), zeros)
+        current = [masks.mask(t) for t in targets]
+        fns = [partial(self._scores, t, derive_seed(seed, i)) for i, t in enumerate(targets)]
+        new = iter_smallest(fns, current, k, pruned, inplace=True, zero_where_pruned=self.zero_where_pruned)
+        for t, mask in zip(targets, new):
+            yield NewMask(t, mask)  # each mask as soon as it is built
 
 
 class _Magnitude:
-    """Magnitude (or ``importance(orig * mask)``) scores. A class, not a closure, so that the callback pickles:
+    """Magnitude (or ``importance(weights)``) scores. A class, not a closure, so that the callback pickles:
     ``ddp_spawn`` sends it to the new processes."""
 
     def __init__(self, importance: ImportanceFn | None) -> None:
         self.importance = importance
 
     def __call__(self, target: PruningTarget, seed: int) -> Tensor:
-        importance = self.importance
         with torch.no_grad():
-            if importance is None:  # pruned entries' scores are ignored by the selection: no orig * mask
-                return target.original.abs()
-            weights = target.effective()
-            out = importance(weights)
+            weights = target.tensor.detach()
+            if self.importance is None:
+                return weights.abs()
+            out = self.importance(weights)
         if not isinstance(out, Tensor) or out.shape != weights.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
@@ -214,8 +210,7 @@ class _Magnitude:
 
 
 def _random_scores(target: PruningTarget, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(target.original.shape, generator=generator).to(target.original.device)
+    return torch.rand(target.tensor.shape, generator=generator(seed)).to(target.tensor.device)
 
 
 def _pruned_slices(mask: Tensor, dim: int) -> int:
@@ -224,12 +219,13 @@ def _pruned_slices(mask: Tensor, dim: int) -> int:
 
 
 class TorchMethod(PruningMethod):
-    """A ``torch.nn.utils.prune.BasePruningMethod`` subclass, driven by torch's own ``apply``.
+    """A ``torch.nn.utils.prune.BasePruningMethod`` subclass: its ``compute_mask`` decides, through torch's
+    ``PruningContainer`` so that each step prunes among the entries (or channels) still live.
 
     Args:
         cls: the method class (e.g. ``prune.LnStructured`` or your own).
         kwargs: extra constructor arguments (``n``, ``dim``, ...).
-        importance: optional function giving the ``importance_scores`` passed to torch.
+        importance: optional function giving the scores passed to ``compute_mask`` instead of the weights.
     """
 
     def __init__(
@@ -241,50 +237,70 @@ class TorchMethod(PruningMethod):
         self.name = cls.__name__
         self.structured = getattr(cls, "PRUNING_TYPE", None) == "structured"
         self.takes_sparsity = "amount" in inspect.signature(cls.__init__).parameters
-        # torch's RandomStructured/RandomUnstructured.apply take no importance_scores (they need none)
-        self._apply_takes_scores = "importance_scores" in inspect.signature(cls.apply).parameters
 
     def _scores(self, t: PruningTarget) -> Tensor:
         with torch.no_grad():
-            w = t.effective()
+            w = t.tensor.detach()
             return w if self.importance is None else self.importance(w)
 
-    def _count(self, t: PruningTarget, sparsity: float) -> int:
+    def _count(self, t: PruningTarget, sparsity: float, current: Tensor) -> int:
         """Additional entries (unstructured) or slices (structured) to prune to reach ``sparsity``."""
-        mask = t.mask if t.mask is not None else torch.ones_like(t.original)
         if not self.structured:
-            return count_for(sparsity, mask.numel()) - count_zeros(mask)
-        dim = self.kwargs.get("dim", -1) % mask.dim()
-        return count_for(sparsity, mask.shape[dim]) - _pruned_slices(mask, dim)
+            return count_for(sparsity, current.numel()) - mask_zeros(current)
+        dim = self.kwargs.get("dim", -1) % current.dim()
+        return count_for(sparsity, current.shape[dim]) - _pruned_slices(current, dim)
 
-    def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int) -> None:
+    def _compute(self, scores: Tensor, current: Tensor, name: str, amount: int | None) -> Tensor:
+        kwargs = dict(self.kwargs)
+        if amount is not None:
+            kwargs["amount"] = amount
+        method = self.cls(**kwargs)
+        method._tensor_name = name
+        container = prune.PruningContainer(method)
+        default = current.to(device=scores.device, dtype=torch.float32)
+        return container.compute_mask(scores, default_mask=default)
+
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
         with _seeded(seed, targets):
             for t, s in zip(targets, sparsities):
-                kwargs = dict(self.kwargs)
+                current = masks.mask(t)
+                current = torch.ones_like(t.tensor, dtype=torch.uint8) if current is None else current
+                amount = None
                 if self.takes_sparsity:
-                    kwargs["amount"] = self._count(t, s)
-                    if kwargs["amount"] <= 0:
+                    amount = self._count(t, s if s is not None else 0.0, current)
+                    if amount <= 0:
                         continue
-                if self._apply_takes_scores:
-                    kwargs["importance_scores"] = self._scores(t)
-                self.cls.apply(t.module, t.param, **kwargs)
+                yield NewMask(t, self._compute(self._scores(t), current, t.param, amount))
 
-    def prune_global(self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int) -> None:
-        kwargs = dict(self.kwargs)
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        amount = None
         if self.takes_sparsity:
-            total = sum(t.original.numel() for t in targets)
-            kwargs["amount"] = count_for(sparsity, total) - sum(pruned_count(t) for t in targets)
-            if kwargs["amount"] <= 0:
+            total = sum(t.tensor.numel() for t in targets)
+            amount = count_for(sparsity if sparsity is not None else 0.0, total) - sum(masks.pruned(t) for t in targets)
+            if amount <= 0:
                 return
-        scores = {(t.module, t.param): self._scores(t) for t in targets}
+        scores = torch.cat([self._scores(t).reshape(-1) for t in targets])
+        current = torch.cat(
+            [
+                (m if (m := masks.mask(t)) is not None else torch.ones_like(t.tensor, dtype=torch.uint8)).reshape(-1)
+                for t in targets
+            ]
+        )
         with _seeded(seed, targets):
-            prune.global_unstructured(
-                [(t.module, t.param) for t in targets], pruning_method=self.cls, importance_scores=scores, **kwargs
-            )
+            flat = self._compute(scores, current, "temp", amount)
+        offset = 0
+        for t in targets:
+            n = t.tensor.numel()
+            yield NewMask(t, flat[offset : offset + n].view(t.tensor.shape))
+            offset += n
 
 
 _BUILTIN: dict[str, Callable[[Mapping[str, Any], ImportanceFn | None], PruningMethod]] = {
-    "l1_unstructured": lambda kw, imp: ScoreMethod(_Magnitude(imp), "l1_unstructured"),
+    "l1_unstructured": lambda kw, imp: ScoreMethod(_Magnitude(imp), "l1_unstructured", zero_where_pruned=imp is None),
     "random_unstructured": lambda kw, imp: ScoreMethod(_random_scores, "random_unstructured"),
     "ln_structured": lambda kw, imp: TorchMethod(prune.LnStructured, {"n": 2, "dim": 0, **kw}, imp),
     "random_structured": lambda kw, imp: TorchMethod(prune.RandomStructured, {"dim": 0, **kw}, imp),
@@ -295,7 +311,8 @@ _BUILTIN_KWARGS = {
     "ln_structured": {"n", "dim"},
     "random_structured": {"dim"},
 }
-assert set(_BUILTIN) == set(get_args(MethodName))
+if set(_BUILTIN) != set(get_args(MethodName)):  # pragma: no cover - a programming error in this module
+    raise RuntimeError("lightning_prune.methods: _BUILTIN and MethodName disagree.")
 
 
 def resolve_method(

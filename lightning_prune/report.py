@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_prune.masking import count_zeros
+from lightning_prune.counting import count_zeros
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
 __all__ = ["SparsityReport", "TensorSparsity", "sparsity_report"]
@@ -22,7 +22,7 @@ class TensorSparsity:
         name: qualified parameter name.
         shape: the tensor's shape.
         numel: its number of entries.
-        zeros: entries equal to zero in the effective weights (``orig * mask`` when masked).
+        zeros: entries equal to zero in the weights the model uses (``orig * mask`` under torch's pruning).
         target: the cumulative target it was last pruned to, if known.
     """
 
@@ -84,7 +84,7 @@ def measure(targets: Sequence[PruningTarget], goals: Mapping[str, float] | None 
     rows = []
     with torch.no_grad():
         for t in targets:
-            w = t.effective()
+            w = t.value()
             rows.append(TensorSparsity(t.name, tuple(w.shape), w.numel(), count_zeros(w), goals.get(t.name)))
     return SparsityReport(tuple(rows))
 

@@ -8,7 +8,8 @@ pruned tensors and drops the optimizer's state for those tensors (momentum, Adam
 that training after each rewind starts as it did from the saved point.
 
 Only the pruned tensors (the callback's ``parameters``) are rewound; biases and other tensors that are
-not pruned keep their trained values.
+not pruned keep their trained values. Pruned entries stay zero: the rewound values are multiplied by the
+masks kept in the given :class:`~lightning_prune.store.MaskStore`.
 
 Example::
 
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_prune.masking import refresh_weight
 from lightning_prune.selection import PruningTarget
+from lightning_prune.store import MaskStore
 
 __all__ = ["Rewind", "capture", "rewind"]
 
@@ -86,20 +87,21 @@ class Rewind:
 
 
 def capture(targets: Iterable[PruningTarget]) -> dict[str, Tensor]:
-    """True copies of the trainable values (``<name>_orig`` when masked) of ``targets``, by qualified name."""
+    """True copies of the values of ``targets``, by qualified name."""
     with torch.no_grad():
-        return {t.name: t.original.detach().clone() for t in targets}
+        return {t.name: t.tensor.detach().clone() for t in targets}
 
 
 def rewind(
     targets: Sequence[PruningTarget],
     saved: Mapping[str, Tensor],
     optimizers: Iterable[torch.optim.Optimizer] = (),
+    masks: MaskStore | None = None,
 ) -> list[str]:
     """Write ``saved`` values back into ``targets`` and drop the optimizers' state for those tensors.
 
-    Pruned entries stay pruned (the mask is not touched); the masked attribute (``module.weight``) is
-    recomputed at once. Returns the names of the tensors rewound.
+    Pruned entries stay pruned: each value is multiplied by its mask in ``masks``. Returns the names of the
+    tensors rewound.
 
     Raises:
         ValueError: when a saved tensor is missing or has another shape than its target.
@@ -109,17 +111,18 @@ def rewind(
     with torch.no_grad():
         for t in targets:
             value = saved.get(t.name)
-            original = t.original
-            if value is None or value.shape != original.shape:
+            tensor = t.tensor
+            if value is None or value.shape != tensor.shape:
                 got = None if value is None else tuple(value.shape)
                 raise ValueError(
-                    f"The rewind point holds no value of shape {tuple(original.shape)} for {t.name!r}, got {got}."
+                    f"The rewind point holds no value of shape {tuple(tensor.shape)} for {t.name!r}, got {got}."
                 )
-            original.copy_(value.to(device=original.device, dtype=original.dtype))
-            params.append(original)
+            tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+            mask = None if masks is None else masks.mask(t)
+            if mask is not None:
+                tensor.mul_(mask).add_(0.0)
+            params.append(tensor)
             done.append(t.name)
-    for t in targets:
-        refresh_weight(t)
     for optimizer in optimizers:
         for p in params:
             optimizer.state.pop(p, None)

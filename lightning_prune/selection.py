@@ -1,8 +1,15 @@
 """Which tensors are pruned, and to what target: resolving ``parameters`` and ``sparsity`` against a model.
 
 Names are *qualified parameter names* relative to the module given (for a ``LightningModule`` that holds its
-network as ``self.model``: ``"model.conv1.weight"``). A tensor that torch's pruning has reparametrized
-(``weight_orig`` + ``weight_mask``) keeps its logical name (``weight``).
+network as ``self.model``: ``"model.conv1.weight"``). One tensor is one target: a parameter shared by several
+modules (tied embeddings, ``head.weight = emb.weight``) is found once, under its first name in model order,
+with the others as :attr:`PruningTarget.aliases`; naming any alias means the same tensor.
+
+Layers whose weight is computed by a parametrization (``torch.nn.utils.parametrizations.weight_norm`` or
+``spectral_norm``, or the older ``torch.nn.utils.weight_norm``) are pruned through the tensor that the
+parametrization scales, which keeps every zero: ``parametrizations.weight.original1`` (weight norm's
+direction ``v``) or ``parametrizations.weight.original`` (spectral norm). A layer under any other
+parametrization is left out of the default selection with a warning that names it.
 
 Example::
 
@@ -21,6 +28,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.nn.utils import parametrize
+
+from lightning_prune._checks import check_fraction
+from lightning_prune._lightning import rank_zero_warn
 
 __all__ = [
     "ParameterSpec",
@@ -28,6 +40,7 @@ __all__ = [
     "SparsityKey",
     "SparsitySpec",
     "iter_parameters",
+    "local_view",
     "select_parameters",
 ]
 
@@ -37,19 +50,21 @@ SparsitySpec = float | Mapping[SparsityKey, float] | None
 
 _DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _GLOB_CHARS = set("*?[")
+_ORIG, _MASK = "_orig", "_mask"
 
 
 @dataclass(frozen=True)
 class PruningTarget:
-    """One tensor to prune: ``getattr(module, param)`` is its effective value.
+    """One tensor to prune.
 
     Attributes:
-        name: qualified parameter name, e.g. ``"model.conv1.weight"``.
+        name: qualified parameter name, e.g. ``"model.conv1.weight"`` (the first of its names in model order).
         module_name: qualified name of the owning module, e.g. ``"model.conv1"``.
         module: the owning module.
         param: the parameter's name in its module, e.g. ``"weight"``.
         sparsity: this tensor's final target (local scope), or ``None`` when the target is global or the
             method takes none.
+        aliases: every qualified name of the tensor (``name`` first): more than one for tied weights.
     """
 
     name: str
@@ -57,75 +72,113 @@ class PruningTarget:
     module: nn.Module = field(compare=False, repr=False)
     param: str = "weight"
     sparsity: float | None = None
+    aliases: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
-    def is_masked(self) -> bool:
-        """Whether torch's pruning reparametrization is in place (``<param>_orig`` and ``<param>_mask``)."""
-        return hasattr(self.module, self.param + "_mask") and self.param + "_orig" in self.module._parameters
+    def tensor(self) -> nn.Parameter:
+        """The trainable parameter (``<param>_orig`` where torch's pruning reparametrizes it)."""
+        if _torch_masked(self.module, self.param):
+            return self.module.get_parameter(self.param + _ORIG)
+        return self.module.get_parameter(self.param)
 
-    @property
-    def original(self) -> Tensor:
-        """The trainable tensor: ``<param>_orig`` when masked, else the parameter itself."""
-        if self.is_masked:
-            return self.module._parameters[self.param + "_orig"]
-        return self.module._parameters[self.param]
+    def value(self) -> Tensor:
+        """The weights as the model uses them: the parameter, or ``orig * mask`` under torch's reparametrization
+        (never torch's cached, possibly stale attribute)."""
+        tensor = self.tensor
+        if _torch_masked(self.module, self.param):
+            return tensor * getattr(self.module, self.param + _MASK)
+        return tensor
 
-    @property
-    def mask(self) -> Tensor | None:
-        """The current mask buffer, or ``None`` before the first pruning step."""
-        return getattr(self.module, self.param + "_mask") if self.is_masked else None
+    def with_sparsity(self, sparsity: float | None) -> PruningTarget:
+        return PruningTarget(self.name, self.module_name, self.module, self.param, sparsity, self.aliases)
 
-    def effective(self) -> Tensor:
-        """The weights as the model uses them: ``orig * mask`` (never torch's cached, possibly stale attribute)."""
-        mask = self.mask
-        return self.original if mask is None else self.original * mask
+
+def _torch_masked(module: nn.Module, name: str) -> bool:
+    """Whether torch's pruning reparametrization (``<name>_orig`` + ``<name>_mask``) is on ``module``."""
+    return hasattr(module, name + _MASK) and isinstance(getattr(module, name + _ORIG, None), nn.Parameter)
 
 
 def _qualify(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def iter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """Yield ``(qualified name, module, param name)`` for every logical parameter, in model order.
+def _logical(module: nn.Module, pname: str) -> str:
+    if pname.endswith(_ORIG) and _torch_masked(module, pname[: -len(_ORIG)]):
+        return pname[: -len(_ORIG)]
+    return pname
 
-    A reparametrized tensor is yielded once, under its logical name (``weight``, not ``weight_orig``).
+
+def _tensors(model: nn.Module) -> list[tuple[list[str], nn.Module, str]]:
+    """Every distinct parameter once: ``([qualified names], owning module of the first name, local name)``."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_id: dict[int, tuple[list[str], nn.Module, str]] = {}
+    for qual, tensor in model.named_parameters(remove_duplicate=False):
+        module_name, _, pname = qual.rpartition(".")
+        module = modules[module_name]
+        logical = _qualify(module_name, _logical(module, pname))
+        entry = by_id.get(id(tensor))
+        if entry is None:
+            by_id[id(tensor)] = ([logical], module, _logical(module, pname))
+        elif logical not in entry[0]:
+            entry[0].append(logical)
+    return list(by_id.values())
+
+
+def iter_parameters(model: nn.Module) -> Iterator[PruningTarget]:
+    """Every distinct parameter of ``model`` once, in model order, as a :class:`PruningTarget` without a target.
+
+    A tensor shared by several modules is yielded once, with all its names in ``aliases``; a tensor that
+    torch's pruning has reparametrized is yielded under its logical name (``weight``, not ``weight_orig``).
+
+    Example::
+
+        >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight
+        >>> [t.aliases for t in iter_parameters(nn.ModuleDict({"emb": emb, "head": head}))]
+        [('emb.weight', 'head.weight')]
     """
-    for module_name, module in model.named_modules():
-        for pname, value in module._parameters.items():
-            if value is None:
-                continue
-            if pname.endswith("_orig") and hasattr(module, pname[: -len("_orig")] + "_mask"):
-                pname = pname[: -len("_orig")]
-            yield _qualify(module_name, pname), module, pname
+    for names, module, pname in _tensors(model):
+        yield PruningTarget(names[0], names[0].rpartition(".")[0], module, pname, None, tuple(names))
 
 
-def _key_matches(key: SparsityKey, qualname: str, module_name: str, module: nn.Module) -> bool:
-    if isinstance(key, type):
-        return isinstance(module, key)
-    if fnmatch.fnmatchcase(qualname, key) or fnmatch.fnmatchcase(module_name, key):
-        return True
-    return not (_GLOB_CHARS & set(key)) and key in {c.__name__ for c in type(module).__mro__}
+def _owners(model: nn.Module, target: PruningTarget) -> list[tuple[str, nn.Module]]:
+    """``(module name, module)`` of every alias of ``target``."""
+    out = []
+    for alias in target.aliases:
+        module_name = alias.rpartition(".")[0]
+        out.append((module_name, model.get_submodule(module_name)))
+    return out
 
 
-def _check_sparsity_value(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
-    return float(value)
+def _key_matches(key: SparsityKey, model: nn.Module, target: PruningTarget) -> bool:
+    for alias, (module_name, module) in zip(target.aliases, _owners(model, target)):
+        if isinstance(key, type):
+            hit = isinstance(module, key)
+        else:
+            by_type = not (_GLOB_CHARS & set(key)) and key in {c.__name__ for c in type(module).__mro__}
+            hit = by_type or fnmatch.fnmatchcase(alias, key) or fnmatch.fnmatchcase(module_name, key)
+        if hit:
+            return True
+    return False
 
 
-def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> list[tuple[str, nn.Module, str]]:
-    all_params = list(iter_parameters(model))
-    by_module = {id(m): n for n, m in model.named_modules()}
-    chosen: dict[str, tuple[str, nn.Module, str]] = {}
+def _check_parameters(parameters: object) -> None:
     if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Sequence):
         raise ValueError(
             f"`parameters` must be a list of names, glob patterns or (module, name) pairs, got {parameters!r}."
         )
+
+
+def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> list[PruningTarget]:
+    _check_parameters(parameters)
+    everything = list(iter_parameters(model))
+    by_module = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    chosen: dict[str, PruningTarget] = {}
     for spec in parameters:
         if isinstance(spec, str):
-            hits = [p for p in all_params if fnmatch.fnmatchcase(p[0], spec)]
+            hits = [t for t in everything if any(fnmatch.fnmatchcase(a, spec) for a in t.aliases)]
             if not hits:
-                some = ", ".join(p[0] for p in all_params[:6])
+                some = ", ".join(t.name for t in everything[:6])
                 raise ValueError(
                     f"`parameters` entry {spec!r} matches no parameter of the model (it has: {some}, ...)."
                 )
@@ -136,7 +189,7 @@ def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> lis
                     f"`parameters` entry ({type(module).__name__}, {pname!r}): the module is not part of the model."
                 )
             qual = _qualify(by_module[id(module)], pname)
-            hits = [p for p in all_params if p[0] == qual]
+            hits = [t for t in everything if qual in t.aliases]
             if not hits:
                 raise ValueError(
                     f"`parameters` entry ({type(module).__name__}, {pname!r}): {by_module[id(module)] or 'the model'} "
@@ -147,13 +200,56 @@ def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> lis
                 f"`parameters` entries must be names, glob patterns or (module, name) pairs, got {spec!r}."
             )
         for hit in hits:
-            chosen.setdefault(hit[0], hit)
-    order = {p[0]: i for i, p in enumerate(all_params)}
-    return sorted(chosen.values(), key=lambda p: order[p[0]])
+            chosen.setdefault(hit.name, hit)
+    order = {t.name: i for i, t in enumerate(everything)}
+    return sorted(chosen.values(), key=lambda t: order[t.name])
 
 
-def _default_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    return [p for p in iter_parameters(model) if p[2] == "weight" and isinstance(p[1], _DEFAULT_TYPES)]
+def _zero_keeping_source(module: nn.Module) -> str | None:
+    """For a layer whose ``weight`` a parametrization computes: the local name (relative to ``module``) of the
+    tensor whose zeros are zeros of the weight, or ``None`` when no such tensor is known."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        kinds = [type(p).__name__ for p in plist]
+        if kinds == ["_WeightNorm"]:
+            return "parametrizations.weight.original1"
+        if kinds == ["_SpectralNorm"]:
+            return "parametrizations.weight.original"
+        return None
+    if isinstance(getattr(module, "weight_v", None), nn.Parameter) and "weight" not in dict(
+        module.named_parameters(recurse=False)
+    ):
+        return "weight_v"  # torch.nn.utils.weight_norm (the older hook-based form)
+    return None
+
+
+def _default_candidates(model: nn.Module) -> tuple[list[PruningTarget], list[str]]:
+    """The weight of every Conv/Linear layer (through its parametrization where that keeps zeros), and the
+    names of the layers left out because an unknown parametrization computes their weight."""
+    by_alias = {a: t for t in iter_parameters(model) for a in t.aliases}
+    chosen: dict[str, PruningTarget] = {}
+    skipped = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, _DEFAULT_TYPES):
+            continue
+        direct = by_alias.get(_qualify(module_name, "weight"))
+        if direct is not None and not parametrize.is_parametrized(module, "weight"):
+            chosen.setdefault(direct.name, direct)
+            continue
+        source = _zero_keeping_source(module)
+        if source is not None:
+            t = by_alias[_qualify(module_name, source)]
+            chosen.setdefault(t.name, t)
+        elif parametrize.is_parametrized(module, "weight") or hasattr(module, "weight_v"):
+            skipped.append(module_name)
+    order = {t.name: i for i, t in enumerate(by_alias.values())}
+    if skipped:
+        rank_zero_warn(
+            f"Pruning leaves out {skipped}: a parametrization computes their weight, and zeros of its input tensor "
+            "are not known to stay zeros of the weight. If they do, name the input tensor in `parameters` "
+            f"(e.g. '{skipped[0]}.parametrizations.weight.original')."
+        )
+    return sorted(chosen.values(), key=lambda t: order[t.name]), skipped
 
 
 def select_parameters(
@@ -165,13 +261,14 @@ def select_parameters(
 
     Args:
         model: the module whose parameters are named (qualified names are relative to it).
-        parameters: qualified names, glob patterns over them (``"model.fc*.weight"``) or
-            ``(module, "weight")`` pairs. ``None``: the ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``
-            (or, with a ``sparsity`` mapping, what its keys match).
+        parameters: qualified names (any alias of a shared tensor), glob patterns over them
+            (``"model.fc*.weight"``) or ``(module, "weight")`` pairs. ``None``: the ``weight`` of every
+            ``nn.Conv*d`` and ``nn.Linear`` (through a weight-norm or spectral-norm parametrization: the tensor
+            it scales; or, with a ``sparsity`` mapping, what its keys match).
         sparsity: a single target for every tensor, or a mapping whose keys are module types
             (``nn.Conv2d``), module type names (``"Conv2d"``) or glob patterns over qualified parameter or
             module names (``"model.fc*"``). A tensor takes the value of the *first* key that matches it.
-            With ``parameters=None``, the candidates are the ``weight`` tensors that some key matches (list
+            With ``parameters=None``, the candidates are the default ones that some key matches (list
             biases in ``parameters`` to prune them). Patterns follow :mod:`fnmatch` (``*`` spans dots).
 
     Returns:
@@ -181,51 +278,55 @@ def select_parameters(
         ValueError: for a name, pattern or key that matches nothing, a tensor that is not floating point,
             a target outside [0, 1), a tensor that no mapping key covers, or an empty selection.
     """
+    skipped: list[str] = []
     if isinstance(sparsity, Mapping):
         if not sparsity:
             raise ValueError("`sparsity` mapping is empty; give at least one key (a module type or a name pattern).")
         for key, value in sparsity.items():
             if not isinstance(key, (type, str)):
                 raise ValueError(f"`sparsity` keys must be module types or name patterns, got {key!r}.")
-            _check_sparsity_value(f"sparsity[{getattr(key, '__name__', key)!r}]", value)
+            check_fraction(f"sparsity[{getattr(key, '__name__', key)!r}]", value)
         if parameters is None:
-            candidates = [
-                p
-                for p in iter_parameters(model)
-                if p[2] == "weight" and any(_key_matches(k, p[0], p[0].rpartition(".")[0], p[1]) for k in sparsity)
-            ]
+            candidates, skipped = _default_candidates(model)
+            candidates = [t for t in candidates if any(_key_matches(k, model, t) for k in sparsity)]
         else:
             candidates = _resolve_specs(model, parameters)
         targets = []
         used: set[int] = set()
-        for qual, module, pname in candidates:
-            module_name = qual.rpartition(".")[0]
+        for t in candidates:
             for i, (key, value) in enumerate(sparsity.items()):
-                if _key_matches(key, qual, module_name, module):
+                if _key_matches(key, model, t):
                     used.add(i)
-                    targets.append(PruningTarget(qual, module_name, module, pname, float(value)))
+                    targets.append(t.with_sparsity(float(value)))
                     break
             else:
-                raise ValueError(f"`parameters` entry {qual!r} matches no key of the `sparsity` mapping.")
+                raise ValueError(f"`parameters` entry {t.name!r} matches no key of the `sparsity` mapping.")
         for i, key in enumerate(sparsity):
             if i not in used:
                 label = key.__name__ if isinstance(key, type) else repr(key)
                 raise ValueError(f"`sparsity` key {label} matches no chosen parameter of the model.")
     else:
-        if sparsity is not None:
-            sparsity = _check_sparsity_value("sparsity", sparsity)
-        candidates = _default_candidates(model) if parameters is None else _resolve_specs(model, parameters)
-        targets = [PruningTarget(q, q.rpartition(".")[0], m, p, sparsity) for q, m, p in candidates]
+        value = None if sparsity is None else check_fraction("sparsity", sparsity)
+        if parameters is None:
+            candidates, skipped = _default_candidates(model)
+        else:
+            candidates = _resolve_specs(model, parameters)
+        targets = [t.with_sparsity(value) for t in candidates]
 
     if not targets:
+        why = f" ({skipped} were left out: see the warning above)" if skipped else ""
         raise ValueError(
             "The selection is empty: `parameters` (default: the weights of every nn.Conv*d and nn.Linear) "
-            "chose no tensor of the model."
+            f"chose no tensor of the model{why}."
         )
     for t in targets:
-        value = t.original
-        if not value.is_floating_point():
+        if not t.tensor.is_floating_point():
             raise ValueError(
-                f"`parameters`: {t.name!r} is a {value.dtype} tensor; only floating tensors can be pruned."
+                f"`parameters`: {t.name!r} is a {t.tensor.dtype} tensor; only floating tensors can be pruned."
             )
     return targets
+
+
+def local_view(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this process holds: the local shard of a ``DTensor`` (FSDP2), else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

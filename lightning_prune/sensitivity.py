@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_prune._lightning import CallbackBase
-from lightning_prune.masking import refresh_weight
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.store import MaskStore
 
 __all__ = ["MetricLike", "SensitivityTable", "plot_sensitivity", "sensitivity_analysis", "suggest_sparsity"]
 
@@ -155,18 +155,20 @@ def _check_metric(metric: object) -> None:
 
 
 def _pruned_copy(target: PruningTarget, method: PruningMethod, sparsity: float, seed: int) -> Tensor:
-    """The tensor's effective weights pruned to ``sparsity`` by ``method``, computed on a detached copy."""
+    """The tensor's weights pruned to ``sparsity`` by ``method``, computed on a detached copy."""
     holder = nn.Module()
     with torch.no_grad():
-        holder.register_parameter(target.param, nn.Parameter(target.effective().detach().clone()))
+        holder.register_parameter(target.param, nn.Parameter(target.value().detach().clone()))
     copy = PruningTarget(target.name, target.module_name, holder, target.param, sparsity)
-    method.prune_local([copy], [sparsity], seed)
-    with torch.no_grad():
-        return copy.effective().detach()
+    store = MaskStore()
+    for new in method.local_masks([copy], [sparsity], seed, store):
+        store.set(new.target, new.mask, new.zeros)
+    store.apply()
+    return copy.tensor.detach()
 
 
 class _Swap:
-    """Put a pruned copy into a tensor's trainable storage in place, and the saved values back afterwards."""
+    """Put a pruned copy into a tensor's storage in place, and the saved values back afterwards."""
 
     def __init__(self, target: PruningTarget, method: PruningMethod, sparsity: float, seed: int) -> None:
         self.target, self.method, self.sparsity, self.seed = target, method, sparsity, seed
@@ -174,17 +176,15 @@ class _Swap:
 
     def __enter__(self) -> None:
         pruned = _pruned_copy(self.target, self.method, self.sparsity, self.seed)
-        original = self.target.original
+        tensor = self.target.tensor
         with torch.no_grad():
-            self._saved = original.detach().clone()
-            original.copy_(pruned)  # a masked tensor keeps its mask: pruned * mask == pruned
+            self._saved = tensor.detach().clone()
+            tensor.copy_(pruned)
 
     def __exit__(self, *exc: object) -> None:
         if self._saved is not None:
-            target = self.target
             with torch.no_grad():
-                target.original.copy_(self._saved)
-                refresh_weight(target)  # torch's cached `<param>` attribute holds the last forward's pruned copy
+                self.target.tensor.copy_(self._saved)
             self._saved = None
 
 
@@ -308,11 +308,10 @@ def sensitivity_analysis(
 ) -> SensitivityTable:
     """Prune each chosen tensor alone at each sparsity, evaluate, and restore it: a sensitivity table.
 
-    Each evaluation prunes a *copy* of one tensor's effective weights (``orig * mask`` when the model is
-    already masked) with ``method`` and puts it into the tensor's storage in place, under ``torch.no_grad``;
-    the saved values go back right after, so the model's ``state_dict`` is bit-identical afterwards (the
-    model also returns to its train/eval mode, and to its device after a Trainer moved it). Cost:
-    ``1 + len(names) * len(sparsities)`` evaluations.
+    Each evaluation prunes a *copy* of one tensor's weights with ``method`` and puts it into the tensor's storage in
+    place, under ``torch.no_grad``; the saved values go back right after, so the model's ``state_dict`` is bit-
+    identical afterwards (the model also returns to its train/eval mode, and to its device after a Trainer moved
+    it). Cost: ``1 + len(names) * len(sparsities)`` evaluations.
 
     Args:
         model: the network, or the ``LightningModule`` holding it (then the names are relative to it, as the
@@ -350,26 +349,32 @@ def sensitivity_analysis(
     resolved = resolve_method(method, method_kwargs, importance)
     if not resolved.takes_sparsity:
         raise ValueError(f"`method={resolved.name}` takes no amount; a sensitivity sweep needs one that does.")
+    if not resolved.per_tensor:
+        raise ValueError(
+            f"`method={resolved.name}` decides masks across coupled tensors (a neuron's row and its columns in the "
+            "next layer), so pruning one tensor alone would measure nothing; sweep neuron pruning with "
+            "`method='ln_structured'` on each layer, or compare whole runs of the callback."
+        )
     if higher_is_better is None:
         higher_is_better = bool(getattr(metric, "higher_is_better", True) is not False)
     targets = select_parameters(model, parameters)
     evaluate = _Evaluator(model, dataloader, metric, trainer)
     was_training = model.training
-    device = targets[0].original.device
+    device = targets[0].tensor.device
     model.eval()
     try:
         baseline = evaluate(None)
         metrics = {t.name: tuple(evaluate(_Swap(t, resolved, s, seed)) for s in sparsities) for t in targets}
     finally:
         model.train(was_training)
-        if targets[0].original.device != device:  # a Trainer's teardown moves the model to the CPU
+        if targets[0].tensor.device != device:  # a Trainer's teardown moves the model to the CPU
             model.to(device)
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", type(metric).__name__)
     return SensitivityTable(
         names=tuple(t.name for t in targets),
         sparsities=sparsities,
         metrics=metrics,
-        numels={t.name: t.original.numel() for t in targets},
+        numels={t.name: t.tensor.numel() for t in targets},
         baseline=baseline,
         higher_is_better=higher_is_better,
         metric_name=str(name),

@@ -1,157 +1,37 @@
-"""Neuron and channel pruning: whole output units removed with every weight that touches them.
+"""Neuron and channel pruning: whole output units masked during training, with every weight that touches them.
 
-A *neuron* is an output unit of an ``nn.Linear`` or an output channel of an ``nn.Conv*d``. Pruning it
-masks, in one step, its row in its own weight, its bias entry, the matching entries of a following
-``BatchNorm``, and its column(s) in every layer that consumes it (for
-conv -> flatten -> linear, the block of input columns that the channel maps to). Which layers are coupled
-is found by Torch-Pruning's ``DependencyGraph`` from one traced forward pass, so that, for example, the
-channels of tensors added by a residual connection form one group and are pruned together.
-
-The network's output layers (the Conv/Linear layers whose outputs reach a model output through
-parameter-free operations) are never pruned; more layers can be excluded.
+:class:`NeuronPruning` ranks the neuron groups that :mod:`lightning_prune.neuron_graph` finds (by
+:func:`group_importance`: L2 of each neuron's row and columns by default) and masks whole groups' rows,
+biases, normalization entries and consumer columns. With ``compact=True`` on the callback, the pruned
+neurons are removed physically at the end (:mod:`lightning_prune.compaction`).
 
 Example::
 
-    >>> import torch
-    >>> from torch import nn
-    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
-    >>> groups = neuron_groups(net, torch.randn(1, 4))
-    >>> [(g.name, g.size) for g in groups]
-    [('2', 6), ('0', 8)]
-    >>> [s.name for s in groups[1].slices]
-    ['0.weight', '0.bias', '2.weight']
+    >>> from lightning_prune import PruningScheduleCallback
+    >>> callback = PruningScheduleCallback(sparsity=0.5, method=NeuronPruning(), scope="global", compact=True)
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
-from lightning_prune._lightning import rank_zero_warn
-from lightning_prune.masking import apply_mask, count_for
-from lightning_prune.methods import PruningMethod
+from lightning_prune._checks import check_choice, check_int
+from lightning_prune.compaction import compact
+from lightning_prune.counting import count_for
+from lightning_prune.methods import MaskReader, NewMask, PruningMethod
+from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, _check_exclude, neuron_groups
+from lightning_prune.seeding import derive_seed, generator
 from lightning_prune.selection import PruningTarget
 
-__all__ = [
-    "ImportanceLike",
-    "NeuronGroup",
-    "NeuronPruning",
-    "NeuronSlice",
-    "group_importance",
-    "neuron_groups",
-]
+__all__ = ["ImportanceLike", "NeuronPruning", "group_importance"]
 
-NeuronImportanceFn = Callable[["NeuronGroup"], Tensor]
+NeuronImportanceFn = Callable[[NeuronGroup], Tensor]
 ImportanceLike = Union[Literal["l2", "l1", "random"], NeuronImportanceFn]  # noqa: UP007 (runtime alias, py3.10)
-ExcludeSpec = Union[str, nn.Module]  # noqa: UP007
 _IMPORTANCES = ("l2", "l1", "random")
-_NORMS = (nn.modules.batchnorm._BatchNorm,)
-_ACROSS = (nn.LayerNorm, nn.GroupNorm)  # normalize across neurons: removing some changes the others
-
-
-@dataclass(frozen=True)
-class NeuronSlice:
-    """The entries of one tensor that belong to the neurons of a group.
-
-    Along dimension ``dim`` of the tensor, position ``index[j]`` belongs to neuron ``owner[j]``.
-
-    Attributes:
-        name: qualified tensor name, e.g. ``"model.fc1.weight"``.
-        module: the owning module.
-        param: the parameter's name in it (``"weight"`` or ``"bias"``).
-        dim: the dimension the neurons index (0: rows / output channels, 1: columns / input channels).
-        index: positions along ``dim``.
-        owner: the neuron each position belongs to.
-        kind: ``"out"`` (the neuron's own row, bias entry or normalization entry) or ``"in"`` (a column
-            of a consumer).
-    """
-
-    name: str
-    module: nn.Module = field(repr=False)
-    param: str
-    dim: int
-    index: Tensor = field(repr=False)
-    owner: Tensor = field(repr=False)
-    kind: Literal["out", "in"] = "out"
-
-    @property
-    def target(self) -> PruningTarget:
-        return PruningTarget(self.name, self.name.rpartition(".")[0], self.module, self.param)
-
-    @property
-    def is_weight(self) -> bool:
-        return self.param == "weight"
-
-    def values(self, size: int) -> Tensor:
-        """The group's entries of the effective tensor, shape ``(size, k)``: row ``i`` holds neuron ``i``'s."""
-        with torch.no_grad():
-            t = self.target.effective().movedim(self.dim, 0)
-            order = torch.argsort(self.owner, stable=True)
-            picked = t[self.index.to(t.device)[order.to(t.device)]]
-            return picked.reshape(size, -1)
-
-    def mask_for(self, keep: Tensor) -> Tensor:
-        """A mask of the tensor's shape that zeroes the positions of neurons with ``keep[i] == False``."""
-        original = self.target.original
-        line = torch.ones(original.shape[self.dim], dtype=original.dtype, device=original.device)
-        line[self.index.to(line.device)] = keep.to(line.device)[self.owner.to(line.device)].to(line.dtype)
-        shape = [1] * original.dim()
-        shape[self.dim] = -1
-        return line.view(shape).expand_as(original).clone()
-
-
-@dataclass(frozen=True)
-class NeuronGroup:
-    """Neurons (or channels) that are pruned together, with every tensor entry that belongs to them.
-
-    Attributes:
-        name: qualified name of the group's first layer (its root), e.g. ``"model.conv2"``.
-        layers: qualified names of every Conv/Linear layer whose *outputs* are these neurons (one for a
-            plain layer; several when a residual connection adds their outputs).
-        size: number of neurons.
-        slices: the coupled tensors: the layers' rows and biases, normalization entries, consumers' columns.
-    """
-
-    name: str
-    layers: tuple[str, ...]
-    size: int
-    slices: tuple[NeuronSlice, ...] = field(repr=False)
-    modules: tuple[nn.Module, ...] = field(repr=False, compare=False, default=())
-
-    def weights(self) -> list[Tensor]:
-        """Each coupled weight tensor's entries as ``(size, k)`` (biases left out), in the model's units."""
-        return [s.values(self.size) for s in self.slices if s.is_weight]
-
-    def alive(self) -> Tensor:
-        """Boolean ``(size,)``: neurons not pruned yet (a neuron is pruned when its root row is masked)."""
-        root = self.slices[0]
-        mask = root.target.mask
-        if mask is None:
-            return torch.ones(self.size, dtype=torch.bool)
-        with torch.no_grad():
-            rows = mask.movedim(root.dim, 0)[root.index.to(mask.device)].reshape(len(root.index), -1)
-            live_pos = rows.ne(0).any(dim=1).cpu()
-        alive = torch.zeros(self.size, dtype=torch.bool)
-        alive[root.owner[live_pos]] = True
-        return alive
-
-    def prune_to(self, keep: Tensor) -> None:
-        """Mask every coupled tensor so that only the neurons with ``keep[i]`` remain (masks only narrow)."""
-        for s in self.slices:
-            mask = s.mask_for(keep)
-            if not bool((mask == 0).any()):
-                continue
-            apply_mask(s.target, mask)
-
-    def tensors(self) -> list[PruningTarget]:
-        return [s.target for s in self.slices]
 
 
 def group_importance(group: NeuronGroup, importance: ImportanceLike = "l2", seed: int = 0) -> Tensor:
@@ -177,7 +57,7 @@ def group_importance(group: NeuronGroup, importance: ImportanceLike = "l2", seed
     """
     if isinstance(importance, str):
         if importance == "random":
-            return torch.rand(group.size, generator=torch.Generator().manual_seed(seed))
+            return torch.rand(group.size, generator=generator(seed))
         parts = [w.detach().float().cpu() for w in group.weights()]
         if importance == "l1":
             return sum(p.abs().sum(dim=1) for p in parts)
@@ -189,183 +69,6 @@ def group_importance(group: NeuronGroup, importance: ImportanceLike = "l2", seed
             f"`importance` must return one score per neuron, shape ({group.size},) for {group.name!r}, got {got}."
         )
     return scores.detach().float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------- graph
-
-
-@contextmanager
-def _traced(model: nn.Module) -> Iterator[None]:
-    """Torch-Pruning's tracing switches the model to eval mode; give every module its mode back."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_to_device(x, device) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
-
-
-def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` (masked or not), leaving the model's train/eval modes."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with _traced(model):
-        inputs = _to_device(example_inputs, device)
-        return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
-
-
-def _prunable_layer(module: Any) -> bool:
-    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-
-
-def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
-    """Conv/Linear layers whose outputs reach a model output without passing another Conv/Linear layer."""
-    found: list[nn.Module] = []
-    stack = [n for n in graph.module2node.values() if not n.outputs]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if _prunable_layer(node.module):
-            if not any(node.module is m for m in found):
-                found.append(node.module)
-            continue
-        stack.extend(node.inputs)
-    return found
-
-
-def _has_params(module: Any) -> bool:
-    return isinstance(module, nn.Module) and any(p is not None for p in module._parameters.values())
-
-
-def _param_names(module: nn.Module) -> list[str]:
-    names = []
-    for pname, value in module._parameters.items():
-        if value is None:
-            continue
-        masked = pname.endswith("_orig") and hasattr(module, pname[:-5] + "_mask")
-        names.append(pname[:-5] if masked else pname)
-    return names
-
-
-def _slices_for(
-    module: nn.Module, qual: str, handler: Any, idxs: list[int], owner: list[int]
-) -> list[NeuronSlice] | None:
-    """The tensor slices that one graph entry touches, or ``None`` for a layer type this module cannot mask."""
-    index, own = torch.tensor(idxs, dtype=torch.long), torch.tensor(owner, dtype=torch.long)
-    out = getattr(handler, "__name__", "") == "prune_out_channels"
-    names = _param_names(module)
-
-    def mk(param: str, dim: int, kind: Literal["out", "in"]) -> NeuronSlice:
-        return NeuronSlice(f"{qual}.{param}" if qual else param, module, param, dim, index, own, kind)
-
-    if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        if out or depthwise:
-            dim = 1 if module.transposed and not depthwise else 0
-            return [mk("weight", dim, "out")] + ([mk("bias", 0, "out")] if "bias" in names else [])
-        if module.groups != 1:
-            return None
-        return [mk("weight", 0 if module.transposed else 1, "in")]
-    if isinstance(module, nn.Linear):
-        if out:
-            return [mk("weight", 0, "out")] + ([mk("bias", 0, "out")] if "bias" in names else [])
-        return [mk("weight", 1, "in")]
-    if isinstance(module, _NORMS):  # per channel: removing one leaves the others' outputs unchanged
-        return [mk(p, 0, "out") for p in ("weight", "bias") if p in names]
-    return None
-
-
-def _matches(spec: ExcludeSpec, name: str, module: nn.Module) -> bool:
-    if isinstance(spec, nn.Module):
-        return spec is module
-    return fnmatch.fnmatchcase(name, spec)
-
-
-def _check_exclude(exclude: Sequence[ExcludeSpec]) -> tuple[ExcludeSpec, ...]:
-    if isinstance(exclude, (str, nn.Module)) or not isinstance(exclude, Sequence):
-        raise ValueError(f"`exclude` must be a list of module names, glob patterns or modules, got {exclude!r}.")
-    for spec in exclude:
-        if not isinstance(spec, (str, nn.Module)):
-            raise ValueError(f"`exclude` entries must be module names, glob patterns or modules, got {spec!r}.")
-    return tuple(exclude)
-
-
-def groups_from_graph(
-    model: nn.Module, graph: tp.DependencyGraph, exclude: Sequence[ExcludeSpec] = ()
-) -> list[NeuronGroup]:
-    """Turn the graph's pruning groups into :class:`NeuronGroup` s (see :func:`neuron_groups`)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = [(n, m) for n, m in model.named_modules() if _prunable_layer(m)]
-    for spec in _check_exclude(exclude):
-        if not any(_matches(spec, n, m) for n, m in model.named_modules()):
-            label = spec if isinstance(spec, str) else type(spec).__name__
-            raise ValueError(f"`exclude` entry {label!r} matches no module of the model.")
-    ignored = output_layers(graph) + [m for n, m in layers if any(_matches(s, n, m) for s in exclude)]
-    groups = []
-    for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-        slices: list[NeuronSlice] = []
-        outs: list[str] = []
-        modules: list[nn.Module] = []
-        supported = True
-        for item in g:
-            module = item.dep.target.module
-            if not _has_params(module) and not isinstance(module, _ACROSS):
-                continue
-            if id(module) not in names:
-                supported = False
-                break
-            qual = names[id(module)]
-            found = _slices_for(module, qual, item.dep.handler, list(item.idxs), list(item.root_idxs))
-            if found is None:
-                rank_zero_warn(
-                    f"Neuron pruning skips the group of {g[0].dep.target.module.__class__.__name__} "
-                    f"{names.get(id(g[0].dep.target.module))!r}: it couples {type(module).__name__} {qual!r}, "
-                    "which it cannot remove exactly (supported: Conv*d with groups 1 or depthwise, Linear, BatchNorm; "
-                    "LayerNorm and GroupNorm normalize across neurons, so removing some would change the others)."
-                )
-                supported = False
-                break
-            if _prunable_layer(module) and found[0].kind == "out" and qual not in outs:
-                outs.append(qual)
-                modules.append(module)
-            slices.extend(found)
-        if not supported or not outs:
-            continue
-        root = slices[0]
-        size = int(root.owner.max()) + 1
-        groups.append(NeuronGroup(outs[0], tuple(outs), size, tuple(slices), tuple(modules)))
-    return groups
-
-
-def neuron_groups(model: nn.Module, example_inputs: Any, exclude: Sequence[ExcludeSpec] = ()) -> list[NeuronGroup]:
-    """The prunable groups of neurons/channels of ``model``, found by tracing it once on ``example_inputs``.
-
-    Args:
-        model: any module (masked by torch's pruning or not); its train/eval modes are left as they were.
-        example_inputs: what ``model(...)`` takes: a tensor, a tuple of positional inputs or a dict.
-        exclude: layers whose neurons are kept: qualified module names, glob patterns over them, or modules.
-            A group is skipped when any of its layers is excluded. Output layers are always excluded.
-
-    Returns:
-        One :class:`NeuronGroup` per independent set of prunable neurons, in Torch-Pruning's order.
-
-    Raises:
-        ValueError: for an ``exclude`` entry that matches no module.
-    """
-    return groups_from_graph(model, build_graph(model, example_inputs), exclude)
 
 
 # ---------------------------------------------------------------------------------------------- method
@@ -422,6 +125,8 @@ class NeuronPruning(PruningMethod):
     name = "neurons"
     structured = True
     supports_global = True
+    compacts = True
+    per_tensor = False
 
     def __init__(
         self,
@@ -434,12 +139,8 @@ class NeuronPruning(PruningMethod):
     ) -> None:
         self.importance = _check_importance(importance)
         self.exclude = _check_exclude(exclude)
-        if isinstance(min_neurons, bool) or not isinstance(min_neurons, int) or min_neurons < 1:
-            raise ValueError(f"`min_neurons` must be an integer >= 1, got {min_neurons!r}.")
-        self.min_neurons = min_neurons
-        if normalize not in ("mean", None):
-            raise ValueError(f"`normalize` must be one of ['mean', None], got {normalize!r}.")
-        self.normalize = normalize
+        self.min_neurons = check_int("min_neurons", min_neurons, minimum=1)
+        self.normalize = check_choice("normalize", normalize, ("mean", None))
         self.example_inputs = example_inputs
         label = importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
         self.name = f"neurons({label})"
@@ -479,8 +180,8 @@ class NeuronPruning(PruningMethod):
                 out.setdefault(t.name, t)
         return list(out.values())
 
-    def metrics(self) -> dict[str, float]:
-        alive = {g.name: int(g.alive().sum()) for g in self.groups}
+    def metrics(self, masks: MaskReader) -> dict[str, float]:
+        alive = {g.name: int(g.alive(masks).sum()) for g in self.groups}
         total = sum(g.size for g in self.groups)
         removed = total - sum(alive.values())
         out = {
@@ -502,29 +203,33 @@ class NeuronPruning(PruningMethod):
             scores = scores / scores[alive].mean().clamp_min(torch.finfo(scores.dtype).tiny)
         return scores.masked_fill(~alive, float("inf"))
 
-    def prune_local(self, targets: Sequence[PruningTarget], sparsities: Sequence[float], seed: int) -> None:
-        # every score is taken from the model as it was before this step, then all masks are applied
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        # every score is taken from the model as it was before this step, then all masks are decided
         plan = []
         for i, g in enumerate(self.groups):
-            sparsity = sparsities[self._chosen[g.name]]
-            alive = g.alive()
+            sparsity = sparsities[self._chosen[g.name]] or 0.0
+            alive = g.alive(masks)
             extra = min(count_for(sparsity, g.size), g.size - 1) - int((~alive).sum())
             if extra > 0:
-                scores = self._scores(g, seed * 1_000_003 + i).masked_fill(~alive, float("inf"))
+                scores = self._scores(g, derive_seed(seed, i)).masked_fill(~alive, float("inf"))
                 keep = alive.clone()
                 keep[torch.argsort(scores, stable=True)[:extra]] = False
                 plan.append((g, keep))
         for g, keep in plan:
-            g.prune_to(keep)
+            yield from g.masks_for(keep)
 
-    def prune_global(self, targets: Sequence[PruningTarget], sparsity: float, seed: int) -> None:
-        alive = [g.alive() for g in self.groups]
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        alive = [g.alive(masks) for g in self.groups]
         total = sum(g.size for g in self.groups)
-        extra = count_for(sparsity, total) - sum(int((~a).sum()) for a in alive)
+        extra = count_for(sparsity or 0.0, total) - sum(int((~a).sum()) for a in alive)
         if extra <= 0:
             return
         scores = torch.cat(
-            [self._global_scores(g, a, seed * 1_000_003 + i) for i, (g, a) in enumerate(zip(self.groups, alive))]
+            [self._global_scores(g, a, derive_seed(seed, i)) for i, (g, a) in enumerate(zip(self.groups, alive))]
         )
         owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(self.groups)])
         offset = torch.cumsum(torch.tensor([0] + [g.size for g in self.groups]), 0)
@@ -541,10 +246,8 @@ class NeuronPruning(PruningMethod):
             extra -= 1
         for g, a, k in zip(self.groups, alive, keep):
             if not torch.equal(a, k):
-                g.prune_to(k)
+                yield from g.masks_for(k)
 
     def compact(self, pl_module: nn.Module) -> dict[str, tuple[int, int]]:
         """Physically remove the pruned neurons from ``pl_module`` (see :func:`lightning_prune.compact`)."""
-        from lightning_prune.compaction import compact
-
         return compact(pl_module, self.example_inputs, exclude=self.exclude)

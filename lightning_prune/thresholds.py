@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.masking import EXACT_FLOAT32, mask_zeros
+from lightning_prune.counting import EXACT_FLOAT32, mask_zeros
 
 __all__ = ["iter_smallest", "iter_smallest_each", "score_keys", "select_smallest"]
 

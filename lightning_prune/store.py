@@ -1,0 +1,255 @@
+"""The masks of a pruning run, kept beside plain parameters: the one mask representation of the package.
+
+A :class:`MaskStore` holds one ``uint8`` mask (1 = live, 0 = pruned) per pruned tensor, keyed by the tensor
+itself (tied weights are one tensor, so one entry), while the model keeps its own plain parameters with the
+pruned entries at zero. The model's ``state_dict`` therefore has the user's keys, and every module that reads
+a weight directly (attention's ``out_proj``, a tied embedding, FSDP2's sharded parameters) reads the zeros.
+
+Pruned entries stay zero around every optimizer step, whatever drives the optimizers (automatic or manual
+optimization, several optimizers, gradient accumulation and clipping), as NVIDIA's ASP keeps them:
+
+* gradients are multiplied by the masks after backward and before the step (the callback's
+  ``on_before_optimizer_step``, before Lightning clips them, and an optimizer step pre-hook for a step taken
+  outside Lightning's optimizer wrapper), so the optimizer and clipping see exactly the gradients torch's
+  reparametrization gives;
+* for optimizers whose update of an entry with zero gradient, zero weight and zero state is exactly zero
+  (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``,
+  ``ASGD``: :data:`ZERO_KEEPING_OPTIMIZERS`), the optimizer's per-entry state (momentum, moments) is zeroed
+  where entries are pruned, at each pruning step, and nothing more is needed after a step; for any other
+  optimizer an optimizer step post-hook multiplies the weights by their masks after every step.
+
+Methods decide masks; :meth:`MaskStore.set` narrows the kept masks (masks only ever narrow) and
+:meth:`MaskStore.apply` zeros the newly pruned weights (as ``+0.0``) and optimizer state. Checkpoints carry
+the masks bit-packed (:meth:`MaskStore.state_dict`, :mod:`lightning_prune.packing`).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune.selection import select_parameters
+    >>> net = nn.Linear(4, 2)
+    >>> store = MaskStore()
+    >>> [target] = select_parameters(net)
+    >>> store.set(target, (net.weight.abs() > net.weight.abs().median()).to(torch.uint8))
+    >>> store.apply()
+    ['weight']
+    >>> store.pruned(target), int((net.weight == 0).sum()), list(net.state_dict())
+    (4, 4, ['weight', 'bias'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune.counting import mask_zeros, remember_pruned_count
+from lightning_prune.packing import pack_bits, unpack_bits
+from lightning_prune.selection import PruningTarget, local_view
+
+__all__ = ["ZERO_KEEPING_OPTIMIZERS", "MaskStore"]
+
+ZERO_KEEPING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+)
+
+
+class _Entry:
+    __slots__ = ("mask", "target")
+
+    def __init__(self, target: PruningTarget, mask: Tensor) -> None:
+        self.target = target
+        self.mask = mask  # uint8, the shape of the tensor this process holds (its local shard under FSDP2)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.target.tensor
+
+
+class MaskStore:
+    """``uint8`` masks beside plain parameters, one per pruned tensor (see the module docstring).
+
+    Masks are kept for what this process holds of each tensor: the whole tensor, or its local shard when the
+    parameter is a ``DTensor`` (FSDP2).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._dirty: list[str] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._handles: list[RemovableHandle] = []
+        self._plan: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(optimizer) -> [(param, mask)]
+        self._grads_done: set[int] = set()
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, target: PruningTarget) -> bool:
+        return target.name in self._entries
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the tensors that have a mask, in the order they got one."""
+        return list(self._entries)
+
+    def mask(self, target: PruningTarget) -> Tensor | None:
+        """The kept mask of ``target`` (``uint8``), or ``None`` before its first pruning step."""
+        entry = self._entries.get(target.name)
+        return None if entry is None else entry.mask
+
+    def pruned(self, target: PruningTarget) -> int:
+        """Entries of ``target`` that its mask prunes (0 before its first pruning step)."""
+        return mask_zeros(self.mask(target))
+
+    def items(self) -> list[tuple[PruningTarget, Tensor]]:
+        """``(target, mask)`` pairs."""
+        return [(e.target, e.mask) for e in self._entries.values()]
+
+    # ------------------------------------------------------------------ narrowing and applying
+
+    @torch.no_grad()
+    def set(self, target: PruningTarget, mask: Tensor, zeros: int | None = None) -> None:
+        """Narrow ``target``'s mask to ``mask`` (1 = keep), composed with the mask kept already. ``mask`` may be
+        the kept mask itself, narrowed in place. The weights change at :meth:`apply`. ``zeros``: the number of
+        pruned entries after this, when the caller knows it (saves a count at the next step)."""
+        entry = self._entries.get(target.name)
+        param = local_view(target.tensor)
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(
+                f"A mask for {target.name!r} must have the shape {tuple(param.shape)} of the tensor, "
+                f"got {tuple(mask.shape)}."
+            )
+        if entry is None:
+            entry = self._entries[target.name] = _Entry(target, _as_uint8(mask, param.device))
+            self._plan.clear()
+        elif mask is not entry.mask:
+            entry.mask.mul_(_as_uint8(mask, entry.mask.device))
+        if zeros is not None:
+            remember_pruned_count(entry.mask, zeros)
+        if target.name not in self._dirty:
+            self._dirty.append(target.name)
+
+    def replace(self, target: PruningTarget, mask: Tensor) -> None:
+        """Make ``mask`` the mask of ``target`` as it is (no composition): for restoring saved masks."""
+        self._entries.pop(target.name, None)
+        self.set(target, mask)
+
+    @torch.no_grad()
+    def apply(self) -> list[str]:
+        """Zero the weights (as ``+0.0``) and the optimizers' per-entry state wherever the masks set since the
+        last call prune. Returns the names of those tensors."""
+        done, self._dirty = self._dirty, []
+        for name in done:
+            entry = self._entries[name]
+            param = local_view(entry.param)
+            param.mul_(entry.mask).add_(0.0)  # -x * 0 is -0.0; -0.0 + 0.0 is +0.0
+            for optimizer in self._optimizers:
+                for value in optimizer.state.get(entry.param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == entry.param.shape and value.is_floating_point():
+                        local_view(value).mul_(entry.mask)
+        return done
+
+    @property
+    def pending(self) -> list[str]:
+        """Names whose masks were set but not yet applied."""
+        return list(self._dirty)
+
+    def drop_pending(self) -> None:
+        self._dirty = []
+
+    # ------------------------------------------------------------------ optimizers
+
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Keep pruned entries at zero through every step of ``optimizers`` (see the module docstring)."""
+        self.detach()
+        self._optimizers = list(optimizers)
+        for optimizer in self._optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._optimizers, self._plan = [], [], {}
+        self._grads_done.clear()
+
+    def _pairs(self, optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, Tensor]]:
+        """``(local parameter, mask)`` of the masked parameters that ``optimizer`` updates."""
+        pairs = self._plan.get(id(optimizer))
+        if pairs is None:
+            by_param = {id(e.param): e for e in self._entries.values()}
+            pairs = []
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    entry = by_param.get(id(p))
+                    if entry is not None:
+                        pairs.append((p, entry.mask))
+            self._plan[id(optimizer)] = pairs
+        return pairs
+
+    @torch.no_grad()
+    def mask_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Multiply the gradients of ``optimizer``'s masked parameters by their masks (once per step)."""
+        if id(optimizer) in self._grads_done:
+            return
+        for p, mask in self._pairs(optimizer):
+            if p.grad is not None:
+                local_view(p.grad).mul_(mask)
+        self._grads_done.add(id(optimizer))
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # under Lightning's closure the gradients come later (on_before_optimizer_step masks them); a step taken
+        # on the raw optimizer after backward has them already
+        if args or kwargs.get("closure") is not None:
+            return
+        self.mask_grads(optimizer)
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._grads_done.discard(id(optimizer))  # the next step's gradients are new
+        if type(optimizer) in ZERO_KEEPING_OPTIMIZERS:
+            return  # zero gradient, weight and state: the update was exactly zero
+        for p, mask in self._pairs(optimizer):
+            local_view(p).mul_(mask)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"shape": [...], "bits": packed uint8}}``: the masks, bit-packed (8 entries a byte)."""
+        return {name: {"shape": list(e.mask.shape), "bits": pack_bits(e.mask)} for name, e in self._entries.items()}
+
+    @staticmethod
+    def unpack(state: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The ``uint8`` masks of a :meth:`state_dict` (also accepts plain mask tensors, as 0.1 saved them)."""
+        out = {}
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                out[name] = _as_uint8(value, torch.device("cpu"))
+            else:
+                out[name] = unpack_bits(value["bits"], value["shape"])
+        return out
+
+    def clear(self) -> None:
+        """Forget every mask (the model keeps its zeros)."""
+        self._entries, self._dirty, self._plan = {}, [], {}
+
+
+def _as_uint8(mask: Tensor, device: torch.device) -> Tensor:
+    mask = mask.detach()
+    out = mask if mask.dtype == torch.uint8 else mask.ne(0).to(torch.uint8)
+    return out.to(device).contiguous()
