@@ -183,6 +183,7 @@ class PruningScheduleCallback(CallbackBase):
         self._store = MaskStore()
         self._saved_masks: dict[str, torch.Tensor] = {}  # masks from a checkpoint or the model, until training
         self._training = False
+        self._refused = False  # a pruning step refused its input (the exception says why)
 
     def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
         if isinstance(sparsity, Mapping):
@@ -307,8 +308,9 @@ class PruningScheduleCallback(CallbackBase):
             rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        started, refused = self._training, self._refused
         self._end_training()
-        if self._targets:
+        if started and not refused and self._targets:  # a refusal of ours has said what is wrong already
             self._warn_if_short(
                 measure(self._targets, self._goals()), f"training stopped by {type(exception).__name__}"
             )
@@ -458,11 +460,13 @@ class PruningScheduleCallback(CallbackBase):
         if not any(s > self._applied.get(name, 0.0) + _EPS for name, s in due.items()):
             return
         due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
+        self._refused = True
         if self.method.takes_sparsity:
             self._check_reachable(due)
         if self.mask_mode == "hook":
             reparam.remove(t for t, _ in self._store.items())
         self._check_finite()
+        self._refused = False
         seed = derive_seed(self.seed, self._steps)
         takes = self.method.takes_sparsity
         if self.scope == "global":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_prune._checks import check_int
 from lightning_prune.selection import PruningTarget
 from lightning_prune.store import MaskStore
 
@@ -41,9 +42,7 @@ __all__ = ["Rewind", "capture", "rewind"]
 
 
 def _check_count(name: str, value: object) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"`Rewind({name}=...)` must be a non-negative integer or None, got {value!r}.")
-    return value
+    return None if value is None else check_int(f"Rewind({name}=...)", value, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,8 @@ class Rewind:
     step: int | None = None
 
     def __post_init__(self) -> None:
-        _check_count("epoch", self.epoch)
-        _check_count("step", self.step)
+        object.__setattr__(self, "epoch", _check_count("epoch", self.epoch))
+        object.__setattr__(self, "step", _check_count("step", self.step))
         if self.epoch is not None and self.step is not None:
             raise ValueError(f"`Rewind` takes one of `epoch` or `step`, got epoch={self.epoch}, step={self.step}.")
         if self.epoch is None and self.step is None:

@@ -20,26 +20,16 @@ Example::
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+
+from lightning_prune._checks import check_fraction, check_int, check_number
 
 __all__ = ["AtEpochs", "FunctionSchedule", "OneShot", "Polynomial", "Schedule", "ScheduleLike", "as_schedule"]
 
 
 def _check_epoch(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer epoch, got {value!r}.")
-    return value
-
-
-def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
-    """A sparsity in [0, 1) (or [0, 1] with ``closed``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"`{name}` must be a number in [0, 1{']' if closed else ')'}, got {value!r}.")
-    if not (0.0 <= value < 1.0 or (closed and value == 1.0)):
-        raise ValueError(f"`{name}` must be in [0, 1{']' if closed else ')'}, got {value!r}.")
-    return float(value)
+    return check_int(name, value, minimum=0)
 
 
 class Schedule(ABC):
@@ -122,7 +112,7 @@ class AtEpochs(Schedule):
     def __init__(self, epochs: Sequence[int] | Mapping[int, float]) -> None:
         if isinstance(epochs, Mapping):
             keys = [_check_epoch("epochs", e) for e in epochs]
-            targets = [_check_fraction(f"epochs[{e}]", epochs[e]) for e in keys]
+            targets = [check_fraction(f"epochs[{e}]", epochs[e]) for e in keys]
         else:
             if isinstance(epochs, (str, bytes)) or not isinstance(epochs, Sequence):
                 raise ValueError(f"`epochs` must be a list of epochs or a mapping epoch -> sparsity, got {epochs!r}.")
@@ -197,15 +187,9 @@ class Polynomial(Schedule):
             raise ValueError(
                 f"`start_epoch` must be before `end_epoch`, got start_epoch={start_epoch}, end_epoch={end_epoch}."
             )
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}.")
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
-            raise ValueError(f"`power` must be a positive number, got {power!r}.")
-        self.every_n_steps = every_n_steps
-        self.power = float(power)
-        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity)
+        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
+        self.power = check_number("power", power, low=0.0, low_open=True)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
 
     def sparsity(self, epoch: float, final: float) -> float:
         if epoch < self.start_epoch:
@@ -240,11 +224,18 @@ class FunctionSchedule(Schedule):
         self.fn = fn
 
     def sparsity(self, epoch: float, final: float) -> float:
-        return _check_fraction(f"schedule({int(epoch)})", self.fn(int(epoch)))
+        return check_fraction(f"schedule({int(epoch)})", self.fn(int(epoch)))
 
     @property
     def last_epoch(self) -> int | None:
         return None
+
+    def __repr__(self) -> str:
+        # the function's import path, never its memory address: the callback's checkpoint key is built from
+        # this and must be the same in every process
+        fn = self.fn
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        return f"FunctionSchedule(fn={getattr(fn, '__module__', None) or type(fn).__module__}.{name})"
 
 
 ScheduleLike = Schedule | Callable[[int], float]

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_prune._checks import check_fraction, check_number, is_number
 from lightning_prune._lightning import CallbackBase
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
@@ -133,9 +134,7 @@ class SensitivityTable:
 
 def _check_sparsities(sparsities: Iterable[float]) -> tuple[float, ...]:
     values = tuple(sparsities) if not isinstance(sparsities, (str, bytes)) else ()
-    bad = [
-        s for s in values if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or not 0 < s < 1
-    ]
+    bad = [s for s in values if not is_number(s) or not 0 < float(s) < 1]
     if not values or bad or any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(
             f"`sparsities` must be a non-empty, strictly increasing list of values in (0, 1), got {sparsities!r}."
@@ -436,17 +435,10 @@ def suggest_sparsity(
         >>> suggest_sparsity(table, 0.5)
         {'a': 0.9, 'b': 0.1}
     """
-    if (
-        isinstance(overall_sparsity, bool)
-        or not isinstance(overall_sparsity, (int, float))
-        or not 0 <= overall_sparsity < 1
-    ):
-        raise ValueError(f"`overall_sparsity` must be in [0, 1), got {overall_sparsity!r}.")
+    overall_sparsity = check_fraction("overall_sparsity", overall_sparsity)
     cap = table.sparsities[-1] if max_sparsity is None else max_sparsity
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1:
-        raise ValueError(f"`max_sparsity` must be in (0, 1), got {max_sparsity!r}.")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < 1:
-        raise ValueError(f"`step` must be in (0, 1), got {step!r}.")
+    cap = check_number("max_sparsity", cap, low=0.0, high=1.0, low_open=True, high_open=True)
+    step = check_number("step", step, low=0.0, high=1.0, low_open=True, high_open=True)
     total = sum(table.numels[n] for n in table.names)
     if overall_sparsity > cap + 1e-12:
         raise ValueError(
