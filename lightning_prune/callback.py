@@ -184,6 +184,9 @@ class PruningScheduleCallback(CallbackBase):
         self._saved_masks: dict[str, torch.Tensor] = {}  # masks from a checkpoint or the model, until training
         self._training = False
         self._refused = False  # a pruning step refused its input (the exception says why)
+        self._deferred: float | None = None  # the point of a step that waits for the method's calibration
+        self._calibrating = False
+        self._resume_calibration = False
 
     def _check_sparsity(self, sparsity: SparsitySpec) -> SparsitySpec:
         if isinstance(sparsity, Mapping):
@@ -259,6 +262,9 @@ class PruningScheduleCallback(CallbackBase):
         self._saved_masks.update(reparam.loaded_masks(pl_module, pop=True))
         self._restore_masks()
         self._training = True
+        if self._resume_calibration:  # a checkpoint inside a calibration window: keep observing where it stopped
+            self.method.start_calibration(pl_module, self.method.masked(self._targets), resume=True)
+            self._calibrating, self._resume_calibration = True, False
         if self.mask_mode == "hook":
             reparam.install(self._store.items())
         else:
@@ -273,6 +279,8 @@ class PruningScheduleCallback(CallbackBase):
         accumulate = trainer.accumulate_grad_batches
         if batch_idx % accumulate == 0:
             self._capture_rewind(trainer, epoch_start=False)
+        if self._deferred is not None and batch_idx % accumulate == 0:  # a step waiting for its calibration
+            self._prune_to(trainer, pl_module, self._deferred)
         if every is None or batch_idx == 0 or batch_idx % accumulate or trainer.global_step % every:
             return
         steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
@@ -322,6 +330,9 @@ class PruningScheduleCallback(CallbackBase):
             "steps": self._steps,
             "rewind": self._rewind_to,
             "masks": self._store.state_dict(),
+            "deferred": self._deferred,
+            "calibrating": self._calibrating,
+            "method": self.method.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -329,6 +340,9 @@ class PruningScheduleCallback(CallbackBase):
         self._steps = int(state_dict.get("steps", 0))
         self._rewind_to = state_dict.get("rewind")
         self._saved_masks = MaskStore.unpack(state_dict.get("masks") or {})
+        self._deferred = state_dict.get("deferred")
+        self._resume_calibration = bool(state_dict.get("calibrating", False))
+        self.method.load_state_dict(state_dict.get("method") or {})
 
     def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         if self.mask_mode == "hook" and "state_dict" in checkpoint:  # the model's own keys, as in inplace mode
@@ -420,6 +434,9 @@ class PruningScheduleCallback(CallbackBase):
         if not self._training:
             return
         self._training = False
+        if self._calibrating:
+            self.method.stop_calibration()
+            self._calibrating = False
         if self.mask_mode == "hook":
             reparam.remove(t for t, _ in self._store.items())
         self._store.detach()
@@ -460,6 +477,8 @@ class PruningScheduleCallback(CallbackBase):
         if not any(s > self._applied.get(name, 0.0) + _EPS for name, s in due.items()):
             return
         due = {name: max(s, self._applied.get(name, 0.0)) for name, s in due.items()}
+        if self.method.calibration_batches and not self._calibrated(pl_module, epoch):
+            return
         self._refused = True
         if self.method.takes_sparsity:
             self._check_reachable(due)
@@ -478,6 +497,9 @@ class PruningScheduleCallback(CallbackBase):
             self._store.set(new.target, new.mask, new.zeros)
         agree_masks(self._store, self.method.masked(self._targets), trainer.strategy)
         self._store.apply()
+        if self._calibrating:
+            self.method.stop_calibration()
+            self._calibrating, self._deferred = False, None
         if self.rewind is not None:
             self._rewind(trainer)
         self._applied.update(due)
@@ -485,6 +507,19 @@ class PruningScheduleCallback(CallbackBase):
         self._report(trainer, pl_module, epoch)
         if self.mask_mode == "hook":
             reparam.install(self._store.items())
+
+    def _calibrated(self, pl_module: nn.Module, epoch: float) -> bool:
+        """For a method that observes activations: start its window when a step falls due, and tell whether
+        the step can run now (the window has seen ``calibration_batches`` batches); else it waits."""
+        if not self._calibrating:
+            self.method.start_calibration(pl_module, self.method.masked(self._targets))
+            self._calibrating = True
+        if not self.method.calibration_done():
+            self._deferred = epoch if self._deferred is None else self._deferred
+            return False
+        strategy = pl_module.trainer.strategy
+        self.method.finish_calibration(lambda t: strategy.reduce(t, reduce_op="sum"))
+        return True
 
     def _overall_target(self) -> float | None:
         if not self.method.takes_sparsity:
@@ -497,7 +532,7 @@ class PruningScheduleCallback(CallbackBase):
     def _report(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
         report = measure(self._targets, self._goals())
         self._last_report = report
-        emptied = [t.name for t in report.tensors if t.numel and t.zeros == t.numel]
+        emptied = [t.name for t in self._targets if self._store.pruned(t) == t.tensor.numel()]
         if emptied:
             rank_zero_warn(f"Pruning step {self._steps} pruned every entry of {emptied}: their outputs are constant.")
         if self.verbose and trainer.is_global_zero:

@@ -117,6 +117,37 @@ class PruningMethod(ABC):
         """Extra figures logged after each pruning step (optional hook)."""
         return {}
 
+    # -- calibration: methods that look at activations (calibration_batches > 0)
+
+    calibration_batches: int = 0
+    """Training batches whose activations the method observes before each step (0: none). When a step is due,
+    the callback calls :meth:`start_calibration`, lets that many batches train with the current masks, then
+    :meth:`finish_calibration` and the step, then :meth:`stop_calibration`."""
+
+    def start_calibration(  # noqa: B027 (an optional hook)
+        self, pl_module: nn.Module, targets: Sequence[PruningTarget], resume: bool = False
+    ) -> None:
+        """Begin observing (e.g. register forward hooks on the targets' modules) with fresh statistics, or, with
+        ``resume``, with those that :meth:`load_state_dict` restored (a checkpoint inside a window)."""
+
+    def calibration_done(self) -> bool:
+        """Whether enough batches were observed for the step."""
+        return True
+
+    def finish_calibration(self, reduce: Callable[[Tensor], Tensor]) -> None:  # noqa: B027 (an optional hook)
+        """Called once before the step: ``reduce`` sums a tensor over every process (identity in one)."""
+
+    def stop_calibration(self) -> None:  # noqa: B027 (an optional hook)
+        """Stop observing (remove hooks); the statistics may be dropped."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to decide as an uninterrupted one would (e.g. statistics of a window that
+        a checkpoint interrupted)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (an optional hook)
+        """Restore :meth:`state_dict`."""
+
     def compact(self, pl_module: nn.Module) -> dict[str, tuple[int, int]]:
         """Remove the pruned slices physically (only where :attr:`compacts`); returns the changed widths."""
         raise ValueError(f"`method={self.name}` cannot remove pruned entries physically (`compact=True`).")
