@@ -1,17 +1,19 @@
-"""Measured sparsity of any model, masked or permanent: zeros counted in the weights the model uses."""
+"""Measured sparsity of any model, masked or permanent: zeros counted in the weights the model uses, and,
+given example inputs, what they are worth: parameters, multiply-accumulates, compression and speed-up."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_prune.counting import count_zeros
-from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, iter_parameters, select_parameters
 
-__all__ = ["SparsityReport", "TensorSparsity", "sparsity_report"]
+__all__ = ["ModelSize", "SparsityReport", "TensorSparsity", "count_macs", "sparsity_report"]
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,44 @@ class TensorSparsity:
 
 
 @dataclass(frozen=True)
+class ModelSize:
+    """What the zeros of a whole model are worth (see :func:`sparsity_report` with ``example_inputs``).
+
+    Attributes:
+        params_total: every parameter entry of the model, biases and normalization included.
+        params_nonzero: those that are not zero.
+        macs_dense: multiply-accumulates of one forward pass on the example inputs, in every ``Conv*d``,
+            ``Linear`` and ``MultiheadAttention`` projection, counting every weight.
+        macs_nonzero: the same counting only the nonzero weights: the work left to an ideal sparse kernel.
+    """
+
+    params_total: int
+    params_nonzero: int
+    macs_dense: int
+    macs_nonzero: int
+
+    @property
+    def compression_ratio(self) -> float:
+        """``params_total / params_nonzero``."""
+        return self.params_total / max(self.params_nonzero, 1)
+
+    @property
+    def theoretical_speedup(self) -> float:
+        """``macs_dense / macs_nonzero``: an upper bound that dense kernels do not reach."""
+        return self.macs_dense / max(self.macs_nonzero, 1)
+
+
+@dataclass(frozen=True)
 class SparsityReport:
     """Per-tensor and overall measured sparsity; ``str(report)`` is a compact table.
 
     Attributes:
         tensors: one :class:`TensorSparsity` per tensor, in model order.
+        size: parameters and MACs of the whole model, when :func:`sparsity_report` had example inputs.
     """
 
     tensors: tuple[TensorSparsity, ...]
+    size: ModelSize | None = None
 
     @property
     def numel(self) -> int:
@@ -64,6 +96,26 @@ class SparsityReport:
         """``{qualified name: sparsity}``."""
         return {t.name: t.sparsity for t in self.tensors}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON: overall and per-tensor figures, and the model's size when measured."""
+        out: dict[str, Any] = {
+            "sparsity": self.sparsity,
+            "weights_total": self.numel,
+            "weights_nonzero": self.numel - self.zeros,
+            "sparsity_per_tensor": self.per_tensor(),
+            "weights_per_tensor": {t.name: [t.numel - t.zeros, t.numel] for t in self.tensors},
+        }
+        if self.size is not None:
+            out.update(
+                params_total=self.size.params_total,
+                params_nonzero=self.size.params_nonzero,
+                compression_ratio=self.size.compression_ratio,
+                macs_dense=self.size.macs_dense,
+                macs_nonzero=self.size.macs_nonzero,
+                theoretical_speedup=self.size.theoretical_speedup,
+            )
+        return out
+
     def __str__(self) -> str:
         rows = [("tensor", "shape", "zeros", "sparsity", "target")]
         for t in self.tensors:
@@ -75,6 +127,12 @@ class SparsityReport:
             "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         ]
         lines.insert(1, "-" * len(lines[0]))
+        if self.size is not None:
+            z = self.size
+            lines.append(
+                f"parameters {z.params_nonzero}/{z.params_total} nonzero (compression {z.compression_ratio:.2f}x), "
+                f"MACs {z.macs_nonzero}/{z.macs_dense} (theoretical speed-up {z.theoretical_speedup:.2f}x)"
+            )
         return "\n".join(lines)
 
 
@@ -89,21 +147,116 @@ def measure(targets: Sequence[PruningTarget], goals: Mapping[str, float] | None 
     return SparsityReport(tuple(rows))
 
 
-def sparsity_report(model: nn.Module, parameters: Sequence[ParameterSpec] | None = None) -> SparsityReport:
+def _nonzero(t: Tensor) -> int:
+    return int(torch.count_nonzero(t.detach()))
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs``: ``(dense, nonzero)``.
+
+    ``dense`` counts every weight of every ``Conv*d`` (transposed too), ``Linear`` and ``MultiheadAttention``
+    projection that runs; ``nonzero`` only the weights that are not zero, the work left to an ideal sparse
+    kernel (Blalock et al., 2020). Biases, normalization, activations, pooling and the attention products
+    (which have no weights) are not counted. ``example_inputs``: a tensor, a tuple of positional inputs or a
+    dict of keyword inputs.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight[0].zero_()
+        >>> count_macs(net, torch.zeros(1, 4))
+        (18, 14)
+    """
+    counts = [0, 0]
+
+    def linear_or_conv(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight = module.weight
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            positions = inputs[0].numel() // inputs[0].shape[1]  # each input position meets the whole kernel
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            positions = output.numel() // output.shape[1]
+        else:
+            positions = output.numel() // weight.shape[0]
+        counts[0] += positions * weight.numel()
+        counts[1] += positions * _nonzero(weight)
+
+    def attention(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+        if module.in_proj_weight is not None:
+            projections = [(x, w) for x, w in zip((q, k, v), module.in_proj_weight.chunk(3))]
+        else:
+            projections = [(q, module.q_proj_weight), (k, module.k_proj_weight), (v, module.v_proj_weight)]
+        projections.append((q, module.out_proj.weight))
+        for x, w in projections:
+            positions = x.numel() // x.shape[-1]
+            counts[0] += positions * w.numel()
+            counts[1] += positions * _nonzero(w)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention, with_kwargs=True))
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not _inside_attention(model, m):
+            handles.append(m.register_forward_hook(linear_or_conv))
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**{k: _on(v, device) for k, v in example_inputs.items()})
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*(_on(x, device) for x in example_inputs))
+            else:
+                model(_on(example_inputs, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts[0], counts[1]
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def _inside_attention(model: nn.Module, module: nn.Module) -> bool:
+    """Attention's ``out_proj`` is counted by the attention's own hook."""
+    return any(isinstance(m, nn.MultiheadAttention) and m.out_proj is module for m in model.modules())
+
+
+def sparsity_report(
+    model: nn.Module, parameters: Sequence[ParameterSpec] | None = None, example_inputs: Any = None
+) -> SparsityReport:
     """Count the zeros of a model's tensors, whether pruning masks are in place or were made permanent.
 
     Args:
         model: any module.
         parameters: as in :class:`~lightning_prune.PruningScheduleCallback` (names, glob patterns or
             ``(module, name)`` pairs); default: the ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``.
+        example_inputs: inputs of one forward pass (a tensor, a tuple or a dict): the report then also holds
+            the model's :class:`ModelSize` (parameters total and nonzero with biases, MACs dense and nonzero,
+            compression ratio, theoretical speed-up; see :func:`count_macs`).
 
     Example::
 
         >>> import torch.nn as nn, torch.nn.utils.prune as prune
         >>> net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
         >>> _ = prune.l1_unstructured(net[0], "weight", amount=30)
-        >>> report = sparsity_report(net)
+        >>> report = sparsity_report(net, example_inputs=torch.zeros(1, 10))
         >>> report.per_tensor()["0.weight"], report.zeros, report.numel
         (0.3, 30, 120)
+        >>> report.size.params_total, report.size.params_nonzero, report.size.macs_dense, report.size.macs_nonzero
+        (132, 102, 120, 90)
     """
-    return measure(select_parameters(model, parameters))
+    report = measure(select_parameters(model, parameters))
+    if example_inputs is None:
+        return report
+    values = [t.value() for t in iter_parameters(model)]
+    macs_dense, macs_nonzero = count_macs(model, example_inputs)
+    size = ModelSize(
+        params_total=sum(v.numel() for v in values),
+        params_nonzero=sum(_nonzero(v) for v in values),
+        macs_dense=macs_dense,
+        macs_nonzero=macs_nonzero,
+    )
+    return SparsityReport(report.tensors, size)
