@@ -145,10 +145,7 @@ class PruningScheduleCallback(CallbackBase):
         self.method = resolve_method(method, method_kwargs, importance)
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
         self.seed = check_int("seed", seed)
-        if scope == "global" and not self.method.supports_global:
-            raise ValueError(
-                f"`method={self.method.name}` is structured and works in `scope='local'` only, got scope='global'."
-            )
+        self.method.check_scope(scope)
         if compact and not self.method.compacts:
             raise ValueError(
                 "`compact=True` removes pruned neurons and needs a method that can (`method=NeuronPruning(...)`), "
@@ -352,9 +349,10 @@ class PruningScheduleCallback(CallbackBase):
 
     def _final_targets(self) -> dict[str, float]:
         """The final cumulative targets (``{_GLOBAL: s}`` in global scope); empty when unknown."""
-        if not self.method.takes_sparsity or isinstance(self.schedule, FunctionSchedule):
+        last = self.schedule.last_epoch
+        if not self.method.takes_sparsity or last is None:
             return {}
-        return self._targets_at(math.inf)
+        return self._targets_at(float(last))
 
     def _check_reachable(self, due: Mapping[str, float] | None = None) -> None:
         """Refuse a target that would prune every entry of a tensor (or of all tensors together)."""
@@ -397,18 +395,17 @@ class PruningScheduleCallback(CallbackBase):
 
     def _warn_if_short(self, report: SparsityReport, why: str = "training ended") -> None:
         final = self._final_targets()
-        if not final:
+        if not any(self._applied.get(name, 0.0) < s - _EPS for name, s in final.items()):
             return
         if _GLOBAL in final:
             planned = final[_GLOBAL]
         else:
             sizes = {t.name: t.tensor.numel() for t in self._targets}
             planned = sum(final[n] * k for n, k in sizes.items()) / sum(sizes.values())
-        if report.sparsity + 1.0 / max(report.numel, 1) < planned - _EPS:
-            rank_zero_warn(
-                f"Pruning: {why} at sparsity {report.sparsity:.4f}, below the planned {planned:.4f} of "
-                f"{self.schedule!r} (step {self._steps}); the model is left at {report.sparsity:.4f}."
-            )
+        rank_zero_warn(
+            f"Pruning: {why} at sparsity {report.sparsity:.4f}, below the planned {planned:.4f} of "
+            f"{self.schedule!r} (step {self._steps}); the model is left at {report.sparsity:.4f}."
+        )
 
     # ------------------------------------------------------------------ masks, rewinding
 
