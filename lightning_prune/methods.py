@@ -105,6 +105,13 @@ class PruningMethod(ABC):
         """Whether ``scope="global"`` is allowed (default: for unstructured methods only)."""
         return not self.structured
 
+    def check_scope(self, scope: str) -> None:
+        """Refuse a callback ``scope`` this method cannot work in (called when the callback is built)."""
+        if scope == "global" and not self.supports_global:
+            raise ValueError(
+                f"`method={self.name}` is structured and works in `scope='local'` only, got scope='global'."
+            )
+
     def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
         """Called once when ``fit`` starts, before any pruning, with the whole module (optional hook)."""
         return None
