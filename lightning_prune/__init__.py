@@ -19,6 +19,7 @@ from lightning_prune.selection import PruningTarget, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
 from lightning_prune.store import MaskStore
 from lightning_prune.structured import NeuronPruning
+from lightning_prune.wanda import Wanda, prune_once, wanda_prune
 
 __version__ = "0.2.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "SensitivityTable",
     "SparsityReport",
     "TensorSparsity",
+    "Wanda",
     "__version__",
     "compact",
     "convert_on_load",
@@ -45,10 +47,12 @@ __all__ = [
     "make_permanent",
     "neuron_groups",
     "plot_sensitivity",
+    "prune_once",
     "resize_to_state_dict",
     "select_parameters",
     "sensitivity_analysis",
     "sparsity_report",
     "suggest_sparsity",
     "upgrade_state_dict",
+    "wanda_prune",
 ]

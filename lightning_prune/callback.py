@@ -14,13 +14,13 @@ from lightning_prune import reparam
 from lightning_prune._checks import allowed, check_choice, check_fraction, check_int
 from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
 from lightning_prune.counting import count_for
-from lightning_prune.distributed import agree_masks, check_strategy
+from lightning_prune.distributed import agree_masks, check_strategy, collective_for
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, capture, rewind
 from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
 from lightning_prune.seeding import derive_seed
-from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, local_view, select_parameters
 from lightning_prune.store import MaskStore
 
 __all__ = ["PruningScheduleCallback"]
@@ -232,6 +232,9 @@ class PruningScheduleCallback(CallbackBase):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        self._store.group = collective_for(trainer.strategy)
+        if self._store.group is not None:
+            self._check_sharding()
         self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
         local_sparsity = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local_sparsity)
@@ -296,7 +299,7 @@ class PruningScheduleCallback(CallbackBase):
         self._end_training()
         if not self._targets:
             return
-        report = measure(self._targets, self._goals())
+        report = measure(self._targets, self._goals(), self._store.group)
         self._warn_if_short(report)
         widths: dict[str, tuple[int, int]] = {}
         if self.compact:
@@ -317,7 +320,8 @@ class PruningScheduleCallback(CallbackBase):
         self._end_training()
         if started and not refused and self._targets:  # a refusal of ours has said what is wrong already
             self._warn_if_short(
-                measure(self._targets, self._goals()), f"training stopped by {type(exception).__name__}"
+                measure(self._targets, self._goals(), self._store.group),
+                f"training stopped by {type(exception).__name__}",
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -385,8 +389,27 @@ class PruningScheduleCallback(CallbackBase):
                     "`parameters` (one callback per tensor)."
                 )
 
+    def _check_sharding(self) -> None:
+        """Under FSDP2, refuse before training what cannot work on row shards."""
+        why = None
+        if not self.method.supports_sharding:
+            why = (
+                f"`method={self.method.name}` needs whole tensors (structured, neuron and torch's own methods "
+                "do); L1, random and importance-function methods work on shards"
+            )
+        elif self.mask_mode == "hook":
+            why = "`mask_mode='hook'` (torch's reparametrization) cannot wrap sharded DTensor parameters"
+        elif self.rewind is not None:
+            why = "`rewind` would keep each process's shard of the rewind point, which a full checkpoint cannot hold"
+        if why:
+            raise ValueError(f"PruningScheduleCallback under FSDP2 (ModelParallelStrategy): {why}.")
+
     def _check_finite(self) -> None:
-        bad = [t.name for t in self.method.masked(self._targets) if not bool(torch.isfinite(t.tensor).all())]
+        targets = self.method.masked(self._targets)
+        flags = [int(not bool(torch.isfinite(local_view(t.tensor)).all())) for t in targets]
+        if self._store.group is not None:
+            flags = self._store.group.sum(flags)
+        bad = [t.name for t, flag in zip(targets, flags) if flag]
         if bad:
             raise ValueError(
                 f"Pruning step {self._steps + 1}: {bad} hold NaN or infinite values; no tensor was pruned. "
@@ -415,14 +438,14 @@ class PruningScheduleCallback(CallbackBase):
         saved, self._saved_masks = self._saved_masks, {}
         for t in self.method.masked(self._targets):
             mask = next((saved[a] for a in t.aliases if a in saved), saved.get(t.name))
-            value = t.tensor.detach()
+            value = local_view(t.tensor).detach()
             if mask is not None:
-                if tuple(mask.shape) != tuple(value.shape):
+                if tuple(mask.shape) != tuple(t.tensor.shape):
                     raise ValueError(
                         f"The checkpoint's mask for {t.name!r} has shape {tuple(mask.shape)}, but the tensor has "
-                        f"{tuple(value.shape)}: the checkpoint belongs to another model."
+                        f"{tuple(t.tensor.shape)}: the checkpoint belongs to another model."
                     )
-                self._store.replace(t, mask.to(value.device))
+                self._store.replace(t, MaskStore.local_part(mask, t.tensor).to(value.device))
             elif t not in self._store and self._steps and not bool(value.ne(0).all()):
                 self._store.replace(t, value.ne(0))
         self._store.apply()
@@ -527,9 +550,10 @@ class PruningScheduleCallback(CallbackBase):
         return sum(self._applied.get(n, 0.0) * k for n, k in sizes.items()) / sum(sizes.values())
 
     def _report(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
-        report = measure(self._targets, self._goals())
+        report = measure(self._targets, self._goals(), self._store.group)
         self._last_report = report
-        emptied = [t.name for t in self._targets if self._store.pruned(t) == t.tensor.numel()]
+        counts = self._store.pruned_counts(self._targets)
+        emptied = [t.name for t, n in zip(self._targets, counts) if n == t.tensor.numel()]
         if emptied:
             rank_zero_warn(f"Pruning step {self._steps} pruned every entry of {emptied}: their outputs are constant.")
         if self.verbose and trainer.is_global_zero:

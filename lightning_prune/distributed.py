@@ -7,8 +7,12 @@ with one small broadcast of per-mask checksums through ``trainer.strategy`` (as 
 talk across processes); where a rank disagrees (a custom method that reads each rank's own RNG, weights that
 drifted through nondeterministic kernels) every rank takes rank 0's masks.
 
-Strategies that shard or flatten parameters (DeepSpeed, FSDP1's ``FSDPStrategy``, ``ModelParallelStrategy``)
-are refused before training by :func:`check_strategy`.
+Under FSDP2 (Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``, whose ``configure_model``
+calls ``fully_shard``), each process holds row shards of every parameter. The masks are kept per local shard,
+and :func:`collective_for` gives the methods a :class:`~lightning_prune.collective.Collective` that sums
+histograms and counts through ``strategy.reduce``: no step gathers a tensor. Strategies that flatten or
+split parameters otherwise (DeepSpeed, FSDP1's ``FSDPStrategy``, tensor parallelism) are refused before
+training by :func:`check_strategy`.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from lightning_prune.collective import Collective
 from lightning_prune.packing import pack_bits, unpack_bits
 from lightning_prune.selection import PruningTarget
 from lightning_prune.store import MaskStore
 
-__all__ = ["agree_masks", "check_strategy", "world_size"]
+__all__ = ["agree_masks", "check_strategy", "collective_for", "is_sharded", "world_size"]
 
-_REFUSED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_REFUSED = ("FSDPStrategy", "DeepSpeedStrategy")
+_SHARDED = "ModelParallelStrategy"
 
 
 def check_strategy(strategy: Any) -> None:
@@ -41,9 +47,36 @@ def check_strategy(strategy: Any) -> None:
     refused = [n for n in _REFUSED if n in names]
     if refused:
         raise ValueError(
-            f"PruningScheduleCallback does not support `strategy={type(strategy).__name__}`: it shards or flattens "
-            "the parameters. Use a single device or a data-parallel strategy ('ddp', 'ddp_spawn', 'ddp_notebook')."
+            f"PruningScheduleCallback does not support `strategy={type(strategy).__name__}`: it flattens the "
+            "parameters. Use a single device, a data-parallel strategy ('ddp', 'ddp_spawn', 'ddp_notebook') or "
+            "FSDP2 through `ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)`."
         )
+    if _SHARDED in names:
+        mesh = getattr(strategy, "device_mesh", None)
+        names_ = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        tp = mesh["tensor_parallel"].size() if mesh is not None and "tensor_parallel" in names_ else 1
+        if tp > 1:
+            raise ValueError(
+                "PruningScheduleCallback supports `ModelParallelStrategy` with `tensor_parallel_size=1` (FSDP2) only, "
+                f"got tensor_parallel_size={tp}: tensor parallelism splits parameters along other dimensions."
+            )
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether each process holds only shards of the parameters (FSDP2 through ``ModelParallelStrategy``)."""
+    return _SHARDED in {cls.__name__ for cls in type(strategy).__mro__} and world_size(strategy) > 1
+
+
+def collective_for(strategy: Any) -> Collective | None:
+    """A :class:`~lightning_prune.collective.Collective` over the strategy's processes when they hold shards
+    (sums go through ``strategy.reduce``), else ``None``."""
+    if not is_sharded(strategy):
+        return None
+    return Collective(
+        reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
+        rank=int(strategy.global_rank),
+        world_size=world_size(strategy),
+    )
 
 
 def world_size(strategy: Any) -> int:
@@ -58,7 +91,7 @@ def _checksum(mask: Any) -> int:
 def agree_masks(store: MaskStore, targets: list[PruningTarget], strategy: Any) -> bool:
     """Make the masks set since the last :meth:`MaskStore.apply` equal on every rank (rank 0's where any
     differs). Every rank must call it at the same point. Returns whether masks were replaced."""
-    if world_size(strategy) <= 1:
+    if world_size(strategy) <= 1 or store.group is not None:  # shards are decided together, not each alone
         return False
     names = store.pending
     by_name = {t.name: t for t in targets}

@@ -31,9 +31,10 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import Tensor, nn
 
+from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for, mask_zeros
-from lightning_prune.seeding import derive_seed, generator
-from lightning_prune.selection import PruningTarget
+from lightning_prune.seeding import derive_seed
+from lightning_prune.selection import PruningTarget, local_view, shard_offset
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
 
 __all__ = [
@@ -54,11 +55,19 @@ ImportanceFn = Callable[[Tensor], Any]
 
 
 class MaskReader(Protocol):
-    """What a method may read of the masks kept so far (a :class:`~lightning_prune.store.MaskStore`)."""
+    """What a method may read of the masks kept so far (a :class:`~lightning_prune.store.MaskStore`).
+
+    ``mask`` is the part this process holds (a shard under FSDP2); ``pruned``/``pruned_counts`` count over
+    all shards; ``group`` sums across the processes that hold shards (``None``: whole tensors here).
+    """
+
+    group: Collective | None
 
     def mask(self, target: PruningTarget) -> Tensor | None: ...
 
     def pruned(self, target: PruningTarget) -> int: ...
+
+    def pruned_counts(self, targets: Sequence[PruningTarget]) -> list[int]: ...
 
 
 class NewMask(NamedTuple):
@@ -92,6 +101,8 @@ class PruningMethod(ABC):
         compacts: whether :meth:`compact` can remove the pruned slices physically at the end.
         per_tensor: whether each tensor's mask is decided from that tensor alone (``False`` for methods that
             couple tensors, such as neuron pruning's rows and columns).
+        supports_sharding: whether it decides from row shards of the tensors, with counts and histograms
+            summed across processes (FSDP2), without gathering a tensor.
     """
 
     name: str = "method"
@@ -99,6 +110,7 @@ class PruningMethod(ABC):
     takes_sparsity: bool = True
     compacts: bool = False
     per_tensor: bool = True
+    supports_sharding: bool = False
 
     @property
     def supports_global(self) -> bool:
@@ -186,6 +198,8 @@ class ScoreMethod(PruningMethod):
             store keeps at zero): the selection then need not read the masks.
     """
 
+    supports_sharding = True
+
     def __init__(
         self, scores: Callable[[PruningTarget, int], Tensor], name: str, zero_where_pruned: bool = False
     ) -> None:
@@ -196,9 +210,9 @@ class ScoreMethod(PruningMethod):
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
+        group = masks.group
         chosen, fns, ks, pruned = [], [], [], []
-        for i, (t, s) in enumerate(zip(targets, sparsities)):
-            already = masks.pruned(t)
+        for i, (t, s, already) in enumerate(zip(targets, sparsities, masks.pruned_counts(targets))):
             k = count_for(s if s is not None else 0.0, t.tensor.numel()) - already
             if k > 0:
                 chosen.append(t)
@@ -206,21 +220,39 @@ class ScoreMethod(PruningMethod):
                 ks.append(k)
                 pruned.append(already)
         current = [masks.mask(t) for t in chosen]
-        new = iter_smallest_each(fns, current, ks, pruned, inplace=True, zero_where_pruned=self.zero_where_pruned)
+        new = iter_smallest_each(
+            fns,
+            current,
+            ks,
+            None if group is not None else pruned,  # with shards: each counts its own
+            inplace=True,
+            zero_where_pruned=self.zero_where_pruned,
+            group=group,
+        )
         for t, mask, k, already in zip(chosen, new, ks, pruned):
-            yield NewMask(t, mask, already + k)  # exactly k more: the next step need not count them
+            # exactly k more: the next step need not count them (a shard's own count is not known here)
+            yield NewMask(t, mask, None if group is not None else already + k)
 
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
+        group = masks.group
         total = sum(t.tensor.numel() for t in targets)
-        pruned = [masks.pruned(t) for t in targets]
+        pruned = masks.pruned_counts(targets)
         k = count_for(sparsity if sparsity is not None else 0.0, total) - sum(pruned)
         if k <= 0:
             return
         current = [masks.mask(t) for t in targets]
         fns = [partial(self._scores, t, derive_seed(seed, i)) for i, t in enumerate(targets)]
-        new = iter_smallest(fns, current, k, pruned, inplace=True, zero_where_pruned=self.zero_where_pruned)
+        new = iter_smallest(
+            fns,
+            current,
+            k,
+            None if group is not None else pruned,
+            inplace=True,
+            zero_where_pruned=self.zero_where_pruned,
+            group=group,
+        )
         for t, mask in zip(targets, new):
             yield NewMask(t, mask)  # each mask as soon as it is built
 
@@ -234,7 +266,7 @@ class _Magnitude:
 
     def __call__(self, target: PruningTarget, seed: int) -> Tensor:
         with torch.no_grad():
-            weights = target.tensor.detach()
+            weights = local_view(target.tensor).detach()
             if self.importance is None:
                 return weights.abs()
             out = self.importance(weights)
@@ -248,7 +280,29 @@ class _Magnitude:
 
 
 def _random_scores(target: PruningTarget, seed: int) -> Tensor:
-    return torch.rand(target.tensor.shape, generator=generator(seed)).to(target.tensor.device)
+    """Uniform scores in [0, 1), a function of ``seed`` and each entry's flat index in the whole tensor, so that
+    any process holding any shard of it draws the scores one process would (and the caller's RNG is unused)."""
+    tensor = target.tensor
+    local = local_view(tensor)
+    index = torch.arange(local.numel(), dtype=torch.int64, device=local.device).add_(shard_offset(tensor))
+    return _uniform(seed, index).view(local.shape)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _uniform(seed: int, index: Tensor) -> Tensor:
+    """SplitMix64 of ``seed + index * golden ratio`` (int64 arithmetic wraps), as float32 in [0, 1)."""
+    x = index.mul_(_signed(0x9E3779B97F4A7C15)).add_(_signed(seed))
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))).mul_(_signed(0xBF58476D1CE4E5B9))
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))).mul_(_signed(0x94D049BB133111EB))
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 def _pruned_slices(mask: Tensor, dim: int) -> int:
@@ -318,7 +372,7 @@ class TorchMethod(PruningMethod):
         amount = None
         if self.takes_sparsity:
             total = sum(t.tensor.numel() for t in targets)
-            amount = count_for(sparsity if sparsity is not None else 0.0, total) - sum(masks.pruned(t) for t in targets)
+            amount = count_for(sparsity if sparsity is not None else 0.0, total) - sum(masks.pruned_counts(targets))
             if amount <= 0:
                 return
         scores = torch.cat([self._scores(t).reshape(-1) for t in targets])

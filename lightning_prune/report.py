@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
-from lightning_prune.selection import ParameterSpec, PruningTarget, iter_parameters, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, iter_parameters, local_view, select_parameters
 
 __all__ = ["ModelSize", "SparsityReport", "TensorSparsity", "count_macs", "sparsity_report"]
 
@@ -136,14 +137,20 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def measure(targets: Sequence[PruningTarget], goals: Mapping[str, float] | None = None) -> SparsityReport:
-    """Measure the given tensors (see :func:`sparsity_report`)."""
+def measure(
+    targets: Sequence[PruningTarget], goals: Mapping[str, float] | None = None, group: Collective | None = None
+) -> SparsityReport:
+    """Measure the given tensors (see :func:`sparsity_report`); ``group``: the tensors are sharded across
+    processes, whose counts are summed."""
     goals = goals or {}
-    rows = []
     with torch.no_grad():
-        for t in targets:
-            w = t.value()
-            rows.append(TensorSparsity(t.name, tuple(w.shape), w.numel(), count_zeros(w), goals.get(t.name)))
+        zeros = [count_zeros(local_view(t.value())) for t in targets]
+    if group is not None:
+        zeros = group.sum(zeros)
+    rows = [
+        TensorSparsity(t.name, tuple(t.tensor.shape), t.tensor.numel(), z, goals.get(t.name))
+        for t, z in zip(targets, zeros)
+    ]
     return SparsityReport(tuple(rows))
 
 

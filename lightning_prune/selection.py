@@ -42,6 +42,7 @@ __all__ = [
     "iter_parameters",
     "local_view",
     "select_parameters",
+    "shard_offset",
 ]
 
 ParameterSpec = str | tuple[nn.Module, str]
@@ -325,6 +326,19 @@ def select_parameters(
                 f"`parameters`: {t.name!r} is a {t.tensor.dtype} tensor; only floating tensors can be pruned."
             )
     return targets
+
+
+def shard_offset(tensor: Tensor) -> int:
+    """Where this process's part of ``tensor`` starts in its row-major flattening: 0 for a plain tensor; for a
+    ``DTensor`` sharded on dim 0 (FSDP2), the first local row times the row size (FSDP2 splits rows as
+    ``torch.chunk`` does)."""
+    if not isinstance(tensor, DTensor):
+        return 0
+    mesh = tensor.device_mesh
+    rows = tensor.shape[0]
+    per_rank = -(-rows // mesh.size())
+    first = min(mesh.get_local_rank() * per_rank, rows)
+    return first * (tensor.numel() // max(rows, 1))
 
 
 def local_view(tensor: Tensor) -> Tensor:

@@ -46,9 +46,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.collective import Collective
 from lightning_prune.counting import mask_zeros, remember_pruned_count
 from lightning_prune.packing import pack_bits, unpack_bits
-from lightning_prune.selection import PruningTarget, local_view
+from lightning_prune.selection import PruningTarget, local_view, shard_offset
 
 __all__ = ["ZERO_KEEPING_OPTIMIZERS", "MaskStore"]
 
@@ -82,10 +83,15 @@ class MaskStore:
     """``uint8`` masks beside plain parameters, one per pruned tensor (see the module docstring).
 
     Masks are kept for what this process holds of each tensor: the whole tensor, or its local shard when the
-    parameter is a ``DTensor`` (FSDP2).
+    parameter is a ``DTensor`` (FSDP2). Then ``group`` sums across the processes: counts are global, and
+    :meth:`state_dict` holds whole masks, the same on every process.
+
+    Args:
+        group: the processes that share the tensors' shards (``None``: this process holds whole tensors).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group: Collective | None = None) -> None:
+        self.group = group
         self._entries: dict[str, _Entry] = {}
         self._dirty: list[str] = []
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -112,8 +118,13 @@ class MaskStore:
         return None if entry is None else entry.mask
 
     def pruned(self, target: PruningTarget) -> int:
-        """Entries of ``target`` that its mask prunes (0 before its first pruning step)."""
-        return mask_zeros(self.mask(target))
+        """Entries of ``target`` that its mask prunes (0 before its first pruning step), over all shards."""
+        return self.pruned_counts([target])[0]
+
+    def pruned_counts(self, targets: Iterable[PruningTarget]) -> list[int]:
+        """:meth:`pruned` of each target, with one sum across the processes for all of them."""
+        counts = [mask_zeros(self.mask(t)) for t in targets]
+        return counts if self.group is None else self.group.sum(counts)
 
     def items(self) -> list[tuple[PruningTarget, Tensor]]:
         """``(target, mask)`` pairs."""
@@ -230,8 +241,30 @@ class MaskStore:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """``{name: {"shape": [...], "bits": packed uint8}}``: the masks, bit-packed (8 entries a byte)."""
-        return {name: {"shape": list(e.mask.shape), "bits": pack_bits(e.mask)} for name, e in self._entries.items()}
+        """``{name: {"shape": [...], "bits": packed uint8}}``: the whole masks, bit-packed (8 entries a byte).
+
+        With shards (``group``), every process must call it: each puts its rows in place in a zero buffer, and
+        the sum across the processes is the whole mask (the same on every process)."""
+        out = {}
+        for name, e in self._entries.items():
+            mask = e.mask
+            if self.group is not None:
+                param = e.param
+                whole = torch.zeros(param.numel(), dtype=torch.int32, device=mask.device)  # (gloo sums no uint8)
+                start = shard_offset(param)
+                whole[start : start + mask.numel()] = mask.reshape(-1)
+                mask = self.group.reduce(whole).view(param.shape)
+            out[name] = {"shape": list(mask.shape), "bits": pack_bits(mask)}
+        return out
+
+    @staticmethod
+    def local_part(mask: Tensor, tensor: Tensor) -> Tensor:
+        """The part of a whole ``mask`` that this process holds of ``tensor`` (all of it unless sharded)."""
+        local = local_view(tensor)
+        if tuple(mask.shape) == tuple(local.shape):
+            return mask
+        start = shard_offset(tensor)
+        return mask.reshape(-1)[start : start + local.numel()].view(local.shape)
 
     @staticmethod
     def unpack(state: Mapping[str, Any]) -> dict[str, Tensor]:

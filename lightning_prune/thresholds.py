@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lightning_prune.collective import Collective
 from lightning_prune.counting import EXACT_FLOAT32, mask_zeros
 
 __all__ = ["iter_smallest", "iter_smallest_each", "score_keys", "select_smallest"]
@@ -99,6 +100,8 @@ def _check_bits(bits: Tensor) -> bool:
     Non-negative floats sort as their bit patterns, so their bits are the keys as they are, and
     ``scores * mask`` puts every pruned entry at +0.0 (key 0) in one pass.
     """
+    if bits.numel() == 0:  # an empty shard (a tensor with fewer rows than processes)
+        return True
     lo, hi = (int(v) for v in torch.aminmax(bits))
     if lo >= 0:
         if hi > _INF_BITS:
@@ -227,6 +230,7 @@ def iter_smallest(
     *,
     inplace: bool = False,
     zero_where_pruned: bool = False,
+    group: Collective | None = None,
 ) -> Iterator[Tensor]:
     """Like :func:`select_smallest`, but yield each new mask as soon as it is built, in tensor order.
 
@@ -241,6 +245,12 @@ def iter_smallest(
     keeps them): the histogram passes then take the pruned entries off key 0 by their number, without
     reading the masks.
 
+    ``group``: every process holds one shard of each tensor (FSDP2's row shards, in rank order) and calls
+    this with its own shards and the same global ``k``: the histograms and counts are summed across the
+    processes, so that together they prune exactly ``k`` entries, with ties broken in the order of one
+    process holding the whole tensors (tensor order, then flat index), without gathering any scores.
+    ``pruned`` then holds this process's counts.
+
     Example::
 
         >>> w, v = torch.tensor([0.5, -0.1, 0.3]), torch.tensor([0.2, -0.4])
@@ -249,7 +259,7 @@ def iter_smallest(
     """
     if len(scores) != len(masks):
         raise ValueError(f"Expected one mask per score tensor, got {len(masks)} masks for {len(scores)}.")
-    yield from _iter_smallest(scores, masks, k, pruned, _Scratch(), inplace, zero_where_pruned)
+    yield from _iter_smallest(scores, masks, k, pruned, _Scratch(), inplace, zero_where_pruned, group)
 
 
 def iter_smallest_each(
@@ -260,12 +270,13 @@ def iter_smallest_each(
     *,
     inplace: bool = False,
     zero_where_pruned: bool = False,
+    group: Collective | None = None,
 ) -> Iterator[Tensor]:
     """Local selection: for each tensor alone, prune its ``ks[i]`` live entries with the smallest scores.
 
     The same as ``iter_smallest([scores[i]], [masks[i]], ks[i])`` for each ``i`` in turn, but the work
-    buffers are allocated once for all tensors. Yields one new mask per tensor, in order (``inplace`` and
-    ``zero_where_pruned``: as in :func:`iter_smallest`).
+    buffers are allocated once for all tensors. Yields one new mask per tensor, in order (``inplace``,
+    ``zero_where_pruned`` and ``group``: as in :func:`iter_smallest`).
 
     Example::
 
@@ -278,7 +289,7 @@ def iter_smallest_each(
     scratch = _Scratch()
     for i, (score, mask, k) in enumerate(zip(scores, masks, ks)):
         pruned_i = None if pruned is None else [pruned[i]]
-        yield from _iter_smallest([score], [mask], k, pruned_i, scratch, inplace, zero_where_pruned)
+        yield from _iter_smallest([score], [mask], k, pruned_i, scratch, inplace, zero_where_pruned, group)
 
 
 def _iter_smallest(
@@ -289,6 +300,7 @@ def _iter_smallest(
     scratch: _Scratch,
     inplace: bool,
     zeroed: bool,
+    group: Collective | None = None,
 ) -> Iterator[Tensor]:
     if k < 0:
         raise ValueError(f"`k` must be >= 0 (how many live entries to prune), got {k}.")
@@ -327,6 +339,9 @@ def _iter_smallest(
                 n_zero_low += n
         fast.append(is_fast)
         del keys
+    if group is not None and hist is not None:  # every process's shards, summed
+        hist = group.reduce(hist)
+        n_at_zero, n_below, n_zero_low = group.sum([n_at_zero, n_below, n_zero_low])
     if hist is not None:
         hist[_HALF] -= n_at_zero  # key 0 is in bin _HALF: count live entries only there
     n_live = int(hist.sum()) - n_below if hist is not None else 0
@@ -343,6 +358,8 @@ def _iter_smallest(
         raw = held if held is not None else _raw_keys(score, fast[i])[0]
         _add_low_histogram(hist_low, _live_keys(raw, mask, False, scratch, zeroed), high, scratch)
         del raw
+    if group is not None:
+        hist_low = group.reduce(hist_low)
     if high == _HALF:
         hist_low[0] -= n_zero_low
     low, below_low = _find_bin(hist_low, rank - below_high)
@@ -350,28 +367,41 @@ def _iter_smallest(
     ties_left = rank - below_high - below_low  # entries equal to the threshold that must go, first come first
     prune_all_ties = ties_left == int(hist_low[low])  # the common case: no tie to break
 
+    # which tied entries go, per tensor: all of them (the common case), or the first ones in the order of one
+    # process holding whole tensors (tensor order, then flat index; shards follow each other in rank order)
+    # (one process counts them as it goes; several count them first, in an extra pass)
+    quotas = None
+    if not prune_all_ties and group is not None:
+        quotas = _tie_quotas(scores, masks, fast, held, threshold, ties_left, group)
+
     # pass 3: masks from the unmasked keys: keys above the threshold stay (and the ties not taken), times
     # the old mask, so that pruned entries stay pruned whatever their scores
     for i, (score, mask) in enumerate(zip(scores, masks)):
         keys = held if held is not None else _raw_keys(score, fast[i])[0]
         held = None
-        if fast[i] and threshold >= 0 and (prune_all_ties or ties_left == 0):  # no tie to break here
-            yield _mask_by_arithmetic(keys, threshold + 1 if prune_all_ties else threshold, mask, inplace, scratch)
+        if prune_all_ties:
+            quota, n_tied = None, None
+        elif quotas is not None:
+            quota, n_tied = quotas[i]
+        elif ties_left == 0:
+            quota, n_tied = 0, -1
+        else:
+            n_tied = int(torch.count_nonzero(_tied(keys, mask, threshold)))
+            quota = min(ties_left, n_tied)
+            ties_left -= quota
+        all_ties = quota is None or quota == n_tied
+        if fast[i] and threshold >= 0 and (all_ties or quota == 0):  # no tie to break here
+            yield _mask_by_arithmetic(keys, threshold + 1 if all_ties else threshold, mask, inplace, scratch)
             continue
         keep = scratch.get("keep", keys.flat.numel(), torch.bool, keys.flat.device)
-        if prune_all_ties or ties_left > 0:
+        if all_ties:
             torch.gt(keys.flat, threshold, out=keep)
-        else:  # no tie left to prune: every later tie is kept
+        else:
             torch.ge(keys.flat, threshold, out=keep)
-        if ties_left > 0 and not prune_all_ties:
-            tied = keys.flat == threshold
-            if mask is not None:
-                tied &= mask.reshape(-1).to(tied.device) != 0
-            n_tied = int(torch.count_nonzero(tied))
-            if n_tied > ties_left:
-                keep[tied.nonzero().squeeze(1)[ties_left:]] = True
-            ties_left -= min(ties_left, n_tied)
-            del tied
+            if quota:
+                tied = _tied(keys, mask, threshold)
+                keep[tied.nonzero().squeeze(1)[:quota]] = False
+                del tied
         shape = keys.shape
         del keys
         if mask is None:
@@ -381,6 +411,40 @@ def _iter_smallest(
             yield mask
         else:
             yield mask * keep.view(mask.shape).to(mask.device)
+
+
+def _tied(keys: _Keys, mask: Tensor | None, threshold: int) -> Tensor:
+    """Live entries whose key equals the threshold (bool, flat)."""
+    tied = keys.flat == threshold
+    if mask is not None:
+        tied &= mask.reshape(-1).to(tied.device) != 0
+    return tied
+
+
+def _tie_quotas(
+    scores: Sequence[Callable[[], Tensor]],
+    masks: Sequence[Tensor | None],
+    fast: Sequence[bool],
+    held: _Keys | None,
+    threshold: int,
+    ties_left: int,
+    group: Collective,
+) -> list[tuple[int, int]]:
+    """``(ties to prune, live ties)`` of each tensor of this process: the first ``ties_left`` live entries at
+    the threshold, counted over every process's shards in tensor order, then rank order, then flat index."""
+    counts = []
+    for i, (score, mask) in enumerate(zip(scores, masks)):
+        keys = held if held is not None else _raw_keys(score, fast[i])[0]
+        counts.append(int(torch.count_nonzero(_tied(keys, mask, threshold))))
+    table = group.gather(counts)
+    rank = group.rank
+    before = 0
+    quotas = []
+    for i, mine in enumerate(counts):
+        ahead = before + int(table[:rank, i].sum())  # earlier tensors on every rank, this tensor on lower ranks
+        quotas.append((max(0, min(mine, ties_left - ahead)), mine))
+        before += int(table[:, i].sum())
+    return quotas
 
 
 def _mask_by_arithmetic(keys: _Keys, lowest_kept: int, mask: Tensor | None, inplace: bool, scratch: _Scratch) -> Tensor:

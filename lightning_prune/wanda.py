@@ -1,0 +1,495 @@
+"""Wanda: pruning by weights and activations (Sun et al., 2023, "A Simple and Effective Pruning Approach for
+Large Language Models").
+
+The score of weight ``W[i, j]`` is ``|W[i, j]| * sqrt(mean of x_j^2)``, where ``x_j`` is input feature ``j`` of
+the layer over the batches it saw (the paper's ``|W_ij| * ||X_j||_2``, divided by the square root of the
+number of rows so that layers that see different numbers of rows compare in global scope; within a row or a
+tensor the order is the same). :class:`Wanda` collects the statistics through forward pre-hooks during the
+callback's calibration window, keeping one vector of sums of squares and one row count per tensor, and then
+ranks exactly like the other score methods: per output row (the paper's comparison group), per tensor, or
+across tensors. :func:`wanda_prune` prunes a trained model once, outside training, with the same class, and
+:func:`prune_once` does the same for any method (e.g. one-shot magnitude pruning to compare with).
+
+Which input a tensor's scores read:
+
+* ``nn.Linear.weight``: the last dimension of the layer's input;
+* ``nn.Conv1d/2d/3d.weight``: the input channels (squares summed over batch and positions), the score of
+  channel ``c`` broadcast over the kernel positions; grouped and depthwise convolutions pair each output
+  channel with its group's inputs;
+* ``nn.MultiheadAttention.in_proj_weight``: rows ``[0, E)`` project the query, ``[E, 2E)`` the key and
+  ``[2E, 3E)`` the value, so each third reads its own input (in self-attention, query = key = value and the
+  three are equal); ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` likewise;
+* ``nn.MultiheadAttention.out_proj.weight``: attention never calls ``out_proj``'s ``forward`` (it reads the
+  weight), so its input, the heads' concatenated outputs, is computed again from the attention's own
+  inputs with dropout off, once per calibration batch;
+* anything else (biases, embeddings, normalization weights, transposed convolutions, a layer whose input has
+  an unexpected size or that did not run in the window): the magnitude ``|W|``, with a warning naming it once.
+
+Only forward passes with gradients enabled are observed: training batches, not validation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune._checks import allowed, check_choice, check_fraction, check_int
+from lightning_prune._lightning import rank_zero_warn
+from lightning_prune.counting import count_for
+from lightning_prune.methods import MaskReader, MethodName, NewMask, PruningMethod, ScoreMethod, resolve_method
+from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.store import MaskStore
+
+__all__ = ["Group", "Wanda", "prune_once", "wanda_prune"]
+
+Group = Literal["row", "tensor", "global"]
+Scope = Literal["local", "global"]
+_QKV = ("query", "key", "value")
+_MHA_ARGS = (*_QKV, "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+_SEPARATE = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one tensor's input statistics are observed.
+
+    ``kind``: ``"linear"`` (the module's input, last dimension), ``"conv"`` (input channels), ``"qkv"`` (an
+    attention's query/key/value inputs, one stream each, selected by ``streams``) or ``"heads"`` (the attention
+    output before ``out_proj``). ``module`` is the module hooked; ``features`` the input width of each stream.
+    """
+
+    kind: str
+    module: nn.Module
+    features: int
+    streams: tuple[int, ...] = (0,)
+
+
+class Wanda(PruningMethod):
+    """Prune the weights with the smallest ``|W| * sqrt(mean x^2)``, from activations seen while training.
+
+    When a pruning step falls due, the callback lets ``calibration_batches`` training batches run with the
+    current masks while forward pre-hooks on the chosen layers sum the squares of their inputs per input
+    feature; then the sums are added up over processes, the step prunes, and the hooks are removed. The
+    statistics of a window that a checkpoint interrupts are saved with the callback's state, so a resumed run
+    prunes as an uninterrupted one would. Pruned entries stay pruned; the cumulative targets of every schedule
+    are exact counts: after each step each row (``group="row"``) has ``round(s * row length)`` zeros, or the
+    tensor (``"tensor"``) ``round(s * n)``, or all tensors together (``"global"``) ``round(s * total)``.
+
+    See the module docstring for which input each kind of tensor reads (``Linear``, ``Conv*d``, attention's
+    ``in_proj_weight`` and ``out_proj``) and for the magnitude fallback.
+
+    Args:
+        calibration_batches: training batches observed before each step, >= 1. Each step waits that many
+            batches after it falls due.
+        group: the entries that compete: ``"row"`` (default, as in the paper: each output row of a tensor,
+            ``weight[i]``, keeps its share), ``"tensor"`` (each tensor to its target) or ``"global"`` (one
+            ranking across all tensors). ``"row"`` and ``"tensor"`` need the callback's ``scope="local"``,
+            ``"global"`` needs ``scope="global"``.
+
+    Raises:
+        ValueError: for a ``calibration_batches`` that is not an integer >= 1 or an unknown ``group`` (here),
+            for a ``group`` that does not match the callback's ``scope`` (when the callback is built), and at a
+            step, for activations that are not finite.
+
+    Example::
+
+        >>> from lightning_prune import PruningScheduleCallback, Polynomial
+        >>> callback = PruningScheduleCallback(
+        ...     0.5, method=Wanda(calibration_batches=4), schedule=Polynomial(start_epoch=1, end_epoch=3)
+        ... )
+        >>> callback.method
+        Wanda(calibration_batches=4, group='row')
+    """
+
+    def __init__(self, calibration_batches: int = 8, group: Group = "row") -> None:
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
+        self.group: Group = check_choice("group", group, allowed(Group))
+        self.name = f"wanda({group})"
+        self._ranking = ScoreMethod(self.scores, self.name)
+        self._plans: dict[str, _Plan | None] = {}
+        self._sums: dict[str, Tensor] = {}  # name -> (streams, features) sums of squares
+        self._rows: dict[str, Tensor] = {}  # name -> (streams,) rows summed
+        self._scales: dict[str, Tensor | None] = {}  # name -> (streams, features) sqrt(mean x^2), after the window
+        self._handles: list[RemovableHandle] = []
+        self._seen = 0  # batches observed in the window
+        self._observed = False  # a forward pass was observed since calibration_done() last asked
+        self._loaded: dict[str, Any] = {}
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"Wanda(calibration_batches={self.calibration_batches}, group={self.group!r})"
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback; hooks stay in this process
+        return {**self.__dict__, "_handles": []}
+
+    @property
+    def supports_global(self) -> bool:
+        return self.group == "global"
+
+    def check_scope(self, scope: str) -> None:
+        if (scope == "global") != (self.group == "global"):
+            need = "scope='global'" if self.group == "global" else "scope='local'"
+            other = "Wanda(group='row') or Wanda(group='tensor')" if scope == "local" else "Wanda(group='global')"
+            raise ValueError(
+                f"{self!r} needs the callback's {need}, got scope={scope!r}; with scope={scope!r} use {other}."
+            )
+
+    # -- calibration
+
+    def start_calibration(self, pl_module: nn.Module, targets: Sequence[PruningTarget], resume: bool = False) -> None:
+        self.stop_calibration()
+        loaded, self._loaded = self._loaded, {}
+        attention = {id(m.out_proj): m for m in pl_module.modules() if isinstance(m, nn.MultiheadAttention)}
+        for t in targets:
+            plan = self._plans[t.name] = _plan(pl_module, t, attention)
+            if plan is None:
+                self._fallback(t.name, "it is not the weight of a Linear, Conv1d/2d/3d or MultiheadAttention")
+                continue
+            device = t.tensor.device
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            sums = torch.zeros(len(plan.streams), plan.features, dtype=dtype, device=device)
+            rows = torch.zeros(len(plan.streams), dtype=dtype, device=device)
+            if resume and t.name in loaded.get("sums", {}):
+                sums.copy_(loaded["sums"][t.name])
+                rows.copy_(loaded["rows"][t.name])
+            self._sums[t.name], self._rows[t.name] = sums, rows
+            observe = functools.partial(self._observe, t.name, plan)
+            self._handles.append(plan.module.register_forward_pre_hook(observe, with_kwargs=True))
+        if resume:
+            self._seen, self._observed = int(loaded.get("seen", 0)), bool(loaded.get("observed", False))
+
+    def calibration_done(self) -> bool:
+        # called before each training batch while the window is open: a batch ran if a hook saw it since the
+        # last call (the callback may ask twice before one batch); with nothing to observe, nothing to wait for
+        if not self._handles:
+            return True
+        if self._observed:
+            self._seen, self._observed = self._seen + 1, False
+        return self._seen >= self.calibration_batches
+
+    def finish_calibration(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        names = list(self._sums)
+        if names:  # one all-reduce for every sum and count, so that every process ranks the same scores
+            parts = [self._sums[n] for n in names] + [self._rows[n] for n in names]
+            device = parts[0].device
+            flat = reduce(torch.cat([p.reshape(-1).to(device) for p in parts]))
+            for part, value in zip(parts, flat.split([p.numel() for p in parts])):
+                part.copy_(value.view(part.shape))
+        self._scales = {}
+        for name, plan in self._plans.items():
+            if plan is None:
+                self._scales[name] = None
+                continue
+            rows = self._rows[name]
+            if bool((rows == 0).any()):
+                self._fallback(name, "its layer did not run with gradients enabled in the calibration window")
+                self._scales[name] = None
+                continue
+            scale = (self._sums[name] / rows.unsqueeze(1)).sqrt()
+            if not bool(torch.isfinite(scale).all()):
+                raise ValueError(f"Wanda: the inputs of {name!r} hold NaN or infinite values; no tensor was pruned.")
+            self._scales[name] = scale
+
+    def stop_calibration(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._sums, self._rows, self._scales = [], {}, {}, {}
+        self._seen, self._observed = 0, False
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._handles:
+            return {}
+        return {
+            "seen": self._seen,
+            "observed": self._observed,
+            "sums": {n: s.detach().cpu().clone() for n, s in self._sums.items()},
+            "rows": {n: r.detach().cpu().clone() for n, r in self._rows.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._loaded = dict(state)
+
+    def _observe(self, name: str, plan: _Plan, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if torch.is_grad_enabled() and name in self._sums:  # training batches, not validation
+            with torch.no_grad():
+                self._accumulate(name, plan, module, args, kwargs)
+
+    def _accumulate(self, name: str, plan: _Plan, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if plan.kind == "heads":
+            inputs = [_attention_heads(module, args, kwargs)]
+        elif plan.kind == "qkv":
+            bound = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+            inputs = [bound[_QKV[s]] for s in plan.streams]
+        else:
+            inputs = [args[0] if args else kwargs["input"]]
+        dim = -1
+        if plan.kind == "conv":  # (N, C, *positions), or (C, *positions) unbatched
+            dim = 1 if inputs[0].dim() == module.weight.dim() else 0
+        if any(x.shape[dim] != plan.features for x in inputs):
+            del self._sums[name], self._rows[name]
+            self._plans[name] = None
+            self._fallback(name, f"its input has {inputs[0].shape[dim]} features, not {plan.features}")
+            return
+        for stream, x in enumerate(inputs):
+            x = x.detach().movedim(dim, -1).reshape(-1, plan.features)
+            self._sums[name][stream] += x.float().square().sum(0).to(self._sums[name].dtype)
+            self._rows[name][stream] += x.shape[0]
+        self._observed = True
+
+    def _fallback(self, name: str, why: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            rank_zero_warn(f"Wanda scores {name!r} by magnitude alone: {why}.")
+
+    # -- scores and selection
+
+    def scores(self, target: PruningTarget, seed: int = 0) -> Tensor:
+        """``|W| * sqrt(mean x^2)`` of the tensor's input features, in the tensor's shape (after the window;
+        the magnitude ``|W|`` for a tensor scored by magnitude)."""
+        with torch.no_grad():
+            weights = target.tensor.detach().abs()
+            scale = self._scales.get(target.name)
+            if scale is None:
+                return weights
+            return weights * _broadcast(scale, self._plans[target.name], weights).to(weights.dtype)
+
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        self.check_scope("local")
+        if self.group == "tensor":
+            yield from self._ranking.local_masks(targets, sparsities, seed, masks)
+            return
+        for t, s in zip(targets, sparsities):
+            new = self._row_mask(t, s if s is not None else 0.0, masks.mask(t))
+            if new is not None:
+                yield new
+
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        self.check_scope("global")
+        yield from self._ranking.global_masks(targets, sparsity, seed, masks)
+
+    def _row_mask(self, target: PruningTarget, sparsity: float, current: Tensor | None) -> NewMask | None:
+        """Each row ``weight[i]`` to ``round(sparsity * row length)`` zeros: its lowest live scores."""
+        shape = target.tensor.shape
+        rows = shape[0] if len(shape) > 1 else 1
+        length = target.tensor.numel() // rows
+        k = count_for(sparsity, length)
+        if k >= length and length > 0:
+            raise ValueError(
+                f"Wanda(group='row') would prune every entry of each row of {target.name!r} (sparsity {sparsity!r} "
+                f"of rows of {length}); give a lower `sparsity` or use group='tensor'."
+            )
+        pruned = (current.view(rows, length) == 0).sum(1) if current is not None else None
+        if k == 0 or (pruned is not None and bool((pruned >= k).all())):
+            return None
+        scores = self.scores(target).reshape(rows, length).float()
+        if current is not None:  # pruned entries first: each row prunes k - (its pruned) more
+            scores = scores.masked_fill(current.view(rows, length) == 0, float("-inf"))
+        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        mask = torch.ones(rows, length, dtype=torch.uint8, device=scores.device).scatter_(1, lowest, 0)
+        if current is not None:
+            mask.mul_(current.view(rows, length).to(mask.device))
+            zeros = int(pruned.clamp(min=k).sum())
+        else:
+            zeros = rows * k
+        return NewMask(target, mask.view(shape), zeros)
+
+
+def _plan(root: nn.Module, target: PruningTarget, attention: Mapping[int, nn.MultiheadAttention]) -> _Plan | None:
+    """How to observe the input of ``target`` (through the first of its names whose owner can), or ``None``."""
+    names = target.aliases or (target.name,)
+    owners = [(root.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+    for module, param in [(target.module, target.param), *owners]:
+        shape = target.tensor.shape
+        if isinstance(module, nn.MultiheadAttention):
+            if param == "in_proj_weight":
+                return _Plan("qkv", module, shape[1], (0, 1, 2))
+            if param in _SEPARATE:
+                return _Plan("qkv", module, shape[1], (_SEPARATE[param],))
+        if param != "weight":
+            continue
+        if id(module) in attention:
+            return _Plan("heads", attention[id(module)], shape[1])
+        if isinstance(module, nn.Linear):
+            return _Plan("linear", module, shape[1])
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return _Plan("conv", module, shape[1] * module.groups)
+    return None
+
+
+def _broadcast(scale: Tensor, plan: _Plan, weights: Tensor) -> Tensor:
+    """The per-input-feature ``scale`` (streams, features) in a shape that multiplies ``weights``."""
+    if plan.kind == "conv":
+        groups = plan.module.groups
+        per_group = scale[0].view(groups, -1).repeat_interleave(weights.shape[0] // groups, dim=0)
+        return per_group.view(*per_group.shape, *([1] * (weights.dim() - 2)))
+    if len(plan.streams) > 1:  # in_proj_weight: each third of the rows reads its own input
+        return scale.repeat_interleave(weights.shape[0] // len(plan.streams), dim=0)
+    return scale[0]
+
+
+def _attention_heads(mha: nn.MultiheadAttention, args: tuple, kwargs: Mapping[str, Any]) -> Tensor:
+    """The input ``out_proj`` would see: the attention's output before its output projection (dropout off)."""
+    bound = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+    query, key, value = (bound[n] for n in _QKV)
+    if mha.batch_first and query.dim() == 3:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    eye = torch.eye(mha.embed_dim, dtype=query.dtype, device=query.device)
+    heads, _ = F.multi_head_attention_forward(
+        query, key, value, mha.embed_dim, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias,
+        mha.bias_k, mha.bias_v, mha.add_zero_attn, 0.0, eye, None, training=False,
+        key_padding_mask=bound.get("key_padding_mask"), need_weights=False, attn_mask=bound.get("attn_mask"),
+        use_separate_proj_weight=not mha._qkv_same_embed_dim, q_proj_weight=mha.q_proj_weight,
+        k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight, is_causal=bool(bound.get("is_causal")),
+    )  # fmt: skip
+    return heads
+
+
+# ------------------------------------------------------------------------------------------------ one shot
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    device = next(model.parameters()).device
+    return model(inputs.to(device) if isinstance(inputs, Tensor) else inputs)
+
+
+def prune_once(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    method: PruningMethod | MethodName = "l1_unstructured",
+    scope: Scope = "local",
+    parameters: Sequence[ParameterSpec] | None = None,
+    dataloader: Iterable[Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Prune ``model`` once, in place and without training: one step of ``method`` to ``sparsity``.
+
+    A method that observes activations (``Wanda``) first sees its ``calibration_batches`` batches of
+    ``dataloader``, run through ``forward`` with the model in eval mode and gradients enabled (so that
+    ``nn.TransformerEncoderLayer`` takes its ordinary path, which calls the hooked layers); nothing is
+    trained. The pruned weights are set to zero; nothing else of the model changes.
+
+    Args:
+        model: the trained model (a ``LightningModule`` or any ``nn.Module``).
+        sparsity: the fraction of zeros in [0, 1), of each tensor (``scope="local"``) or of all together.
+        method: as the callback's ``method`` (a name or a :class:`~lightning_prune.methods.PruningMethod`).
+        scope: ``"local"`` or ``"global"``, as the callback's.
+        parameters: as the callback's ``parameters`` (default: every Conv and Linear weight).
+        dataloader: calibration batches (needed by methods that observe activations).
+        forward: ``forward(model, batch)`` runs one batch; default: ``model(batch[0])`` for a tuple or list
+            batch, else ``model(batch)``, on the device of the model's parameters.
+        seed: seeds random methods.
+
+    Returns:
+        ``{qualified name: uint8 mask}`` (1 = kept) of every chosen tensor that was pruned.
+
+    Raises:
+        ValueError: for a bad argument, a method/scope pair that does not go together, or a ``dataloader``
+            missing or shorter than the calibration.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = prune_once(net, 0.5, scope="global")
+        >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
+        (['0.weight', '2.weight'], 24)
+    """
+    sparsity = check_fraction("sparsity", sparsity)
+    scope = check_choice("scope", scope, allowed(Scope))
+    method = resolve_method(method)
+    method.check_scope(scope)
+    targets = select_parameters(model, parameters, sparsity if scope == "local" else None)
+    if method.calibration_batches:
+        _calibrate(model, method, targets, dataloader, forward or _default_forward)
+    store = MaskStore()
+    try:
+        if scope == "global":
+            decided = method.global_masks(targets, sparsity, seed, store)
+        else:
+            decided = method.local_masks(targets, [t.sparsity for t in targets], seed, store)
+        for new in decided:
+            store.set(new.target, new.mask, new.zeros)
+        store.apply()
+    finally:
+        method.stop_calibration()
+    return {t.name: mask for t, mask in store.items()}
+
+
+def _calibrate(
+    model: nn.Module,
+    method: PruningMethod,
+    targets: Sequence[PruningTarget],
+    dataloader: Iterable[Any] | None,
+    forward: Callable[[nn.Module, Any], Any],
+) -> None:
+    if dataloader is None:
+        raise ValueError(f"`method={method!r}` observes activations: give a `dataloader` of calibration batches.")
+    was_training = model.training
+    model.eval()
+    method.start_calibration(model, targets)
+    try:
+        batches = iter(dataloader)
+        with torch.enable_grad():
+            while not method.calibration_done():
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(
+                        f"`dataloader` ran out before the {method.calibration_batches} calibration batches of "
+                        f"{method!r}; give more batches or a lower `calibration_batches`."
+                    )
+                forward(model, batch)
+        method.finish_calibration(lambda t: t)
+    except BaseException:
+        method.stop_calibration()
+        raise
+    finally:
+        model.train(was_training)
+
+
+def wanda_prune(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    sparsity: float,
+    *,
+    parameters: Sequence[ParameterSpec] | None = None,
+    group: Group = "row",
+    batches: int = 8,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, Tensor]:
+    """Prune a trained model once with :class:`Wanda` from ``batches`` batches of ``dataloader`` (no training).
+
+    The same as ``prune_once(model, sparsity, method=Wanda(batches, group), scope=..., ...)``, with the scope
+    that ``group`` needs. Returns ``{qualified name: uint8 mask}`` of the pruned tensors.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = wanda_prune(net, [torch.randn(16, 4) for _ in range(2)], 0.5, batches=2)
+        >>> [int((m == 0).sum(1).max()) for m in masks.values()]  # half of each row
+        [2, 4]
+    """
+    scope = "global" if group == "global" else "local"
+    return prune_once(
+        model,
+        sparsity,
+        method=Wanda(batches, group),
+        scope=scope,
+        parameters=parameters,
+        dataloader=dataloader,
+        forward=forward,
+    )
