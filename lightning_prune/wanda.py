@@ -145,7 +145,7 @@ class Wanda(PruningMethod):
 
     def start_calibration(self, pl_module: nn.Module, targets: Sequence[PruningTarget], resume: bool = False) -> None:
         self.stop_calibration()
-        loaded, self._loaded = self._loaded, {}
+        loaded, self._loaded, self._plans = self._loaded, {}, {}
         attention = {id(m.out_proj): m for m in pl_module.modules() if isinstance(m, nn.MultiheadAttention)}
         for t in targets:
             plan = self._plans[t.name] = _plan(pl_module, t, attention)
@@ -438,7 +438,7 @@ def _calibrate(
 ) -> None:
     if dataloader is None:
         raise ValueError(f"`method={method!r}` observes activations: give a `dataloader` of calibration batches.")
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     method.start_calibration(model, targets)
     try:
@@ -457,7 +457,8 @@ def _calibrate(
         method.stop_calibration()
         raise
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def wanda_prune(
