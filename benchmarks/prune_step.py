@@ -4,13 +4,15 @@ The model is ``--layers`` ``nn.Linear(--width, --width)`` layers built with a fi
 2048 x 2048 = 100.7 M weights, 384 MiB). Steps compared, each on the unpruned model:
 
 * global: ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=s)`` versus
-  ``resolve_method("l1_unstructured").prune_global(select_parameters(model), s, seed)``, the call that
-  ``PruningScheduleCallback(scope="global")`` makes at each scheduled step;
+  ``resolve_method("l1_unstructured").global_masks(select_parameters(model), s, seed, store)`` with the
+  new masks set in a :class:`~lightning_prune.store.MaskStore` and applied, the step that
+  ``PruningScheduleCallback(scope="global")`` takes (default ``mask_mode="inplace"``: plain parameters zeroed
+  in place, ``uint8`` masks kept aside);
 * local: ``prune.l1_unstructured(layer, "weight", amount=s)`` for every layer versus
-  ``prune_local(targets, [s] * n, seed)`` (``scope="local"``);
-* ``mask_mode="inplace"`` (ours only): the same two calls with ``masks=InplaceMasks()``, as the callback
-  makes them in that mode: plain parameters zeroed in place and ``uint8`` masks kept aside, instead of
-  torch's reparametrization (a float32 mask and a ``weight`` copy per tensor);
+  ``local_masks(targets, [s] * n, seed, store)`` (``scope="local"``);
+* ``mask_mode="hook"`` (ours only): the same steps, then the store's masks put on the model in torch's form
+  (``lightning_prune.reparam.install``: a float32 mask and a ``weight`` copy per tensor), as the callback
+  does in that mode; its incremental step first takes them off (``reparam.remove``);
 * incremental (ours only): from ``s`` to ``--next-sparsity`` with the masks of the first step in place, as
   a schedule's later steps run.
 
@@ -36,7 +38,7 @@ and method to method). Linux (glibc) only.
 Checks (in the timing process): the number of pruned entries equals the exact target count, and our
 masks equal torch's at every entry whose magnitude differs from the step's threshold (the largest pruned
 magnitude); entries tied at the threshold may be chosen differently, as torch's ``topk`` breaks ties in
-no documented order. The ``inplace`` steps must give exactly the masks of the others. Any failed check
+no documented order. The ``hook`` steps must give exactly the masks of the others. Any failed check
 makes the script exit with status 1.
 
 Usage (from the repository root)::
@@ -68,35 +70,36 @@ import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune.inplace import InplaceMasks  # noqa: E402
-from lightning_prune.masking import count_for  # noqa: E402
+from lightning_prune import reparam  # noqa: E402
+from lightning_prune.counting import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
+from lightning_prune.store import MaskStore  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 STEPS = (
     "torch_global",
     "ours_global",
-    "ours_global_inplace",
+    "ours_global_hook",
     "torch_local",
     "ours_local",
-    "ours_local_inplace",
+    "ours_local_hook",
     "ours_global_incr",
-    "ours_global_inplace_incr",
+    "ours_global_hook_incr",
     "ours_local_incr",
-    "ours_local_inplace_incr",
+    "ours_local_hook_incr",
 )
 LABELS = {
     "torch_global": "global, torch `global_unstructured`",
     "ours_global": "global, lightning_prune",
-    "ours_global_inplace": 'global, lightning_prune, `mask_mode="inplace"`',
+    "ours_global_hook": 'global, lightning_prune, `mask_mode="hook"`',
     "torch_local": "local, torch `l1_unstructured` per layer",
     "ours_local": "local, lightning_prune",
-    "ours_local_inplace": 'local, lightning_prune, `mask_mode="inplace"`',
+    "ours_local_hook": 'local, lightning_prune, `mask_mode="hook"`',
     "ours_global_incr": "global, lightning_prune, incremental",
-    "ours_global_inplace_incr": "global, lightning_prune, `inplace`, incremental",
+    "ours_global_hook_incr": "global, lightning_prune, `hook`, incremental",
     "ours_local_incr": "local, lightning_prune, incremental",
-    "ours_local_inplace_incr": "local, lightning_prune, `inplace`, incremental",
+    "ours_local_hook_incr": "local, lightning_prune, `hook`, incremental",
 }
 
 
@@ -109,9 +112,10 @@ def layers_of(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def make_step(name: str, sparsity: float, seed: int, store: InplaceMasks | None) -> Callable[[nn.Module], None]:
-    """The step ``name`` at cumulative ``sparsity`` on an unpruned (or, for ours, already pruned) model; the
-    ``inplace`` steps keep their masks in ``store``, beside plain parameters."""
+def make_step(name: str, sparsity: float, seed: int, store: MaskStore | None) -> Callable[[nn.Module], None]:
+    """The step ``name`` at cumulative ``sparsity`` on an unpruned (or, for ours, already pruned) model; ours
+    keep their masks in ``store``, beside plain parameters (and, for the ``hook`` steps, on the model in torch's
+    form after the step)."""
     method = resolve_method("l1_unstructured")
     if name == "torch_global":
         return lambda model: prune.global_unstructured(
@@ -124,21 +128,31 @@ def make_step(name: str, sparsity: float, seed: int, store: InplaceMasks | None)
                 prune.l1_unstructured(m, "weight", amount=sparsity)
 
         return torch_local
-    if name.startswith("ours_global"):
-        return lambda model: method.prune_global(select_parameters(model), sparsity, seed, masks=store)
+    assert store is not None
+    hook = "_hook" in name
 
-    def ours_local(model: nn.Module) -> None:
+    def ours(model: nn.Module) -> None:
+        if hook:  # as the callback's step in hook mode: torch's form off, decide and apply, torch's form on
+            reparam.remove(t for t, _ in store.items())
         targets = select_parameters(model)
-        method.prune_local(targets, [sparsity] * len(targets), seed, masks=store)
+        if name.startswith("ours_global"):
+            decided = method.global_masks(targets, sparsity, seed, store)
+        else:
+            decided = method.local_masks(targets, [sparsity] * len(targets), seed, store)
+        for new in decided:
+            store.set(new.target, new.mask, new.zeros)
+        store.apply()
+        if hook:
+            reparam.install(store.items())
 
-    return ours_local
+    return ours
 
 
 def setup_and_step(
     name: str, args: argparse.Namespace
-) -> tuple[Callable[[nn.Module], None] | None, Callable, InplaceMasks | None]:
-    """``(untimed setup or None, timed step, the inplace steps' masks)`` for step ``name``."""
-    store = InplaceMasks() if "inplace" in name else None
+) -> tuple[Callable[[nn.Module], None] | None, Callable, MaskStore | None]:
+    """``(untimed setup or None, timed step, our steps' masks)`` for step ``name``."""
+    store = MaskStore() if name.startswith("ours") else None
     if name.endswith("_incr"):
         first = make_step(name[: -len("_incr")], args.sparsity, args.seed, store)
         return first, make_step(name, args.next_sparsity, args.seed + 1, store), store
@@ -147,17 +161,16 @@ def setup_and_step(
 
 def reset(model: nn.Module, snapshot: Sequence[torch.Tensor]) -> None:
     """Back to the unpruned model with its original weights."""
+    reparam.make_permanent(model)  # torch's form, where a step put it, off (the parameters' order restored)
     for m, w in zip(layers_of(model), snapshot):
-        if hasattr(m, "weight_mask"):
-            prune.remove(m, "weight")
         with torch.no_grad():
             m.weight.copy_(w)
     gc.collect()
 
 
-def masks_of(model: nn.Module, store: InplaceMasks | None) -> list[torch.Tensor]:
+def masks_of(model: nn.Module, store: MaskStore | None) -> list[torch.Tensor]:
     if store is not None:
-        return [m.to(torch.bool) for m in store.masks]
+        return [m.to(torch.bool) for _, m in store.items()]
     return [m.weight_mask.detach().to(torch.bool) for m in layers_of(model)]
 
 
@@ -301,10 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 checks_ok &= ok
                 print(f"check {scope} masks against torch: {text}")
-            for name in (n for n in STEPS if "inplace" in n):  # the same selection, kept elsewhere
-                same = all(torch.equal(a, b) for a, b in zip(masks[name], masks[name.replace("_inplace", "")]))
+            for name in (n for n in STEPS if "_hook" in n):  # the same selection, also put on the model
+                same = all(torch.equal(a, b) for a, b in zip(masks[name], masks[name.replace("_hook", "")]))
                 checks_ok &= same
-                print(f"check {name}: the same masks as without inplace: {same}")
+                print(f"check {name}: the same masks as without hook: {same}")
             del masks
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in STEPS), flush=True)
 

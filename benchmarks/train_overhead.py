@@ -7,17 +7,22 @@ optimizer step is forward, cross-entropy, backward, ``SGD(momentum=0.9).step()``
 Variants, each on its own copy of the same initial model:
 
 * ``dense``: no pruning;
-* ``hook``: pruned to ``--sparsity`` (global L1, ``lightning_prune``) with torch's reparametrization
-  (``weight_orig`` + ``weight_mask`` + a forward pre-hook that computes ``weight = weight_orig * mask`` at
-  every forward, and the matching multiplication in backward) -- the callback's default
-  ``mask_mode="hook"``;
-* ``inplace``: the same masks with plain parameters (the callback's ``mask_mode="inplace"``): gradients
-  of pruned entries are zeroed before the optimizer step and the pruned weights after it, through
-  :class:`lightning_prune.inplace.InplaceMasks` (``uint8`` masks), the object the callback uses.
+* ``hook``: pruned to ``--sparsity`` (global L1, ``lightning_prune``), the masks then put on the model in
+  torch's reparametrization (``weight_orig`` + ``weight_mask`` + a forward pre-hook that computes
+  ``weight = weight_orig * mask`` at every forward, and the matching multiplication in backward) -- the
+  callback's ``mask_mode="hook"``;
+* ``inplace``: the same masks with plain parameters (the callback's default ``mask_mode="inplace"``): a
+  :class:`lightning_prune.store.MaskStore` (``uint8`` masks) attached to the optimizer, the object the
+  callback uses; gradients of pruned entries are zeroed before the optimizer step
+  (``store.mask_grads(optimizer)``, as the callback's ``on_before_optimizer_step`` does), which keeps
+  them at zero through SGD's step.
 
 Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps in turn (so that load from other
 processes hits all alike) after ``--warmup`` untimed steps in the first round; the table shows the median
 step time over all timed steps and its ratio to ``dense``. ``--threads`` CPU threads.
+
+Checks: after training, ``hook`` and ``inplace`` hold the same weights in use (the two modes train the same
+model) and every pruned entry is zero in both; a failed check makes the script exit with status 1.
 
 Usage (from the repository root)::
 
@@ -44,9 +49,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune.inplace import InplaceMasks  # noqa: E402
+from lightning_prune import reparam  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
+from lightning_prune.store import MaskStore  # noqa: E402
 
 VARIANTS = ("dense", "hook", "inplace")
 
@@ -67,22 +73,24 @@ class Variant:
     def __init__(self, kind: str, model: nn.Module, sparsity: float, lr: float) -> None:
         self.kind = kind
         self.model = model
-        self.masks: InplaceMasks | None = None
+        self.store = MaskStore()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         if kind != "dense":
             targets = select_parameters(model)
-            resolve_method("l1_unstructured").prune_global(targets, sparsity, seed=0)
-            if kind == "inplace":
-                self.masks = InplaceMasks.from_targets(targets)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            for new in resolve_method("l1_unstructured").global_masks(targets, sparsity, 0, self.store):
+                self.store.set(new.target, new.mask, new.zeros)
+            self.store.apply()
+            if kind == "hook":
+                reparam.install(self.store.items())
+            else:
+                self.store.attach([self.optimizer])
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        if self.masks is not None:
-            self.masks.zero_grads()
+        if self.kind == "inplace":
+            self.store.mask_grads(self.optimizer)
         self.optimizer.step()
-        if self.masks is not None:
-            self.masks.zero_weights()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -96,10 +104,10 @@ def timed(fn: Callable[[], None], n: int) -> list[float]:
 
 
 def effective_weights(model: nn.Module) -> list[torch.Tensor]:
-    return [t.effective().detach().clone() for t in select_parameters(model)]
+    return [t.value().detach().clone() for t in select_parameters(model)]
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def run_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], bool]:
     torch.manual_seed(args.seed)
     base = build_model(name)
     variants = {kind: Variant(kind, copy.deepcopy(base), args.sparsity, args.lr) for kind in VARIANTS}
@@ -114,9 +122,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, list[float]]:
     # the two masked modes train the same model: same effective weights after the same steps
     hook, inplace = effective_weights(variants["hook"].model), effective_weights(variants["inplace"].model)
     same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(hook, inplace))
-    zeros = all(bool((w[m == 0] == 0).all()) for w, m in zip(hook, variants["inplace"].masks.masks))
+    masks = [m for _, m in variants["inplace"].store.items()]
+    zeros = all(bool((w[m == 0] == 0).all()) for ws in (hook, inplace) for w, m in zip(ws, masks))
     print(f"{name}: hook and inplace effective weights equal after training: {same}; pruned entries zero: {zeros}")
-    return times
+    return times, same and zeros
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     rows = []
+    checks_ok = True
     for name in args.models:
-        times = run_model(name, args)
+        times, ok = run_model(name, args)
+        checks_ok &= ok
         med = {kind: statistics.median(v) for kind, v in times.items()}
         for kind in VARIANTS:
             rows.append((name, kind, med[kind], med[kind] / med["dense"], len(times[kind])))
@@ -154,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---:|---:|")
     for name, kind, t, ratio, _ in rows:
         print(f"| {name} | {kind} | {t * 1e3:.2f} ms | {ratio:.3f} |")
-    return 0
+    print(f"\nall checks passed: {checks_ok}")
+    return 0 if checks_ok else 1
 
 
 if __name__ == "__main__":
