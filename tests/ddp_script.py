@@ -4,8 +4,9 @@
 one callback per method and scope (CALLBACKS, on disjoint tensors) and writes ``OUT_DIR/<mode>_rank<r>.pt``
 with the zero pattern of every tensor at every epoch and batch start, the logged ``pruning/...`` metrics
 and how many pruning messages that rank printed. Each rank seeds its global RNG differently once training
-is set up, so agreement cannot come from a shared RNG. ``no-broadcast`` turns off the callback's mask
-broadcast from rank 0 (``ddp`` only: ``ddp_spawn`` re-imports the modules), to show what seeding alone does.
+is set up, so agreement cannot come from a shared RNG. ``no-broadcast`` turns off the callback's check that
+the ranks' masks agree (``agree_masks``, which takes rank 0's where they do not; ``ddp`` only: ``ddp_spawn``
+re-imports the modules), to show what seeding alone does.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyModule, random_loader  # noqa: E402
+from helpers import TinyModule, random_loader, zero_sets  # noqa: E402
 
 import lightning_prune.callback  # noqa: E402
-from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback, select_parameters  # noqa: E402
+from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback  # noqa: E402
 from lightning_prune.methods import ScoreMethod  # noqa: E402
 from lightning_prune.selection import PruningTarget  # noqa: E402
 
 
 def _rank_dependent_scores(target: PruningTarget, seed: int) -> torch.Tensor:
     """Scores that differ between ranks (seeded from the rank's own global seed): only a broadcast agrees."""
-    return torch.rand(target.original.shape, generator=torch.Generator().manual_seed(torch.initial_seed() + seed))
+    return torch.rand(target.tensor.shape, generator=torch.Generator().manual_seed(torch.initial_seed() + seed))
 
 
 # Every method and both scopes in one fit: one callback per group of tensors of TinyNet (disjoint groups).
@@ -73,7 +74,7 @@ CALLBACKS: dict[str, dict[str, Any]] = {
         "sparsity": 0.6,
         "method": "rank_dependent",
         "schedule": AtEpochs([0, 1]),
-        "mask_mode": "inplace",  # its masks travel through broadcast_inplace_masks
+        "mask_mode": "hook",  # both mask modes agree through the same check (agree_masks)
     },
 }
 RANK_DEPENDENT = "model.fc2.weight"
@@ -114,9 +115,7 @@ class RankRecorder(pl.Callback):
         logger.addHandler(self.handler)
 
     def _record(self, trainer: Any, pl_module: Any, where: str) -> None:
-        with torch.no_grad():
-            targets = select_parameters(pl_module, ["model.*"])
-            self.zeros[where] = {t.name: (t.effective() == 0).cpu() for t in targets}
+        self.zeros[where] = zero_sets(pl_module, ["model.*"])
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._record(trainer, pl_module, f"epoch{trainer.current_epoch}")
@@ -162,12 +161,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--modes", default="broadcast", help="comma-separated: broadcast, no-broadcast")
     args = parser.parse_args()
-    broadcast = lightning_prune.callback.broadcast_masks
-    broadcast_inplace = lightning_prune.callback.broadcast_inplace_masks
+    agree = lightning_prune.callback.agree_masks
     for mode in args.modes.split(","):
-        lightning_prune.callback.broadcast_masks = broadcast if mode == "broadcast" else (lambda targets: False)
-        lightning_prune.callback.broadcast_inplace_masks = (
-            broadcast_inplace if mode == "broadcast" else (lambda masks: False)
+        lightning_prune.callback.agree_masks = (
+            agree if mode == "broadcast" else (lambda store, targets, strategy: False)
         )
         fit(args.strategy, args.out, mode)
 

@@ -1,18 +1,24 @@
-"""Shared test helpers: a tiny LeNet-shaped LightningModule on random data, and a tiny Trainer."""
+"""Shared test helpers: a tiny LeNet-shaped LightningModule on random data, a tiny Trainer, and oracles that
+compute expected counts and masks independently of the package (exact rational arithmetic, sorting)."""
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import sparsity_report
+from lightning_prune import select_parameters
 
 
 class TinyNet(nn.Module):
@@ -81,19 +87,149 @@ def random_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+def expected_zeros(sparsity: float, n: int) -> int:
+    """The oracle for exact counts: ``round(sparsity * n)``, half up, in exact rational arithmetic, at most ``n``."""
+    return min(n, math.floor(Fraction(sparsity) * n + Fraction(1, 2)))
+
+
+def smallest_reference(
+    scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], k: int
+) -> list[torch.Tensor]:
+    """A sorting reference for exact selection: prune the ``k`` smallest live scores (compared in float32,
+    ``-0.0 == +0.0``), ties broken in tensor order, then flat index. Returns float32 masks (1 = kept)."""
+    items = []
+    for ti, (s, m) in enumerate(zip(scores, masks)):
+        flat = s.to(torch.float32).reshape(-1).tolist()
+        alive = [True] * len(flat) if m is None else (m.reshape(-1) != 0).tolist()
+        items += [(v + 0.0, ti, j) for j, v in enumerate(flat) if alive[j]]
+    items.sort()
+    out = [
+        (torch.ones(s.shape) if m is None else m.to(torch.float32).clone()).reshape(-1) for s, m in zip(scores, masks)
+    ]
+    for _, ti, j in items[:k]:
+        out[ti][j] = 0.0
+    return [o.reshape(s.shape) for o, s in zip(out, scores)]
+
+
+def l1_reference(
+    weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], sparsity: float, scope: str
+) -> list[torch.Tensor]:
+    """What exact L1 pruning to the cumulative ``sparsity`` gives, from sorting: each tensor (``"local"``) or all
+    together (``"global"``) pruned to ``expected_zeros`` by the smallest live magnitudes."""
+    if scope == "global":
+        pruned = sum(0 if m is None else int((m == 0).sum()) for m in masks)
+        k = expected_zeros(sparsity, sum(w.numel() for w in weights)) - pruned
+        return smallest_reference([w.abs() for w in weights], masks, max(k, 0))
+    out = []
+    for w, m in zip(weights, masks):
+        k = expected_zeros(sparsity, w.numel()) - (0 if m is None else int((m == 0).sum()))
+        out += smallest_reference([w.abs()], [m], max(k, 0))
+    return out
+
+
+def decide_and_apply(method: Any, targets: Sequence[Any], sparsity: float, scope: str, seed: int, store: Any) -> Any:
+    """One pruning step as the callback takes it: ``method`` decides new masks (every target to ``sparsity``,
+    each alone or all together), ``store`` (a ``MaskStore``) narrows its masks and applies them. Returns it."""
+    if scope == "global":
+        decided = method.global_masks(targets, sparsity, seed, store)
+    else:
+        decided = method.local_masks(targets, [sparsity] * len(targets), seed, store)
+    for new in decided:
+        store.set(new.target, new.mask, new.zeros)
+    store.apply()
+    return store
+
+
+def weight_in_use(module: nn.Module, name: str) -> torch.Tensor:
+    """The weights a module computes with: ``<name>_orig * <name>_mask`` under torch's pruning (never its cached,
+    possibly stale attribute), else the parameter itself."""
+    if hasattr(module, name + "_mask") and hasattr(module, name + "_orig"):
+        return getattr(module, name + "_orig") * getattr(module, name + "_mask")
+    return getattr(module, name)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Zeros counted here, in the test, for one tensor."""
+
+    name: str
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Zeros counted here, in the test (``int((w == 0).sum())``), not by the package's own counting."""
+
+    tensors: tuple[Counted, ...]
+
+    @property
+    def zeros(self) -> int:
+        return sum(t.zeros for t in self.tensors)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+    def per_tensor(self) -> dict[str, float]:
+        return {t.name: t.sparsity for t in self.tensors}
+
+    def of(self, name: str) -> int:
+        return next(t.zeros for t in self.tensors if t.name == name)
+
+
+def zero_counts(module: nn.Module, parameters: Any = None) -> Counts:
+    """Count the zeros of the chosen tensors (default: every Conv/Linear weight) in the weights in use."""
+    with torch.no_grad():
+        rows = []
+        for t in select_parameters(module, parameters):
+            w = weight_in_use(t.module, t.param)
+            rows.append(Counted(t.name, w.numel(), int((w == 0).sum())))
+    return Counts(tuple(rows))
+
+
+def zero_sets(module: nn.Module, parameters: Any = None) -> dict[str, torch.Tensor]:
+    """``{name: weights in use == 0}`` (copies) of the chosen tensors."""
+    with torch.no_grad():
+        return {
+            t.name: (weight_in_use(t.module, t.param) == 0).cpu().clone() for t in select_parameters(module, parameters)
+        }
+
+
+def kept_masks(callback: Any) -> dict[str, torch.Tensor]:
+    """Copies of the masks a pruning callback keeps (``callback.masks``), by tensor name."""
+    return {t.name: mask.detach().cpu().clone() for t, mask in callback.masks.items()}
+
+
+def unpack_mask(entry: dict[str, Any]) -> torch.Tensor:
+    """A bit-packed mask of a checkpoint (``{"shape", "bits"}``) unpacked here, with numpy (MSB first)."""
+    shape = tuple(entry["shape"])
+    bits = np.unpackbits(entry["bits"].numpy())[: math.prod(shape)]
+    return torch.from_numpy(bits.copy()).reshape(shape)
+
+
 class SparsityRecorder(pl.Callback):
-    """Records the measured sparsity right after the pruning callback ran, at every epoch and batch start."""
+    """Records the zeros (counted in the test) right after the pruning callback ran, at every epoch and batch
+    start."""
 
     def __init__(self, parameters: Any = None) -> None:
         self.parameters = parameters
-        self.at_epoch: dict[int, Any] = {}
-        self.at_step: dict[int, Any] = {}
+        self.at_epoch: dict[int, Counts] = {}
+        self.at_step: dict[int, Counts] = {}
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.at_epoch[trainer.current_epoch] = sparsity_report(pl_module, self.parameters)
+        self.at_epoch[trainer.current_epoch] = zero_counts(pl_module, self.parameters)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.at_step[trainer.global_step] = sparsity_report(pl_module, self.parameters)
+        self.at_step[trainer.global_step] = zero_counts(pl_module, self.parameters)
 
 
 def make_trainer(
@@ -126,25 +262,17 @@ def fit(callback: Any, max_epochs: int = 3, module: pl.LightningModule | None = 
 
 
 class MaskRecorder(pl.Callback):
-    """Records ``{global_step: {name: effective == 0}}`` (copies) at every epoch and batch start (issue 4)."""
+    """Records ``{global_step: {name: weights in use == 0}}`` (copies) at every epoch and batch start (issue 4)."""
 
     def __init__(self, parameters: Any = None) -> None:
         self.parameters = parameters
         self.zeros: dict[int, dict[str, torch.Tensor]] = {}
 
-    def _record(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_prune import select_parameters
-
-        with torch.no_grad():
-            self.zeros[trainer.global_step] = {
-                t.name: (t.effective() == 0).cpu().clone() for t in select_parameters(pl_module, self.parameters)
-            }
-
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._record(trainer, pl_module)
+        self.zeros[trainer.global_step] = zero_sets(pl_module, self.parameters)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._record(trainer, pl_module)
+        self.zeros[trainer.global_step] = zero_sets(pl_module, self.parameters)
 
 
 def write_tiny_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:

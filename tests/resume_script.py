@@ -3,7 +3,7 @@
 ``python tests/resume_script.py DIR [--pause-at-step N]``: trains TinyModule with a step schedule and
 checkpoints every 2 steps (``DIR/last.ckpt``); resumes from ``DIR/last.ckpt`` when it exists. With
 ``--pause-at-step``, the first run writes ``DIR/paused`` at that step and sleeps, to be killed there.
-At the end it writes ``DIR/final.pt`` (measured zeros, callback progress).
+At the end it writes ``DIR/final.pt`` (zeros counted here, callback progress, the model's keys).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyModule, make_trainer, random_loader  # noqa: E402
+from helpers import TinyModule, make_trainer, random_loader, zero_counts  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
-from lightning_prune import Polynomial, PruningScheduleCallback, sparsity_report  # noqa: E402
+from lightning_prune import Polynomial, PruningScheduleCallback  # noqa: E402
 
 
 class Pause(pl.Callback):
@@ -53,12 +53,13 @@ def run(directory: Path, pause_at_step: int | None = None) -> dict[str, Any]:
     )
     module = TinyModule()
     trainer.fit(module, random_loader(), random_loader(16), ckpt_path=resume)
-    report = sparsity_report(module)
+    report = zero_counts(module)
     return {
         "zeros": [t.zeros for t in report.tensors],
         "steps": callback.state_dict()["steps"],
         "applied": callback.state_dict()["applied"],
         "resumed_from_step": resumed_from,
+        "keys": list(module.state_dict()),
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_mnist
+from helpers import expected_zeros, write_tiny_mnist
 
 from examples.lenet_mnist import (
     LeNet,
@@ -37,17 +37,26 @@ def test_example_quick_run_writes_summary_and_a_strictly_reloadable_model(tmp_pa
         assert key in summary
     assert summary["epochs"] == 2
     assert summary["images"] == {"train": 200, "val": 40, "test": 60}
-    assert 0.0 <= summary["test_acc"] <= 1.0
-    assert summary["params_total"] == 60074
-    assert summary["sparsity"] == pytest.approx(0.8, abs=1 / summary["weights_total"])  # global: exact count
+    assert summary["params_total"] == 60074 and summary["weights_total"] == 59838
     layers = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
     assert sorted(summary["sparsity_per_layer"]) == layers
 
-    model = LeNet()
+    model = LeNet().eval()
     model.load_state_dict(torch.load(out / "lenet_pruned.pt"), strict=True)  # plain, unpruned keys
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     assert summary["params_total"] - summary["params_nonzero"] == zeros
-    assert zeros >= round(0.8 * summary["weights_total"])
+    weight_zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight"))
+    assert weight_zeros == expected_zeros(0.8, 59838)  # global: the exact count
+    assert summary["sparsity"] == weight_zeros / 59838
+    # the test accuracy, computed here on the test images, is the summary's and well above chance (0.1)
+    raw = data_dir / "MNIST" / "raw"
+    images = torch.frombuffer(bytearray((raw / "t10k-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8)
+    labels = torch.frombuffer(bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:]), dtype=torch.uint8)
+    x = images.reshape(-1, 1, 28, 28).float().div(255.0).sub(0.1307).div(0.3081)
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == labels.long()).float().mean())
+    assert summary["test_acc"] == pytest.approx(accuracy, abs=1e-6)
+    assert accuracy > 0.2
     assert count_macs(model) == (summary["macs_dense"], summary["macs_nonzero"])
     assert summary["macs_nonzero"] < summary["macs_dense"]
     assert (out / "last.ckpt").exists()

@@ -11,38 +11,36 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TinyModule, make_trainer, random_loader
-from hypothesis import HealthCheck, given, settings
+from helpers import TinyModule, expected_zeros, kept_masks, make_trainer, random_loader, zero_sets
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import AtEpochs, OneShot, Polynomial, PruningScheduleCallback, select_parameters
-from lightning_prune.masking import count_for
 from lightning_prune.schedules import Schedule
 
 X = torch.randn(4, 1, 10, 10, generator=torch.Generator().manual_seed(5))
 
 
 class ZerosStayZero(pl.Callback):
-    """After every batch (so after every optimizer step): masked entries are exactly 0 in ``orig * mask`` and
-    in the weight the forward uses; the set of zeros only grows."""
+    """After every batch (so after every optimizer step): entries that the pruning callback's masks prune are
+    exactly 0 in the weights in use and in the weight the forward uses; the set of zeros only grows."""
 
-    def __init__(self, pruning: PruningScheduleCallback | None = None) -> None:
+    def __init__(self, pruning: PruningScheduleCallback) -> None:
         self.checked = 0
         self.previous: dict[str, torch.Tensor] = {}
-        self.pruning = pruning  # mask_mode="inplace": its masks are kept aside, not on the modules
+        self.pruning = pruning
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        kept = None if self.pruning is None else self.pruning._inplace
         with torch.no_grad():
-            pl_module(X.to(pl_module.device))  # the forward pre-hook recomputes module.weight
+            pl_module(X.to(pl_module.device))  # the forward pre-hook (hook mode) recomputes module.weight
             for t in select_parameters(pl_module):
-                mask = t.mask if kept is None else kept.mask_of(t)
+                mask = self.pruning.masks.mask(t)
                 if mask is None:
                     continue
                 pruned = mask == 0
-                assert torch.all(t.effective()[pruned] == 0), t.name
+                assert torch.all(t.value()[pruned] == 0), t.name
                 assert torch.all(getattr(t.module, t.param)[pruned] == 0), t.name
                 if t.name in self.previous:
                     assert torch.all(pruned[self.previous[t.name]]), t.name  # never un-pruned
@@ -51,15 +49,13 @@ class ZerosStayZero(pl.Callback):
 
 
 class MasksAtEnd(pl.Callback):
-    """Placed before the pruning callback: the masks just before ``make_permanent``."""
+    """Placed before the pruning callback: its masks just before ``make_permanent`` drops them."""
 
-    def __init__(self, pruning: PruningScheduleCallback | None = None) -> None:
-        self.pruning = pruning  # mask_mode="inplace": its masks are kept aside, not on the modules
+    def __init__(self, pruning: PruningScheduleCallback) -> None:
+        self.pruning = pruning
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        kept = None if self.pruning is None else self.pruning._inplace
-        masks = {t.name: t.mask if kept is None else kept.mask_of(t) for t in select_parameters(pl_module)}
-        self.masks = {name: mask.clone() for name, mask in masks.items() if mask is not None}
+        self.masks = kept_masks(self.pruning)
 
 
 @pytest.mark.parametrize("mask_mode", ["hook", "inplace"])
@@ -75,8 +71,7 @@ def test_pruned_entries_stay_exactly_zero_after_every_optimizer_step(
     callback = PruningScheduleCallback(
         0.8, schedule=Polynomial(0, 2, every_n_steps=2), verbose=False, mask_mode=mask_mode
     )
-    aside = callback if mask_mode == "inplace" else None
-    check, at_end = ZerosStayZero(aside), MasksAtEnd(aside)
+    check, at_end = ZerosStayZero(callback), MasksAtEnd(callback)
     trainer = make_trainer(
         [at_end, callback, check],
         max_epochs=3,
@@ -86,10 +81,10 @@ def test_pruned_entries_stay_exactly_zero_after_every_optimizer_step(
     )
     trainer.fit(module, random_loader())
     assert check.checked >= 5 * 14  # every tensor after every batch once masked (the first step prunes nothing)
-    for t in select_parameters(module):  # after prune.remove: plain parameters, the same zeros
-        assert not t.is_masked
-        assert torch.all(t.original[at_end.masks[t.name] == 0] == 0), t.name
-        assert int((t.original == 0).sum()) == count_for(0.8, t.original.numel())
+    assert list(module.state_dict()) == list(TinyModule().state_dict())  # plain parameters at the end
+    for t in select_parameters(module):  # the same zeros
+        assert torch.all(t.tensor[at_end.masks[t.name] == 0] == 0), t.name
+        assert int((t.tensor == 0).sum()) == expected_zeros(0.8, t.tensor.numel()), t.name
 
 
 # ---------------------------------------------------------------- property-based
@@ -112,41 +107,54 @@ class PropModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-class Expected(pl.Callback):
-    """Placed after the pruning callback: at each point, the measured zeros against the schedule's target,
-    computed here from the schedule itself."""
+def target_at(spec: tuple, epoch: float, final: float) -> float:
+    """The cumulative target of a drawn schedule, from its definition (the schedule oracle)."""
+    kind, args = spec
+    if kind == "oneshot":
+        return final if epoch >= args["epoch"] else 0.0
+    if kind == "at":
+        return final * sum(1 for e in args["epochs"] if e <= epoch) / len(args["epochs"])
+    if epoch < args["start_epoch"]:
+        return 0.0
+    p = min(1.0, (epoch - args["start_epoch"]) / (args["end_epoch"] - args["start_epoch"]))
+    return final - final * (1.0 - p) ** args["power"]  # Zhu & Gupta with an initial sparsity of 0
 
-    def __init__(self, schedule: Schedule, final: float, scope: str, structured: bool, names: list[str]) -> None:
-        self.schedule, self.final, self.scope, self.structured = schedule, final, scope, structured
+
+class Expected(pl.Callback):
+    """Placed after the pruning callback: at each point, the zeros counted here against the schedule's target,
+    computed here from the schedule's definition."""
+
+    def __init__(self, spec: tuple, final: float, scope: str, structured: bool, names: list[str]) -> None:
+        self.spec, self.final, self.scope, self.structured = spec, final, scope, structured
+        self.every = spec[1].get("every_n_steps")
         self.names = names
         self.target = 0.0
         self.history: list[int] = []
 
     def _check(self, pl_module: Any, point: float | None, names: list[str]) -> None:
         if point is not None:
-            self.target = max(self.target, self.schedule.sparsity(point, self.final))
+            self.target = max(self.target, target_at(self.spec, point, self.final))
         targets = select_parameters(pl_module, names)
-        zeros = [int((t.effective() == 0).sum()) for t in targets]
+        zeros = [int((t.value() == 0).sum()) for t in targets]
         self.history.append(sum(zeros))
         assert self.history == sorted(self.history)  # never decreases
         if self.scope == "global":
-            total = sum(t.original.numel() for t in targets)
-            assert abs(sum(zeros) - count_for(self.target, total)) <= 1
+            total = sum(t.tensor.numel() for t in targets)
+            assert abs(sum(zeros) - expected_zeros(self.target, total)) <= 1
         elif self.structured:  # whole output rows (dim 0)
             for t in targets:
-                rows = t.original.shape[0]
-                dead = int((t.effective().reshape(rows, -1) == 0).all(dim=1).sum())
-                assert abs(dead - count_for(self.target, rows)) <= 1, t.name
+                rows = t.tensor.shape[0]
+                dead = int((t.value().reshape(rows, -1) == 0).all(dim=1).sum())
+                assert abs(dead - expected_zeros(self.target, rows)) <= 1, t.name
         else:
             for t, z in zip(targets, zeros):
-                assert abs(z - count_for(self.target, t.original.numel())) <= 1, t.name
+                assert abs(z - expected_zeros(self.target, t.tensor.numel())) <= 1, t.name
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._check(pl_module, float(trainer.current_epoch), self.names)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        every = self.schedule.every_n_steps
-        due = every is not None and batch_idx > 0 and trainer.global_step % every == 0
+        due = self.every is not None and batch_idx > 0 and trainer.global_step % self.every == 0
         point = trainer.current_epoch + batch_idx / trainer.num_training_batches if due else None
         self._check(pl_module, point, self.names)
 
@@ -165,18 +173,25 @@ def configurations(draw: st.DrawFn) -> dict[str, Any]:
     epochs = draw(st.integers(1, 3))
     kind = draw(st.sampled_from(["oneshot", "at", "poly", "poly-steps"]))
     if kind == "oneshot":
-        schedule: Schedule = OneShot(epoch=draw(st.integers(0, epochs - 1)))
+        args: dict[str, Any] = {"epoch": draw(st.integers(0, epochs - 1))}
+        schedule: Schedule = OneShot(**args)
     elif kind == "at":
-        schedule = AtEpochs(sorted(draw(st.sets(st.integers(0, epochs), min_size=1, max_size=3))))
+        args = {"epochs": sorted(draw(st.sets(st.integers(0, epochs), min_size=1, max_size=3)))}
+        schedule = AtEpochs(args["epochs"])
     else:
         start = draw(st.integers(0, epochs - 1))
-        every = draw(st.integers(1, 3)) if kind == "poly-steps" else None
-        power = draw(st.sampled_from([1.0, 3.0]))
-        schedule = Polynomial(start, draw(st.integers(start + 1, epochs + 1)), power=power, every_n_steps=every)
+        args = {
+            "start_epoch": start,
+            "end_epoch": draw(st.integers(start + 1, epochs + 1)),
+            "power": draw(st.sampled_from([1.0, 3.0])),
+            "every_n_steps": draw(st.integers(1, 3)) if kind == "poly-steps" else None,
+        }
+        schedule = Polynomial(**args)
     sparsity = draw(st.sampled_from([0.1, 0.3, 0.5, 0.77, 0.9]))
     return {
         "widths": widths, "conv": conv, "method": method, "names": chosen, "scope": scope,
-        "schedule": schedule, "epochs": epochs, "sparsity": sparsity, "batches": draw(st.integers(2, 5)),
+        "schedule": schedule, "spec": (kind, args), "epochs": epochs, "sparsity": sparsity,
+        "batches": draw(st.integers(2, 5)),
         "mask_mode": draw(st.sampled_from(["hook", "inplace"])),
     }  # fmt: skip
 
@@ -186,10 +201,15 @@ def configurations(draw: st.DrawFn) -> dict[str, Any]:
 def test_sparsity_follows_schedule_to_the_element_property(config: dict[str, Any]) -> None:
     """Random small models, selections, methods, scopes, schedules and mask modes: sparsity never decreases,
     equals the schedule's target within one element per tensor (global: overall) at every point, and the
-    final ``state_dict`` has the unpruned keys."""
+    final ``state_dict`` has the unpruned keys. (Targets that would prune every entry of an unstructured
+    selection are refused before training, and so are not drawn.)"""
     pl.seed_everything(0, verbose=False)
     module = PropModule(config["widths"], config["conv"])
     keys = list(module.state_dict())
+    sizes = [module.get_parameter(name).numel() for name in config["names"]]
+    if not config["method"].endswith("_structured"):
+        groups = [sum(sizes)] if config["scope"] == "global" else sizes
+        assume(all(expected_zeros(config["sparsity"], n) < n for n in groups))
     callback = PruningScheduleCallback(
         config["sparsity"],
         parameters=config["names"],
@@ -201,7 +221,7 @@ def test_sparsity_follows_schedule_to_the_element_property(config: dict[str, Any
         mask_mode=config["mask_mode"],
     )
     structured = config["method"].endswith("_structured")
-    expected = Expected(config["schedule"], config["sparsity"], config["scope"], structured, config["names"])
+    expected = Expected(config["spec"], config["sparsity"], config["scope"], structured, config["names"])
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 1, 5, 5, generator=g), torch.randint(0, 2, (16,), generator=g))
     trainer = make_trainer([callback, expected], max_epochs=config["epochs"], limit_train_batches=config["batches"])
@@ -213,10 +233,6 @@ def test_sparsity_follows_schedule_to_the_element_property(config: dict[str, Any
 # ---------------------------------------------------------------- several fits, several callbacks
 
 
-def _zero_sets(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {t.name: t.effective().detach() == 0 for t in select_parameters(module)}
-
-
 def test_second_fit_on_same_trainer_continues_schedule() -> None:
     """Documented: the callback keeps its progress; a later ``fit`` re-masks the zeros that ``make_permanent``
     left, so pruned entries stay pruned, and prunes further where the schedule asks."""
@@ -225,14 +241,14 @@ def test_second_fit_on_same_trainer_continues_schedule() -> None:
     callback = PruningScheduleCallback(0.75, schedule=AtEpochs([0, 2]), verbose=False)
     trainer = make_trainer([callback], max_epochs=2)
     trainer.fit(module, random_loader())
-    first = _zero_sets(module)
-    assert all(int(z.sum()) == count_for(0.375, z.numel()) for z in first.values())
+    first = zero_sets(module)
+    assert all(int(z.sum()) == expected_zeros(0.375, z.numel()) for z in first.values())
     trainer.fit_loop.max_epochs = 3
     trainer.fit(module, random_loader())
-    second = _zero_sets(module)
+    second = zero_sets(module)
     for name, zeros in first.items():
         assert torch.all(second[name][zeros]), name
-        assert int(second[name].sum()) == count_for(0.75, zeros.numel()), name
+        assert int(second[name].sum()) == expected_zeros(0.75, zeros.numel()), name
     assert callback.state_dict()["steps"] == 2
 
 
@@ -241,9 +257,9 @@ def test_second_fit_with_new_trainer_keeps_pruned_entries() -> None:
     module = TinyModule()
     callback = PruningScheduleCallback(0.5, schedule=OneShot(epoch=0), verbose=False)
     make_trainer([callback], max_epochs=1).fit(module, random_loader())
-    first = _zero_sets(module)
+    first = zero_sets(module)
     make_trainer([callback], max_epochs=2).fit(module, random_loader())  # trains 2 more epochs
-    second = _zero_sets(module)
+    second = zero_sets(module)
     for name, zeros in first.items():
         assert torch.equal(second[name], zeros), name  # nothing regrew, nothing more was pruned
     assert callback.state_dict()["steps"] == 1
@@ -259,14 +275,19 @@ def test_two_callbacks_on_disjoint_parameters(tmp_path: Any) -> None:
     trainer = make_trainer([convs, fcs], max_epochs=1)
     trainer.fit(module, random_loader())
     assert convs.state_key != fcs.state_key
-    for t in select_parameters(module, ["model.conv*.weight"]):
-        assert int((t.original == 0).sum()) == count_for(0.5, t.original.numel())
+    conv = select_parameters(module, ["model.conv*.weight"])
+    for t in conv:
+        assert int((t.tensor == 0).sum()) == expected_zeros(0.5, t.tensor.numel())
     fc = select_parameters(module, ["model.fc*.weight"])
-    assert sum(int((t.original == 0).sum()) for t in fc) == count_for(0.8, sum(t.original.numel() for t in fc))
+    fc_zeros, fc_total = sum(int((t.tensor == 0).sum()) for t in fc), sum(t.tensor.numel() for t in fc)
+    assert fc_zeros == expected_zeros(0.8, fc_total)
     logged = {k for k in trainer.callback_metrics if k.startswith("pruning/") and "/sparsity/" not in k}
     assert logged == {"pruning/0/sparsity", "pruning/0/target", "pruning/1/sparsity", "pruning/1/target"}
-    assert float(trainer.callback_metrics["pruning/0/sparsity"]) == pytest.approx(0.5, abs=0.01)
-    assert float(trainer.callback_metrics["pruning/1/sparsity"]) == pytest.approx(0.8, abs=0.01)
+    conv_zeros, conv_total = sum(int((t.tensor == 0).sum()) for t in conv), sum(t.tensor.numel() for t in conv)
+    assert float(trainer.callback_metrics["pruning/0/sparsity"]) == pytest.approx(conv_zeros / conv_total)
+    assert float(trainer.callback_metrics["pruning/1/sparsity"]) == pytest.approx(fc_zeros / fc_total)
+    assert float(trainer.callback_metrics["pruning/0/target"]) == pytest.approx(0.5)
+    assert float(trainer.callback_metrics["pruning/1/target"]) == pytest.approx(0.8)
     trainer.save_checkpoint(tmp_path / "two.ckpt")
     states = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
     assert {convs.state_key, fcs.state_key} <= set(states)

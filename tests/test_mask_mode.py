@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.utils.prune as prune
-from helpers import TinyModule, make_trainer, random_loader
+from helpers import (
+    TinyModule,
+    decide_and_apply,
+    expected_zeros,
+    l1_reference,
+    make_trainer,
+    random_loader,
+    unpack_mask,
+    zero_sets,
+)
 from torch import nn
 
-from lightning_prune import PruningScheduleCallback, select_parameters
-from lightning_prune.inplace import InplaceMasks
+from lightning_prune import MaskStore, PruningScheduleCallback, select_parameters
 from lightning_prune.methods import resolve_method
 from lightning_prune.schedules import AtEpochs, Polynomial
 
@@ -26,8 +32,7 @@ class ZerosAfterStep(pl.Callback):
         self.zeros: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():
-            self.zeros.append({t.name: (t.effective() == 0).clone() for t in select_parameters(pl_module)})
+        self.zeros.append(zero_sets(pl_module))
 
 
 def run(
@@ -68,7 +73,7 @@ def test_mask_mode_inplace_trains_the_same_model_as_hook(optimizer: str, scope: 
     assert not any(k.endswith(("_orig", "_mask")) for k in b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    for p in (t.original for t in select_parameters(inplace)):
+    for p in (t.tensor for t in select_parameters(inplace)):
         assert isinstance(p, nn.Parameter)
 
 
@@ -79,47 +84,33 @@ def test_mask_mode_inplace_keeps_pruned_entries_zero_after_every_step(optimizer:
     for before, after in zip(zeros.zeros, zeros.zeros[1:]):
         for name in before:
             assert bool(after[name][before[name]].all()), name  # once zero (pruned), zero after every step
-    total = sum(t.original.numel() for t in select_parameters(module))
+    total = sum(t.tensor.numel() for t in select_parameters(module))
     final = sum(int(z.sum()) for z in zeros.zeros[-1].values())
-    assert final == round(0.7 * total)
+    assert final == expected_zeros(0.7, total)
 
 
-def test_mask_mode_inplace_parameters_are_plain_between_steps() -> None:
+@pytest.mark.parametrize("mask_mode", ["inplace", "hook"])
+def test_mask_mode_parameters_between_steps_and_at_the_end(mask_mode: str) -> None:
     seen = []
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             seen.append(any(name.endswith("_orig") for name, _ in pl_module.named_parameters()))
 
-    callback = PruningScheduleCallback(sparsity=0.5, mask_mode="inplace", verbose=False, make_permanent=False)
+    callback = PruningScheduleCallback(sparsity=0.5, mask_mode=mask_mode, verbose=False, make_permanent=False)
     trainer = make_trainer([callback, Probe()], max_epochs=2)
     module = TinyModule()
     trainer.fit(module, random_loader(), random_loader(16))
-    assert seen and not any(seen)
-    # make_permanent=False: torch's masks are back at the end, as in hook mode
-    assert all(t.is_masked for t in select_parameters(module))
-
-
-def test_inplace_masks_restore_round_trip() -> None:
-    net = nn.Linear(6, 4)
-    prune.l1_unstructured(net, "weight", amount=10)
-    mask = net.weight_mask.clone()
-    param = net.weight_orig
-    masks = InplaceMasks.from_targets(select_parameters(net))
-    assert net.weight is param and len(masks) == 1  # the same Parameter object, now plain
-    net.weight.grad = torch.ones_like(net.weight)
-    masks.zero_grads()
-    assert torch.equal(net.weight.grad, mask)
-    with torch.no_grad():
-        net.weight.add_(1.0)
-    masks.zero_weights()
-    assert torch.equal(net.weight == 0, mask == 0)
-    masks.restore()
-    assert net.weight_orig is param and torch.equal(net.weight_mask, mask) and len(masks) == 0
+    assert len(seen) == 8 and all(s == (mask_mode == "hook") for s in seen)  # torch's form only in "hook"
+    # make_permanent=False: the masks are kept by the callback in both modes, and on the model in "hook"
+    assert [t.name for t, _ in callback.masks.items()] == [t.name for t in select_parameters(module)]
+    for t in select_parameters(module):
+        assert hasattr(t.module, "weight_mask") == (mask_mode == "hook"), t.name
+        assert torch.equal(t.value().detach() == 0, callback.masks.mask(t) == 0), t.name
 
 
 def test_mask_mode_rejects_unknown_value() -> None:
-    with pytest.raises(ValueError, match=r"`mask_mode` must be one of \['hook', 'inplace'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"`mask_mode` must be one of \['inplace', 'hook'\], got 'fast'"):
         PruningScheduleCallback(sparsity=0.5, mask_mode="fast")
 
 
@@ -134,32 +125,43 @@ def test_benchmarks_run_on_a_tiny_model() -> None:
 
 @pytest.mark.parametrize("scope", ["local", "global"])
 @pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
-def test_score_method_steps_on_inplace_masks_without_torchs_reparametrization(scope: str, method: str) -> None:
+def test_score_method_steps_on_a_mask_store_beside_plain_parameters(scope: str, method: str) -> None:
+    """Three steps of a schedule with a training step between them: plain parameters (the same objects) zeroed
+    in place, ``uint8`` masks that only narrow, exact counts, and for L1 the masks of a sorting reference."""
     torch.manual_seed(0)
-    hooked = TinyModule().model
-    plain = copy.deepcopy(hooked)
-    store, pruning = InplaceMasks(), resolve_method(method)
-    params = [id(p) for p in plain.parameters()]
+    model = TinyModule().model
+    store, pruning = MaskStore(), resolve_method(method)
+    params = [id(p) for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    store.attach([optimizer])
+    before: list[torch.Tensor | None] = [None] * 5
     for step, sparsity in enumerate((0.3, 0.6, 0.8)):
-        for model, masks in ((hooked, None), (plain, store)):
-            targets = select_parameters(model)
-            if scope == "local":
-                pruning.prune_local(targets, [sparsity] * len(targets), seed=step, masks=masks)
-            else:
-                pruning.prune_global(targets, sparsity, seed=step, masks=masks)
-        assert [id(p) for p in plain.parameters()] == params  # plain, the same Parameter objects throughout
-        assert not any(name.endswith(("_orig", "_mask")) for name in plain.state_dict())
-        assert all(m.dtype == torch.uint8 for m in store.masks)
-        for t, kept in zip(select_parameters(hooked), store.masks):
-            assert torch.equal(t.mask, kept.float())  # exactly torch-mode's masks
-        for u, kept in zip(select_parameters(plain), store.masks):
-            assert bool((u.original[kept == 0] == 0).all())  # zeroed in place
-        with torch.no_grad():  # a training step between pruning steps, alike in both
-            for t, u in zip(select_parameters(hooked), select_parameters(plain)):
-                noise = torch.randn(t.original.shape, generator=torch.Generator().manual_seed(step))
-                t.original.add_(noise)
-                u.original.add_(noise)
-        store.zero_weights()
+        targets = select_parameters(model)
+        weights = [t.tensor.detach().clone() for t in targets]
+        decide_and_apply(pruning, targets, sparsity, scope, step, store)
+        masks = [store.mask(t).clone() for t in targets]
+        assert [id(p) for p in model.parameters()] == params  # plain, the same Parameter objects throughout
+        assert not any(name.endswith(("_orig", "_mask")) for name in model.state_dict())
+        assert all(m.dtype == torch.uint8 for m in masks)
+        for t, mask, old in zip(targets, masks, before):
+            assert bool((t.tensor[mask == 0] == 0).all()), t.name  # zeroed in place
+            assert old is None or bool((mask <= old).all()), t.name  # pruned entries stay pruned
+        counts = [int((m == 0).sum()) for m in masks]
+        if scope == "local":
+            assert counts == [expected_zeros(sparsity, w.numel()) for w in weights]
+        else:
+            assert sum(counts) == expected_zeros(sparsity, sum(w.numel() for w in weights))
+        if method == "l1_unstructured":
+            reference = l1_reference(weights, before, sparsity, scope)
+            assert all(torch.equal(m.float(), r) for m, r in zip(masks, reference))
+        before = masks
+        for p in model.parameters():  # a training step between pruning steps
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        store.mask_grads(optimizer)  # as the callback's on_before_optimizer_step does
+        optimizer.step()
+        for t, mask in zip(targets, masks):
+            assert bool((t.tensor[mask == 0] == 0).all()) and bool((t.tensor[mask == 1] != 0).all()), t.name
+    store.detach()
 
 
 def test_mask_mode_inplace_checkpoint_carries_the_masks_and_resume_uses_them(tmp_path: Path) -> None:
@@ -186,9 +188,14 @@ def test_mask_mode_inplace_checkpoint_carries_the_masks_and_resume_uses_them(tmp
     first = callback()
     trainer = make_trainer([first, ZeroALiveWeightThenSave()], max_epochs=1)
     trainer.fit(TinyModule(), random_loader(), random_loader(16))
-    state = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "Pruning" in k)
-    saved = state["masks"]["model.fc1.weight"]
-    assert saved.dtype == torch.uint8 and saved.reshape(-1)[live_zero["index"]] == 1
+    checkpoint = torch.load(path, weights_only=False)
+    assert list(checkpoint["state_dict"]) == list(TinyModule().state_dict())  # the model's own keys
+    state = next(v for k, v in checkpoint["callbacks"].items() if "Pruning" in k)
+    entry = state["masks"]["model.fc1.weight"]
+    assert entry["bits"].dtype == torch.uint8 and entry["bits"].numel() == 768 // 8  # bit-packed
+    saved = unpack_mask(entry)
+    assert saved.reshape(-1)[live_zero["index"]] == 1
+    assert int((saved == 0).sum()) == expected_zeros(0.3, 768)  # the first of two steps to 0.6
     assert set(state["masks"]) == {t.name for t in first.targets}
 
     seen: dict[str, torch.Tensor] = {}
@@ -196,7 +203,7 @@ def test_mask_mode_inplace_checkpoint_carries_the_masks_and_resume_uses_them(tmp
     class Probe(pl.Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:  # after the pruning callback's
             (target,) = [t for t in resumed.targets if t.name == "model.fc1.weight"]
-            seen["mask"] = resumed._inplace.mask_of(target).clone()
+            seen["mask"] = resumed.masks.mask(target).clone()
 
     resumed = callback()
     trainer = make_trainer([resumed, Probe()], max_epochs=2)

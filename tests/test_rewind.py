@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import TinyModule, make_trainer, random_loader
+from helpers import TinyModule, kept_masks, make_trainer, random_loader
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_prune import AtEpochs, OneShot, Polynomial, PruningScheduleCallback, Rewind, select_parameters
@@ -22,7 +22,7 @@ class Snapshot(pl.Callback):
         self.at: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def _take(self, key: tuple[str, int], pl_module: Any) -> None:
-        self.at[key] = {t.name: t.original.detach().clone() for t in select_parameters(pl_module)}
+        self.at[key] = {t.name: t.tensor.detach().clone() for t in select_parameters(pl_module)}
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._take(("epoch", trainer.current_epoch), pl_module)
@@ -32,22 +32,32 @@ class Snapshot(pl.Callback):
 
 
 class AfterPruning(pl.Callback):
-    """Placed after the pruning callback: the rewind target, the effective weights, the optimizer state."""
+    """Placed after the pruning callback, at every epoch and batch start: the rewind target, the weights in use,
+    the masks, the optimizer state and the number of pruning steps so far."""
 
     def __init__(self, callback: PruningScheduleCallback) -> None:
         self.callback = callback
-        self.rows: dict[int, dict[str, Any]] = {}
+        self.rows: dict[int, dict[str, Any]] = {}  # by epoch, at epoch starts
+        self.at_step: dict[int, dict[str, Any]] = {}  # by global step, at batch starts
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    def _row(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         saved = self.callback.state_dict()["rewind"]
         optimizer = trainer.optimizers[0]
-        self.rows[trainer.current_epoch] = {
+        targets = select_parameters(pl_module)
+        return {
             "saved": None if saved is None else {k: v.clone() for k, v in saved.items()},
-            "effective": {t.name: t.effective().detach().clone() for t in select_parameters(pl_module)},
-            "masks": {t.name: None if t.mask is None else t.mask.clone() for t in select_parameters(pl_module)},
-            "target_state": [len(optimizer.state[t.original]) for t in select_parameters(pl_module)],
-            "bias_state": len(optimizer.state[pl_module.model.fc1.bias]),
+            "effective": {t.name: t.value().detach().clone() for t in targets},
+            "masks": kept_masks(self.callback),
+            "target_state": [len(optimizer.state.get(t.tensor, {})) for t in targets],
+            "bias_state": len(optimizer.state.get(pl_module.model.fc1.bias, {})),
+            "steps": self.callback.state_dict()["steps"],
         }
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.rows[trainer.current_epoch] = self._row(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.at_step[trainer.global_step] = self._row(trainer, pl_module)
 
 
 def _fit(callback: PruningScheduleCallback, max_epochs: int = 4, **kwargs: Any):
@@ -81,10 +91,22 @@ def test_rewind_late_to_a_step() -> None:
     callback = PruningScheduleCallback(
         0.8, schedule=Polynomial(start_epoch=1, end_epoch=3, every_n_steps=2), rewind=Rewind(step=3), verbose=False
     )
-    module, snapshot, _ = _fit(callback)
+    module, snapshot, after = _fit(callback)
     target = snapshot.at[("step", 3)]
     assert all(torch.equal(callback.state_dict()["rewind"][k], v) for k, v in target.items())
     assert not all(torch.equal(snapshot.at[("step", 2)][k], v) for k, v in target.items())
+    steps = sorted(after.at_step)
+    pruned_at = [s for s, prev in zip(steps[1:], steps) if after.at_step[s]["steps"] > after.at_step[prev]["steps"]]
+    assert pruned_at == [6, 8, 10, 12]  # every second step of the ramp (its start, epoch 1, is at 0)
+    for step in pruned_at:  # right after each pruning step: the survivors back at step 3, no optimizer state
+        row = after.at_step[step]
+        for name, value in target.items():
+            assert torch.equal(row["effective"][name], value * row["masks"][name]), (step, name)
+            assert not torch.equal(snapshot.at[("step", step)][name], value), (step, name)  # it had trained
+        assert row["target_state"] == [0] * len(target), step  # optimizer state dropped for the rewound tensors
+        assert row["bias_state"] == 1, step  # and kept for the others (SGD momentum buffer)
+    trained = after.at_step[7]  # one optimizer step after the first rewind: the optimizer state is new
+    assert trained["target_state"] == [1] * len(target)
 
 
 def test_rewind_is_off_by_default() -> None:
@@ -129,9 +151,9 @@ def test_rewind_target_survives_checkpoint_and_resume(tmp_path: Path, resume_aft
     [
         (lambda: PruningScheduleCallback(0.5, rewind="start"), r"`rewind` must be None, 'init' or a Rewind"),
         (lambda: PruningScheduleCallback(0.5, rewind=3), r"`rewind` must be None, 'init' or a Rewind.*got 3"),
-        (lambda: Rewind(epoch=-1), r"`Rewind\(epoch=...\)` must be a non-negative integer or None, got -1"),
-        (lambda: Rewind(step=1.5), r"`Rewind\(step=...\)` must be a non-negative integer or None, got 1.5"),
-        (lambda: Rewind(epoch=True), r"`Rewind\(epoch=...\)` must be a non-negative integer"),
+        (lambda: Rewind(epoch=-1), r"`Rewind\(epoch=...\)` must be an integer >= 0, got -1"),
+        (lambda: Rewind(step=1.5), r"`Rewind\(step=...\)` must be an integer >= 0, got 1.5 \(float\)"),
+        (lambda: Rewind(epoch=True), r"`Rewind\(epoch=...\)` must be an integer >= 0, got True \(bool\)"),
         (lambda: Rewind(epoch=1, step=2), r"`Rewind` takes one of `epoch` or `step`, got epoch=1, step=2"),
     ],
 )

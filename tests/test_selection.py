@@ -44,8 +44,27 @@ def test_select_parameters_keeps_logical_names_of_masked_tensors():
     module = TinyModule()
     prune.l1_unstructured(module.model.fc1, "weight", amount=0.5)
     chosen = select_parameters(module, ["model.fc1.weight"])
-    assert names(chosen) == ["model.fc1.weight"] and chosen[0].is_masked
-    assert torch.equal(chosen[0].effective(), module.model.fc1.weight_orig * module.model.fc1.weight_mask)
+    fc1 = module.model.fc1
+    assert names(chosen) == ["model.fc1.weight"] and chosen[0].tensor is fc1.weight_orig
+    assert torch.equal(chosen[0].value(), fc1.weight_orig * fc1.weight_mask)
+    # the weights as the model uses them, never torch's cached attribute, stale until the next forward
+    with torch.no_grad():
+        fc1.weight_orig.add_(1.0)
+    assert not torch.equal(fc1.weight, fc1.weight_orig * fc1.weight_mask)  # stale
+    assert torch.equal(chosen[0].value(), fc1.weight_orig * fc1.weight_mask)
+
+
+def test_select_parameters_names_a_shared_tensor_once_with_all_its_aliases():
+    emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    (target,) = select_parameters(model)  # the default: Linear weights, here the shared tensor
+    assert (target.name, target.aliases, target.tensor is emb.weight) == (
+        "emb.weight",
+        ("emb.weight", "head.weight"),
+        True,
+    )
+    assert names(select_parameters(model, ["head.weight"])) == ["emb.weight"]
 
 
 class WithBuffers(nn.Module):

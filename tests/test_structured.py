@@ -8,10 +8,21 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TinyModule, TinyNet, fit, make_trainer, random_loader
+from helpers import (
+    TinyModule,
+    TinyNet,
+    decide_and_apply,
+    expected_zeros,
+    fit,
+    kept_masks,
+    make_trainer,
+    random_loader,
+    unpack_mask,
+)
 from torch import nn
 
 from lightning_prune import (
+    MaskStore,
     NeuronPruning,
     PruningScheduleCallback,
     compact,
@@ -19,8 +30,7 @@ from lightning_prune import (
     neuron_groups,
     resize_to_state_dict,
 )
-from lightning_prune.compaction import remove_masks
-from lightning_prune.masking import count_for
+from lightning_prune.reparam import install
 from lightning_prune.schedules import AtEpochs
 from lightning_prune.selection import select_parameters
 from lightning_prune.structured import group_importance
@@ -110,15 +120,44 @@ def by_name(groups: list) -> dict[str, Any]:
     return {g.name: g for g in groups}
 
 
-def masked_neurons(net: nn.Module, x: torch.Tensor, sparsity: float, scope: str = "local", **kwargs: Any):
-    method = NeuronPruning(example_inputs=x, **kwargs)
-    targets = select_parameters(net)
-    method.setup(net, targets)
-    if scope == "local":
-        method.prune_local(targets, [sparsity] * len(targets), seed=0)
-    else:
-        method.prune_global(targets, sparsity, seed=0)
-    return method
+class Pruned:
+    """A neuron-pruning method set up on a network, and the store that holds the masks it decided."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor, parameters: Any = None, **kwargs: Any) -> None:
+        self.method = NeuronPruning(example_inputs=x, **kwargs)
+        self.targets = select_parameters(net, parameters)
+        self.method.setup(net, self.targets)
+        self.store = MaskStore()
+
+    def step(self, sparsity: float, scope: str = "local", seed: int = 0) -> Pruned:
+        """One pruning step, as the callback takes it: the method decides, the store narrows and applies."""
+        decide_and_apply(self.method, self.targets, sparsity, scope, seed, self.store)
+        return self
+
+    def mask(self, name: str) -> torch.Tensor:
+        return {t.name: m for t, m in self.store.items()}[name].bool()
+
+    def metrics(self) -> dict[str, float]:
+        return self.method.metrics(self.store)
+
+    @property
+    def groups(self) -> list:
+        return self.method.groups
+
+
+def masked_neurons(net: nn.Module, x: torch.Tensor, sparsity: float, scope: str = "local", **kwargs: Any) -> Pruned:
+    return Pruned(net, x, **kwargs).step(sparsity, scope)
+
+
+def hand_conv2_importance(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 and L1 of each of TinyNet's conv2 channels over its filter and its 4 columns of fc1, by hand."""
+    w, consumer = net.conv2.weight.detach(), net.fc1.weight.detach()
+    hand_l2, hand_l1 = [], []
+    for c in range(8):
+        row, cols = w[c], consumer[:, 4 * c : 4 * c + 4]  # conv2 output is 8 x 2 x 2: channel c -> 4 columns
+        hand_l2.append(torch.sqrt(row.pow(2).sum() + cols.pow(2).sum()))
+        hand_l1.append(row.abs().sum() + cols.abs().sum())
+    return torch.stack(hand_l2), torch.stack(hand_l1)
 
 
 # ------------------------------------------------------------------------------------------- coupling
@@ -184,14 +223,9 @@ def test_neuron_groups_keeps_train_mode():
 def test_group_importance_l2_and_l1_match_hand_computation():
     net, x = build("tinynet")
     group = by_name(neuron_groups(net, x))["conv2"]
-    w, consumer = net.conv2.weight.detach(), net.fc1.weight.detach()
-    hand_l2, hand_l1 = [], []
-    for c in range(8):
-        row, cols = w[c], consumer[:, 4 * c : 4 * c + 4]  # conv2 output is 8 x 2 x 2: channel c -> 4 columns
-        hand_l2.append(torch.sqrt(row.pow(2).sum() + cols.pow(2).sum()))
-        hand_l1.append(row.abs().sum() + cols.abs().sum())
-    assert torch.allclose(group_importance(group, "l2"), torch.stack(hand_l2))
-    assert torch.allclose(group_importance(group, "l1"), torch.stack(hand_l1))
+    hand_l2, hand_l1 = hand_conv2_importance(net)
+    assert torch.allclose(group_importance(group, "l2"), hand_l2)
+    assert torch.allclose(group_importance(group, "l1"), hand_l1)
 
 
 def test_group_importance_random_is_seeded_and_custom_is_checked():
@@ -209,16 +243,17 @@ def test_group_importance_random_is_seeded_and_custom_is_checked():
 
 def test_neuron_pruning_local_removes_least_important_with_all_their_synapses():
     net, x = build("tinynet")
-    before = group_importance(by_name(neuron_groups(net, x))["conv2"], "l2")
+    before, _ = hand_conv2_importance(net)
     method = masked_neurons(net, x, 0.5)
     expected = set(torch.argsort(before)[:4].tolist())
-    pruned = {c for c in range(8) if not bool(net.conv2.weight_mask[c].any())}
+    pruned = {c for c in range(8) if not bool(method.mask("conv2.weight")[c].any())}
     assert pruned == expected
     for c in range(8):
         gone = c in pruned
         assert bool((net.conv2.weight[c] == 0).all()) == gone
         assert bool(net.conv2.bias[c] == 0) == gone
-        assert bool((net.fc1.weight_mask[:, 4 * c : 4 * c + 4] == 0).all()) == gone
+        assert bool((method.mask("fc1.weight")[:, 4 * c : 4 * c + 4] == 0).all()) == gone
+        assert bool((net.fc1.weight[:, 4 * c : 4 * c + 4] == 0).all()) == gone
     widths = {k: v for k, v in method.metrics().items() if k.startswith("pruning/width/")}
     assert widths == {
         "pruning/width/fc2": 8,
@@ -227,30 +262,35 @@ def test_neuron_pruning_local_removes_least_important_with_all_their_synapses():
         "pruning/width/conv1": 2,
     }
     assert method.metrics()["pruning/neurons_removed"] == 26 and method.metrics()["pruning/neuron_sparsity"] == 0.5
-    assert net.fc3.weight_mask.shape == (3, 16) and bool(net.fc3.weight_mask.any(dim=1).all())  # rows all kept
+    fc3 = method.mask("fc3.weight")
+    assert fc3.shape == (3, 16) and bool(fc3.any(dim=1).all())  # rows all kept
 
 
 def test_neuron_pruning_local_is_cumulative_and_keeps_one_neuron():
     net, x = build("mlp")
     method = masked_neurons(net, x, 0.3)
-    first = {g.name: g.alive().clone() for g in method.groups}
-    targets = select_parameters(net)
-    method.prune_local(targets, [0.99] * len(targets), seed=1)
+    first = {g.name: g.alive(method.store).clone() for g in method.groups}
+    assert {n: int((~a).sum()) for n, a in first.items()} == {
+        "2": expected_zeros(0.3, 10),
+        "0": expected_zeros(0.3, 20),
+    }
+    method.step(0.99, seed=1)
     for g in method.groups:
-        alive = g.alive()
+        alive = g.alive(method.store)
         assert int(alive.sum()) == 1
         assert bool((first[g.name] | ~alive).all())  # once pruned, stays pruned
 
 
 def test_neuron_pruning_residual_masks_every_coupled_tensor():
     net, x = build("resnet")
-    masked_neurons(net, x, 0.5)
-    dead = ~net.stem.weight_mask.flatten(1).any(dim=1)
+    method = masked_neurons(net, x, 0.5)
+    dead = ~method.mask("stem.weight").flatten(1).any(dim=1)
     assert int(dead.sum()) == 4
-    for tensor in (net.conv_b.weight_mask.flatten(1), net.bn0.weight_mask[:, None], net.bn_b.bias_mask[:, None]):
-        assert torch.equal(~tensor.any(dim=1), dead)
-    assert torch.equal(~net.conv_a.weight_mask.transpose(0, 1).flatten(1).any(dim=1), dead)
-    assert torch.equal(~net.head.weight_mask.any(dim=0), dead)
+    for name in ("conv_b.weight", "bn0.weight", "bn_b.bias", "stem.bias", "conv_b.bias"):
+        assert torch.equal(~method.mask(name).reshape(8, -1).any(dim=1), dead), name
+        assert bool((net.get_parameter(name).reshape(8, -1)[dead] == 0).all()), name  # zeroed in place
+    assert torch.equal(~method.mask("conv_a.weight").transpose(0, 1).flatten(1).any(dim=1), dead)
+    assert torch.equal(~method.mask("head.weight").any(dim=0), dead)
 
 
 @pytest.mark.parametrize("floor", [1, 3])
@@ -259,10 +299,10 @@ def test_neuron_pruning_global_one_ranking_with_per_layer_floor(floor):
     with torch.no_grad():
         net[2].weight.mul_(100.0)  # layer "2" scores far higher when raw
     method = masked_neurons(net, x, 0.8, scope="global", min_neurons=floor, normalize=None)
-    alive = {g.name: int(g.alive().sum()) for g in method.groups}
-    assert 30 - sum(alive.values()) == count_for(0.8, 30)
+    alive = {g.name: int(g.alive(method.store).sum()) for g in method.groups}
+    assert 30 - sum(alive.values()) == expected_zeros(0.8, 30)
     assert alive["0"] == floor  # the low-scoring layer is cut down to its floor, not emptied
-    assert alive["2"] == 30 - count_for(0.8, 30) - floor
+    assert alive["2"] == 30 - expected_zeros(0.8, 30) - floor
 
 
 # ------------------------------------------------------------------------------------------- compaction
@@ -290,21 +330,23 @@ def test_compact_outputs_allclose_to_masked_and_output_width_kept(name, scope):
 
 def test_compact_lenet_conv2_16_to_8_makes_fc1_take_200():
     net, x = build("lenet")
-    method = NeuronPruning(example_inputs=x)
-    targets = select_parameters(net, ["conv2.weight"])
-    method.setup(net, targets)
-    method.prune_local(targets, [0.5], seed=0)
+    Pruned(net, x, ["conv2.weight"]).step(0.5)
     assert compact(net, x) == {"conv2": (16, 8)}
     assert net.conv2.weight.shape == (8, 6, 3, 3) and net.conv2.bias.shape == (8,)
     assert net.fc1.weight.shape == (120, 200) and net.fc1.in_features == 200
     assert net.fc3.weight.shape == (10, 84)
 
 
-def test_compact_works_on_permanent_zeros_and_leaves_dense_models_alone():
+@pytest.mark.parametrize("form", ["permanent", "torch"])
+def test_compact_works_on_permanent_zeros_and_torch_form_and_leaves_dense_models_alone(form):
     net, x = build("tinynet")
-    masked_neurons(net, x, 0.5)
-    remove_masks(net)
+    pruned = masked_neurons(net, x, 0.5)
+    if form == "torch":  # the masks on the model in torch's form (weight_orig, weight_mask): removed first
+        install(pruned.store.items())
+        assert hasattr(net.fc1, "weight_mask") and hasattr(net.fc1, "bias_mask")
+    pruned.store.clear()  # the store forgets its masks, the zeros stay
     assert compact(net, x) == {"fc2": (16, 8), "fc1": (24, 12), "conv2": (8, 4), "conv1": (4, 2)}
+    assert not any(n.endswith(("_orig", "_mask")) for n in net.state_dict())
     dense, x = build("tinynet")
     assert compact(dense, x) == {}
     assert dense.fc1.weight.shape == (24, 32)
@@ -351,7 +393,8 @@ class Widths:
 
         class _Recorder(pl.Callback):
             def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                recorder.removed[trainer.current_epoch] = recorder.method.metrics()["pruning/neurons_removed"]
+                masks = next(c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)).masks
+                recorder.removed[trainer.current_epoch] = recorder.method.metrics(masks)["pruning/neurons_removed"]
 
         return _Recorder()
 
@@ -385,7 +428,7 @@ def test_callback_neuron_pruning_schedule_global_and_permanent():
     module = TracedModule()
     trainer = make_trainer([callback, widths.callback()], max_epochs=3)
     trainer.fit(module, random_loader(), random_loader(16))
-    assert widths.removed == {0: 0, 1: count_for(0.25, 52), 2: count_for(0.5, 52)}
+    assert widths.removed == {0: 0, 1: expected_zeros(0.25, 52), 2: expected_zeros(0.5, 52)}
     assert not any(n.endswith("_orig") for n, _ in module.named_parameters())  # biases unmasked too
     assert not any(n.endswith("_mask") for n, _ in module.named_buffers())
     assert module.model.fc1.weight.shape == (24, 32)  # zeros baked in, shapes unchanged without compact
@@ -415,7 +458,8 @@ def test_callback_neuron_pruning_exclude_and_parameters():
         (lambda: NeuronPruning(normalize="max"), r"`normalize` must be one of \['mean', None\], got 'max'"),
         (
             lambda: PruningScheduleCallback(sparsity=0.5, compact=True),
-            r"`compact=True` .* needs `method=NeuronPruning\(...\)`, got method=l1_unstructured",
+            r"`compact=True` removes pruned neurons and needs a method that can \(`method=NeuronPruning\(...\)`\), "
+            r"got method=l1_unstructured",
         ),
         (
             lambda: PruningScheduleCallback(sparsity=0.5, method="ln_structured", scope="global"),
@@ -471,21 +515,28 @@ def test_callback_neuron_pruning_resumes_from_checkpoint(tmp_path):
 
     pl.seed_everything(0, verbose=False)
     first = TracedModule()
-    trainer = make_trainer([callback(make_permanent=False)], max_epochs=2)  # masks in the checkpoint
+    first_cb = callback(make_permanent=False)
+    trainer = make_trainer([first_cb], max_epochs=2)  # masks in the checkpoint
     trainer.fit(first, random_loader(), random_loader(16))
     path = tmp_path / "epoch2.ckpt"
     trainer.save_checkpoint(path)
-    assert "model.fc1.bias_mask" in torch.load(path, weights_only=True)["state_dict"]
-    kept = first.model.fc1.weight_mask.any(dim=1)
+    checkpoint = torch.load(path, weights_only=True)
+    assert list(checkpoint["state_dict"]) == list(TracedModule().state_dict())  # the model's own keys
+    state = next(v for k, v in checkpoint["callbacks"].items() if "PruningScheduleCallback" in k)
+    saved = {name: unpack_mask(entry) for name, entry in state["masks"].items()}
+    assert {"model.fc1.weight", "model.fc1.bias", "model.conv2.bias"} <= set(saved)  # biases masked too
+    assert all(torch.equal(saved[n], m) for n, m in kept_masks(first_cb).items())
+    kept = saved["model.fc1.weight"].any(dim=1)
+    assert torch.equal(saved["model.fc1.bias"].bool(), kept)
 
     resumed = TracedModule()  # fresh, unmasked: the checkpoint's masks (biases' too) are loaded into it
     cb = callback()
     trainer = make_trainer([cb], max_epochs=3)
     trainer.fit(resumed, random_loader(), random_loader(16), ckpt_path=path)
     assert cb.state_dict()["steps"] == 2
-    assert int(trainer.callback_metrics["pruning/neurons_removed"]) == count_for(0.5, 24) + count_for(
-        0.5, 16
-    ) + count_for(0.5, 8) + count_for(0.5, 4)
+    assert int(trainer.callback_metrics["pruning/neurons_removed"]) == sum(
+        expected_zeros(0.5, n) for n in (24, 16, 8, 4)
+    )
     net = resumed.model
     assert net.fc1.weight.shape == (24, 32)  # no compaction: permanent zeros, full shapes
     rows_kept = net.fc1.weight.abs().sum(dim=1) != 0

@@ -7,29 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn.utils.prune as prune
+from helpers import decide_and_apply, expected_zeros, l1_reference, smallest_reference
 from torch import nn
 
+from lightning_prune import MaskStore
 from lightning_prune.methods import resolve_method
 from lightning_prune.selection import select_parameters
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each, score_keys, select_smallest
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def sorted_reference(scores: list[torch.Tensor], masks: list[torch.Tensor | None], k: int) -> list[torch.Tensor]:
-    """Prune the k smallest live scores (compared in float32, -0.0 == +0.0), ties in tensor then flat order."""
-    items = []
-    for ti, (s, m) in enumerate(zip(scores, masks)):
-        flat = s.to(torch.float32).reshape(-1).tolist()
-        alive = [True] * len(flat) if m is None else (m.reshape(-1) != 0).tolist()
-        items += [(v + 0.0, ti, j) for j, v in enumerate(flat) if alive[j]]
-    items.sort()
-    out = [
-        (torch.ones(s.shape) if m is None else m.to(torch.float32).clone()).reshape(-1) for s, m in zip(scores, masks)
-    ]
-    for _, ti, j in items[:k]:
-        out[ti][j] = 0.0
-    return [o.reshape(s.shape) for o, s in zip(out, scores)]
 
 
 def model_of(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> nn.Sequential:
@@ -47,17 +33,27 @@ def untied(weights: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     return mag != mag[pruned].max()
 
 
-def assert_same_as_torch(ours: list[nn.Module], theirs: list[nn.Module], per_layer: bool) -> None:
+def prune_with(method: str, model: nn.Module, sparsity: float, scope: str, seed: int, store: MaskStore) -> MaskStore:
+    """One pruning step as the callback takes it: the method decides, the store narrows and applies."""
+    return decide_and_apply(resolve_method(method), select_parameters(model), sparsity, scope, seed, store)
+
+
+def masks_in(store: MaskStore) -> list[torch.Tensor]:
+    return [mask.clone() for _, mask in store.items()]
+
+
+def assert_same_as_torch(ours: list[torch.Tensor], theirs: list[nn.Module], per_layer: bool) -> None:
+    """Our masks (from the store) against torch's, wherever a magnitude is not tied at the threshold."""
     groups = [[i] for i in range(len(ours))] if per_layer else [list(range(len(ours)))]
     for group in groups:
-        n_ours = sum(int((ours[i].weight_mask == 0).sum()) for i in group)
+        n_ours = sum(int((ours[i] == 0).sum()) for i in group)
         n_theirs = sum(int((theirs[i].weight_mask == 0).sum()) for i in group)
         assert n_ours == n_theirs
-        pruned = torch.cat([(ours[i].weight_mask == 0).reshape(-1) for i in group])
-        weights = torch.cat([ours[i].weight_orig.reshape(-1) for i in group])
+        pruned = torch.cat([(ours[i] == 0).reshape(-1) for i in group])
+        weights = torch.cat([theirs[i].weight_orig.reshape(-1) for i in group])  # the weights before pruning
         free = untied(weights, pruned)
-        mask_ours = torch.cat([ours[i].weight_mask.reshape(-1) for i in group])
-        mask_theirs = torch.cat([theirs[i].weight_mask.reshape(-1) for i in group])
+        mask_ours = torch.cat([ours[i].reshape(-1) for i in group]).float()
+        mask_theirs = torch.cat([theirs[i].weight_mask.reshape(-1) for i in group]).float()
         assert torch.equal(mask_ours[free], mask_theirs[free])
         assert free.any()  # the comparison is not vacuous
 
@@ -66,34 +62,32 @@ def assert_same_as_torch(ours: list[nn.Module], theirs: list[nn.Module], per_lay
 @pytest.mark.parametrize("sparsity", [0.3, 0.75])
 def test_prune_global_matches_global_unstructured(dtype: torch.dtype, sparsity: float) -> None:
     ours, theirs = model_of(dtype), model_of(dtype)
-    resolve_method("l1_unstructured").prune_global(select_parameters(ours), sparsity, seed=0)
+    store = prune_with("l1_unstructured", ours, sparsity, "global", 0, MaskStore())
     prune.global_unstructured([(m, "weight") for m in layers(theirs)], prune.L1Unstructured, amount=sparsity)
-    assert_same_as_torch(layers(ours), layers(theirs), per_layer=False)
-    for m in layers(ours):
-        assert m.weight_mask.dtype == dtype and m.weight.dtype == dtype
+    assert_same_as_torch(masks_in(store), layers(theirs), per_layer=False)
+    for m, mask in zip(layers(ours), masks_in(store)):
+        assert mask.dtype == torch.uint8 and m.weight.dtype == dtype
+        assert bool((m.weight[mask == 0] == 0).all())  # zeroed in place, a plain parameter
+    assert not any(k.endswith(("_orig", "_mask")) for k in ours.state_dict())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prune_local_matches_l1_unstructured(dtype: torch.dtype) -> None:
     ours, theirs = model_of(dtype, seed=1), model_of(dtype, seed=1)
-    targets = select_parameters(ours)
-    resolve_method("l1_unstructured").prune_local(targets, [0.6] * len(targets), seed=0)
+    store = prune_with("l1_unstructured", ours, 0.6, "local", 0, MaskStore())
     for m in layers(theirs):
         prune.l1_unstructured(m, "weight", amount=0.6)
-    assert_same_as_torch(layers(ours), layers(theirs), per_layer=True)
+    assert_same_as_torch(masks_in(store), layers(theirs), per_layer=True)
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_prune_incremental_matches_one_shot_torch(scope: str) -> None:
     ours, theirs = model_of(torch.float32, seed=2), model_of(torch.float32, seed=2)
-    method, targets = resolve_method("l1_unstructured"), select_parameters(ours)
-    before = []
+    weights = [m.weight.detach().clone() for m in layers(ours)]
+    store, before = MaskStore(), []
     for s in (0.5, 0.8):
-        if scope == "global":
-            method.prune_global(targets, s, seed=0)
-        else:
-            method.prune_local(targets, [s] * len(targets), seed=0)
-        masks = [m.weight_mask.clone() for m in layers(ours)]
+        prune_with("l1_unstructured", ours, s, scope, 0, store)
+        masks = masks_in(store)
         for old, new in zip(before, masks):
             assert bool((new <= old).all())  # pruned entries stay pruned
         before = masks
@@ -102,7 +96,9 @@ def test_prune_incremental_matches_one_shot_torch(scope: str) -> None:
     else:
         for m in layers(theirs):
             prune.l1_unstructured(m, "weight", amount=0.8)
-    assert_same_as_torch(layers(ours), layers(theirs), per_layer=scope == "local")
+    assert_same_as_torch(before, layers(theirs), per_layer=scope == "local")
+    reference = l1_reference(weights, [None] * len(weights), 0.8, scope)  # sorting, exact counts
+    assert all(torch.equal(m.float(), r) for m, r in zip(before, reference))
 
 
 def test_select_smallest_matches_reference_with_ties_signs_and_masks() -> None:
@@ -127,7 +123,7 @@ def test_select_smallest_matches_reference_with_ties_signs_and_masks() -> None:
         live = sum(s.numel() if m is None else int(m.sum()) for s, m in zip(scores, masks))
         for k in sorted({0, live, int(torch.randint(0, live + 1, (1,), generator=g))}):
             got = select_smallest([lambda s=s: s for s in scores], masks, k)
-            for a, b in zip(got, sorted_reference(scores, masks, k)):
+            for a, b in zip(got, smallest_reference(scores, masks, k)):
                 assert torch.equal(a.float(), b), (trial, k)
 
 
@@ -231,18 +227,24 @@ def test_select_smallest_cuda_matches_cpu(dtype: torch.dtype) -> None:
 @pytest.mark.cuda
 def test_prune_global_cuda_matches_global_unstructured() -> None:
     ours, theirs = model_of(torch.float32, device="cuda"), model_of(torch.float32, device="cuda")
-    resolve_method("l1_unstructured").prune_global(select_parameters(ours), 0.7, seed=0)
+    store = prune_with("l1_unstructured", ours, 0.7, "global", 0, MaskStore())
     prune.global_unstructured([(m, "weight") for m in layers(theirs)], prune.L1Unstructured, amount=0.7)
-    assert_same_as_torch(layers(ours), layers(theirs), per_layer=False)
+    assert all(mask.is_cuda for mask in masks_in(store))
+    assert_same_as_torch(masks_in(store), layers(theirs), per_layer=False)
 
 
 def test_prune_global_random_is_exact_and_deterministic() -> None:
-    a, b = model_of(torch.float32, seed=4), copy.deepcopy(model_of(torch.float32, seed=4))
-    for model in (a, b):
-        resolve_method("random_unstructured").prune_global(select_parameters(model), 0.45, seed=7)
+    a = model_of(torch.float32, seed=4)
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    masks = []
+    for caller_seed, model in ((1, a), (2, b)):
+        torch.manual_seed(caller_seed)  # the caller's global RNG, right before the pruning: it does not matter
+        masks.append(masks_in(prune_with("random_unstructured", model, 0.45, "global", 7, MaskStore())))
     total = sum(m.weight.numel() for m in layers(a))
-    assert sum(int((m.weight_mask == 0).sum()) for m in layers(a)) == round(0.45 * total)
-    assert all(torch.equal(x.weight_mask, y.weight_mask) for x, y in zip(layers(a), layers(b)))
+    assert sum(int((m == 0).sum()) for m in masks[0]) == expected_zeros(0.45, total)
+    assert all(torch.equal(x, y) for x, y in zip(*masks))
+    other = masks_in(prune_with("random_unstructured", c, 0.45, "global", 8, MaskStore()))
+    assert not all(torch.equal(x, y) for x, y in zip(masks[0], other))  # the callback's seed does
 
 
 def test_select_smallest_mixes_fast_and_general_tensors() -> None:
@@ -252,7 +254,7 @@ def test_select_smallest_mixes_fast_and_general_tensors() -> None:
     masks = [torch.ones(1), torch.zeros(2), None]
     got = select_smallest([s.clone for s in scores], masks, k=2)
     assert [m.tolist() for m in got] == [[1.0], [0.0, 0.0], [0.0, 0.0]]
-    assert all(torch.equal(a.float(), b) for a, b in zip(got, sorted_reference(scores, masks, 2)))
+    assert all(torch.equal(a.float(), b) for a, b in zip(got, smallest_reference(scores, masks, 2)))
 
 
 def test_iter_smallest_with_known_pruned_counts_gives_the_same_masks() -> None:
@@ -274,7 +276,7 @@ def test_iter_smallest_each_selects_per_tensor() -> None:
     ks = [0, live[1], 4]
     got = list(iter_smallest_each([s.clone for s in scores], masks, ks))
     for s, m, k, mask in zip(scores, masks, ks, got):
-        assert torch.equal(mask.float(), sorted_reference([s], [m], k)[0])
+        assert torch.equal(mask.float(), smallest_reference([s], [m], k)[0])
     with pytest.raises(ValueError, match="one mask and one k per score tensor"):
         list(iter_smallest_each([scores[0].clone], [None], [1, 2]))
 
@@ -302,7 +304,7 @@ def test_iter_smallest_inplace_narrows_the_given_masks(dtype: torch.dtype, zero_
         scores, masks = _zeroed_case(seed)
         live = sum(int(m.sum()) if m is not None else m_s.numel() for m, m_s in zip(masks, scores))
         for k in (0, 1, 17, live // 2, live):
-            want = sorted_reference(scores, masks, k)
+            want = smallest_reference(scores, masks, k)
             given = [None if m is None else m.to(dtype, copy=True) for m in masks]
             got = list(
                 iter_smallest([s.clone for s in scores], given, k, inplace=True, zero_where_pruned=zero_where_pruned)
@@ -317,7 +319,7 @@ def test_iter_smallest_inplace_narrows_the_given_masks(dtype: torch.dtype, zero_
 def test_iter_smallest_each_inplace_with_zeroed_scores(dtype: torch.dtype) -> None:
     scores, masks = _zeroed_case(11)
     ks = [5, 12, 0]
-    want = [sorted_reference([s], [m], k)[0] for s, m, k in zip(scores, masks, ks)]
+    want = [smallest_reference([s], [m], k)[0] for s, m, k in zip(scores, masks, ks)]
     given = [None if m is None else m.to(dtype, copy=True) for m in masks]
     got = list(iter_smallest_each([s.clone for s in scores], given, ks, inplace=True, zero_where_pruned=True))
     assert all(torch.equal(g.float(), w) for g, w in zip(got, want))
