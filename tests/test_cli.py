@@ -10,13 +10,13 @@ from torch import nn
 
 pytest.importorskip("jsonargparse")
 
-from helpers import write_tiny_mnist  # noqa: E402
+from helpers import write_tiny_mnist, zero_counts  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
 from examples.custom_methods import EveryOther  # noqa: E402
 from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from examples.lenet_mnist_cli import main  # noqa: E402
-from lightning_prune import PruningScheduleCallback, sparsity_report  # noqa: E402
+from lightning_prune import PruningScheduleCallback  # noqa: E402
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -85,7 +85,7 @@ def test_cli_config_builds_callback_with_configured_values(name, epochs, schedul
     else:
         assert callback.method.name == config["method"]
         assert callback.sparsity == config["sparsity"]
-    report = sparsity_report(cli.model, callback.parameters)
+    report = zero_counts(cli.model, callback.parameters)
     if per_tensor is None:
         assert report.sparsity == pytest.approx(config["sparsity"], abs=1 / report.numel)
     else:
@@ -121,7 +121,7 @@ def test_cli_accepts_callback_in_trainer_callbacks(data_dir, tmp_path):
     (callback,) = pruning_callbacks(cli)
     assert callback.sparsity == {"model.fc*": 0.5}
     assert [t.name for t in callback.targets] == ["model.fc1.weight", "model.fc2.weight", "model.fc3.weight"]
-    assert sparsity_report(cli.model, ["model.fc*.weight"]).sparsity == pytest.approx(0.5, abs=1e-4)
+    assert zero_counts(cli.model, ["model.fc*.weight"]).sparsity == pytest.approx(0.5, abs=1e-4)
 
 
 def test_cli_with_zero_sparsity_trains_dense(data_dir, tmp_path):
@@ -130,7 +130,7 @@ def test_cli_with_zero_sparsity_trains_dense(data_dir, tmp_path):
     cli = run_cli(config, data_dir, tmp_path, 1)
     (callback,) = pruning_callbacks(cli)
     assert callback.sparsity == 0.0
-    assert sparsity_report(cli.model).zeros == 0
+    assert zero_counts(cli.model).zeros == 0
 
 
 # The same bad value, in YAML (through LightningCLI) and in Python: the same message.
