@@ -11,6 +11,7 @@ from lightning_prune.callback import PruningScheduleCallback
 from lightning_prune.compaction import compact, load_compact_state_dict, resize_to_state_dict
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.neuron_graph import NeuronGroup, neuron_groups
+from lightning_prune.nm import NMPruning, nm_satisfied, to_semi_structured
 from lightning_prune.reparam import convert_on_load, make_permanent, upgrade_state_dict
 from lightning_prune.report import SparsityReport, TensorSparsity, sparsity_report
 from lightning_prune.rewind import Rewind
@@ -26,6 +27,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AtEpochs",
     "MaskStore",
+    "NMPruning",
     "NeuronGroup",
     "NeuronPruning",
     "NewMask",
@@ -46,6 +48,7 @@ __all__ = [
     "load_compact_state_dict",
     "make_permanent",
     "neuron_groups",
+    "nm_satisfied",
     "plot_sensitivity",
     "prune_once",
     "resize_to_state_dict",
@@ -53,6 +56,7 @@ __all__ = [
     "sensitivity_analysis",
     "sparsity_report",
     "suggest_sparsity",
+    "to_semi_structured",
     "upgrade_state_dict",
     "wanda_prune",
 ]

@@ -4,7 +4,7 @@ given example inputs, what they are worth: parameters, multiply-accumulates, com
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
+from lightning_prune.nm import check_nm, nm_satisfied
 from lightning_prune.selection import ParameterSpec, PruningTarget, iter_parameters, local_view, select_parameters
 
 __all__ = ["ModelSize", "SparsityReport", "TensorSparsity", "count_macs", "sparsity_report"]
@@ -27,6 +28,9 @@ class TensorSparsity:
         numel: its number of entries.
         zeros: entries equal to zero in the weights the model uses (``orig * mask`` under torch's pruning).
         target: the cumulative target it was last pruned to, if known.
+        nm: whether it satisfies the N:M pattern that :func:`sparsity_report` was asked about (``nm=(n, m)``):
+            at most ``n`` nonzeros in every ``m`` consecutive entries along dim 1 (see
+            :func:`~lightning_prune.nm.nm_satisfied`); ``None`` when not asked or when dim 1 has no such groups.
     """
 
     name: str
@@ -34,6 +38,7 @@ class TensorSparsity:
     numel: int
     zeros: int
     target: float | None = None
+    nm: bool | None = None
 
     @property
     def sparsity(self) -> float:
@@ -75,10 +80,12 @@ class SparsityReport:
     Attributes:
         tensors: one :class:`TensorSparsity` per tensor, in model order.
         size: parameters and MACs of the whole model, when :func:`sparsity_report` had example inputs.
+        nm: the ``(n, m)`` pattern that :func:`sparsity_report` checked (then ``str(report)`` has a column for it).
     """
 
     tensors: tuple[TensorSparsity, ...]
     size: ModelSize | None = None
+    nm: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
@@ -115,15 +122,20 @@ class SparsityReport:
                 macs_nonzero=self.size.macs_nonzero,
                 theoretical_speedup=self.size.theoretical_speedup,
             )
+        if self.nm is not None:
+            out.update(nm=list(self.nm), nm_per_tensor={t.name: t.nm for t in self.tensors})
         return out
 
     def __str__(self) -> str:
-        rows = [("tensor", "shape", "zeros", "sparsity", "target")]
+        nm = () if self.nm is None else (f"{self.nm[0]}:{self.nm[1]}",)
+        flag = {True: "yes", False: "no", None: "-"}
+        rows = [("tensor", "shape", "zeros", "sparsity", "target", *nm)]
         for t in self.tensors:
             target = "" if t.target is None else f"{t.target:.4f}"
-            rows.append((t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", target))
-        rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            row = (t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", target)
+            rows.append(row + ((flag[t.nm],) if nm else ()))
+        rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", "", *("" for _ in nm)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [
             "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         ]
@@ -232,7 +244,10 @@ def _inside_attention(model: nn.Module, module: nn.Module) -> bool:
 
 
 def sparsity_report(
-    model: nn.Module, parameters: Sequence[ParameterSpec] | None = None, example_inputs: Any = None
+    model: nn.Module,
+    parameters: Sequence[ParameterSpec] | None = None,
+    example_inputs: Any = None,
+    nm: tuple[int, int] | None = None,
 ) -> SparsityReport:
     """Count the zeros of a model's tensors, whether pruning masks are in place or were made permanent.
 
@@ -243,6 +258,10 @@ def sparsity_report(
         example_inputs: inputs of one forward pass (a tensor, a tuple or a dict): the report then also holds
             the model's :class:`ModelSize` (parameters total and nonzero with biases, MACs dense and nonzero,
             compression ratio, theoretical speed-up; see :func:`count_macs`).
+        nm: an ``(n, m)`` pattern such as ``(2, 4)``: each tensor's :attr:`TensorSparsity.nm` then says whether it
+            holds at most ``n`` nonzeros in every ``m`` consecutive entries along dim 1, the input dimension of
+            ``Linear`` and ``Conv*d`` weights (``None`` where that size is not a multiple of ``m``), and
+            ``str(report)`` shows it.
 
     Example::
 
@@ -254,8 +273,16 @@ def sparsity_report(
         (0.3, 30, 120)
         >>> report.size.params_total, report.size.params_nonzero, report.size.macs_dense, report.size.macs_nonzero
         (132, 102, 120, 90)
+        >>> mlp = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3), nn.Linear(3, 2))
+        >>> with torch.no_grad():
+        ...     _ = mlp[0].weight.copy_(torch.tensor([1.0, 0.0, -2.0, 0.0]).repeat(4, 2))
+        >>> [t.nm for t in sparsity_report(mlp, nm=(2, 4)).tensors]  # 2:4 / not 2:4 / in=3 has no groups of 4
+        [True, False, None]
     """
-    report = measure(select_parameters(model, parameters))
+    targets = select_parameters(model, parameters)
+    report = measure(targets)
+    if nm is not None:
+        report = _with_nm(report, targets, nm)
     if example_inputs is None:
         return report
     values = [t.value() for t in iter_parameters(model)]
@@ -266,4 +293,17 @@ def sparsity_report(
         macs_dense=macs_dense,
         macs_nonzero=macs_nonzero,
     )
-    return SparsityReport(report.tensors, size)
+    return SparsityReport(report.tensors, size, report.nm)
+
+
+def _with_nm(report: SparsityReport, targets: Sequence[PruningTarget], nm: tuple[int, int]) -> SparsityReport:
+    if isinstance(nm, (str, bytes)) or not isinstance(nm, Sequence) or len(nm) != 2:
+        raise ValueError(f"`nm` must be a pair (n, m) such as (2, 4), got {nm!r}.")
+    n, m = check_nm(*nm)
+    flags = []
+    with torch.no_grad():
+        for t in targets:
+            value = local_view(t.value())
+            flags.append(nm_satisfied(value, n, m) if value.dim() >= 2 and value.shape[1] % m == 0 else None)
+    rows = tuple(replace(t, nm=flag) for t, flag in zip(report.tensors, flags))
+    return SparsityReport(rows, report.size, (n, m))

@@ -1,0 +1,323 @@
+"""N:M semi-structured sparsity: at most ``n`` nonzero weights in every ``m`` consecutive ones along the input
+dimension, the pattern that GPU sparse tensor cores accelerate (2:4 on NVIDIA Ampere and later).
+
+Layout. Groups run along the *input* dimension, dim 1 of the weight, the reduction dimension of the layer's
+matrix product:
+
+* ``nn.Linear`` weight ``(out, in)``: each row ``weight[i]`` is cut into ``in / m`` groups of ``m`` consecutive
+  entries, ``weight[i, m*g : m*(g+1)]``. In a contiguous (row-major) weight these are ``m`` neighbours in memory,
+  which is the layout that :func:`torch.sparse.to_sparse_semi_structured` expects for 2:4 (at most 2 nonzeros
+  in every 4 consecutive entries of each row of the 2-D tensor); ``F.linear(x, W)`` computes ``x @ W.T``, so
+  the groups lie along the dimension that the product sums over.
+* ``nn.Conv1d/2d/3d`` weight ``(out, in / groups, *kernel)``: for each output channel and kernel position
+  ``(o, kh, kw)``, the input channels ``weight[o, m*g : m*(g+1), kh, kw]`` form a group: the channels-last
+  ``(out, *kernel, in)`` view grouped along its last dimension, as NVIDIA's ASP prunes convolutions for
+  implicit-GEMM kernels.
+
+A weight whose input size is not a multiple of ``m``, and any tensor that is not the weight of a ``Linear`` or
+(non-transposed) ``Conv*d``, is skipped with a warning. :func:`nm_satisfied` checks the pattern;
+:func:`to_semi_structured` hands 2:4 ``Linear`` weights to torch's sparse kernels for inference on CUDA.
+
+Example::
+
+    >>> w = torch.tensor([[0.0, -3.0, 0.0, 2.0, 5.0, 0.0, 0.0, 0.0]])
+    >>> nm_satisfied(w, 2, 4), nm_satisfied(w, 1, 4)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune._checks import check_int
+from lightning_prune._lightning import rank_zero_warn
+from lightning_prune.methods import ImportanceFn, MaskReader, NewMask, PruningMethod, _Magnitude
+from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+
+__all__ = ["NMPruning", "nm_satisfied", "to_semi_structured"]
+
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_nm(n: object, m: object) -> tuple[int, int]:
+    """``(n, m)`` as integers with ``1 <= n < m``, else a ``ValueError`` naming the argument."""
+    m = check_int("m", m, minimum=1)
+    n = check_int("n", n, minimum=1)
+    if n >= m:
+        raise ValueError(f"`n` must be below `m` (keep n of every m weights), got n={n}, m={m}.")
+    return n, m
+
+
+def _grouped(x: Tensor, m: int) -> Tensor:
+    """``x`` (a weight-shaped tensor, input dimension 1) as ``(..., in / m, m)``: channels-last, cut into groups."""
+    moved = x.movedim(1, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+def _ungrouped(g: Tensor, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`_grouped` for a tensor of ``shape``."""
+    moved = (shape[0], *shape[2:], shape[1])
+    return g.reshape(moved).movedim(-1, 1).contiguous()
+
+
+def nm_satisfied(tensor: Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` consecutive entries along dim 1 (the input dimension of a ``Linear`` or
+    ``Conv*d`` weight; see the module docstring) holds at most ``n`` nonzeros.
+
+    Args:
+        tensor: at least 2-D, with ``tensor.shape[1]`` a multiple of ``m``.
+        n, m: the pattern, ``1 <= n < m``.
+
+    Raises:
+        ValueError: for a bad ``n``/``m`` or a tensor whose shape has no such groups.
+
+    Example::
+
+        >>> nm_satisfied(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]), 2, 4)
+        True
+        >>> nm_satisfied(torch.ones(2, 4), 2, 4)
+        False
+    """
+    n, m = check_nm(n, m)
+    if tensor.dim() < 2 or tensor.shape[1] % m:
+        raise ValueError(
+            f"N:M groups run along dim 1, whose size must be a multiple of m={m}, got shape {tuple(tensor.shape)}."
+        )
+    with torch.no_grad():
+        return bool((_grouped(tensor.detach(), m) != 0).sum(dim=-1).le(n).all())
+
+
+def _skip_reason(target: PruningTarget, m: int) -> str | None:
+    """Why ``target`` cannot take an N:M pattern (``None``: it can)."""
+    module, shape = target.module, tuple(target.tensor.shape)
+    if isinstance(module, nn.Linear):
+        weight_shape: tuple[int, ...] = (module.out_features, module.in_features)
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    else:
+        return f"not the weight of an nn.Linear or nn.Conv*d ({type(module).__name__})"
+    if shape != weight_shape:
+        return f"not the weight of its {type(module).__name__}"
+    if shape[1] % m:
+        return f"input size {shape[1]} is not a multiple of m={m}"
+    return None
+
+
+class NMPruning(PruningMethod):
+    """Keep the ``n`` largest of every ``m`` consecutive weights along the input dimension (N:M sparsity).
+
+    The pattern defines the sparsity, ``(m - n) / m`` of every eligible tensor, so the method takes no
+    ``sparsity``: give the callback a schedule of *when* (``OneShot(epoch=1)`` after dense training, as NVIDIA's
+    recipe does: train dense, prune 2:4 once, fine-tune with the same budget) and leave ``sparsity`` out. At each
+    scheduled step every group keeps its ``n`` live entries with the largest magnitude (or ``importance``
+    score); ties go to the lower index. A gradual ramp (1:4, then 2:4) is not offered: hardware accelerates
+    exactly n:m, and one step followed by fine-tuning recovers the accuracy (see ``docs/nm-sparsity.md``).
+
+    Masks only narrow: entries pruned before (an earlier step, a checkpoint, torch's pruning on the model)
+    stay pruned, so a group that had more than ``m - n`` pruned entries keeps them all; a later step on a tensor
+    that already satisfies the pattern changes nothing. Eligible tensors: ``nn.Linear`` and non-transposed
+    ``nn.Conv*d`` weights whose input size (dim 1) is a multiple of ``m`` (layout: see the module docstring);
+    other chosen tensors are left dense, with a warning naming them when ``fit`` starts. Local scope only; the
+    masks are a function of the weights, so every DDP process decides the same. Not for FSDP2 shards.
+
+    Args:
+        n: entries kept per group, ``1 <= n < m``.
+        m: group size along the input dimension.
+        importance: a function ``tensor -> scores`` of the same shape (higher is kept) replacing the magnitude.
+
+    Raises:
+        ValueError: for ``n``/``m`` that are not integers with ``1 <= n < m`` or an ``importance`` that is not
+            callable (here); with the callback, for ``scope="global"`` (when it is built), a selection with no
+            eligible tensor (when ``fit`` starts), and scores that are NaN or of the wrong shape (at a step).
+
+    Example::
+
+        >>> from lightning_prune import OneShot, PruningScheduleCallback
+        >>> callback = PruningScheduleCallback(method=NMPruning(2, 4), schedule=OneShot(epoch=1))
+        >>> callback.method, callback.sparsity
+        (NMPruning(n=2, m=4), None)
+    """
+
+    takes_sparsity = False
+
+    def __init__(self, n: int = 2, m: int = 4, importance: ImportanceFn | None = None) -> None:
+        self.n, self.m = check_nm(n, m)
+        if importance is not None and not callable(importance):
+            raise ValueError(f"`importance` must be a function tensor -> scores, got {importance!r}.")
+        self.importance = importance
+        self._scores = _Magnitude(importance)
+        self.name = f"nm({self.n}:{self.m})"
+
+    def __repr__(self) -> str:
+        extra = "" if self.importance is None else f", importance={getattr(self.importance, '__name__', '...')}"
+        return f"NMPruning(n={self.n}, m={self.m}{extra})"
+
+    @property
+    def supports_global(self) -> bool:
+        return False
+
+    def check_scope(self, scope: str) -> None:
+        if scope != "local":
+            raise ValueError(
+                f"{self!r} keeps n of every m weights within each tensor and works in `scope='local'` only, "
+                f"got scope={scope!r}."
+            )
+
+    def skipped(self, targets: Sequence[PruningTarget]) -> dict[str, str]:
+        """``{name: reason}`` of the chosen tensors that cannot take the pattern (left dense)."""
+        return {t.name: why for t in targets if (why := _skip_reason(t, self.m)) is not None}
+
+    def masked(self, targets: Sequence[PruningTarget]) -> list[PruningTarget]:
+        return [t for t in targets if _skip_reason(t, self.m) is None]
+
+    def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
+        skipped = self.skipped(targets)
+        if len(skipped) == len(targets):
+            raise ValueError(
+                f"{self!r}: none of the chosen tensors can take the pattern: "
+                + "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+                + ". Choose Linear or Conv weights whose input size is a multiple of m in `parameters`."
+            )
+        if skipped:
+            rank_zero_warn(
+                f"{self!r} leaves {sorted(skipped)} dense: "
+                + "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+                + ". Leave them out of `parameters` to silence this."
+            )
+
+    def _new_mask(self, target: PruningTarget, current: Tensor | None) -> Tensor | None:
+        """The narrowed mask of ``target``, or ``None`` when the pattern holds already."""
+        scores = self._scores(target, 0)
+        if bool(torch.isnan(scores).any()):
+            raise ValueError(f"{self!r}: the scores of {target.name!r} hold NaN.")
+        shape = tuple(scores.shape)
+        grouped = _grouped(scores, self.m)
+        if current is not None:  # a pruned entry is never among the kept ones while a live one is left
+            grouped = grouped.masked_fill(_grouped(current, self.m) == 0, float("-inf"))
+        order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros(grouped.shape, dtype=torch.uint8, device=grouped.device)
+        keep.scatter_(-1, order[..., : self.n], 1)
+        mask = _ungrouped(keep, shape)
+        if current is not None:
+            mask.mul_(current)
+            if torch.equal(mask, current):
+                return None
+        return mask
+
+    def local_masks(
+        self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        for t in self.masked(targets):
+            mask = self._new_mask(t, masks.mask(t))
+            if mask is not None:
+                yield NewMask(t, mask)
+
+    def global_masks(
+        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
+    ) -> Iterator[NewMask]:
+        self.check_scope("global")
+        return iter(())
+
+
+def to_semi_structured(model: nn.Module, parameters: Sequence[ParameterSpec] | None = None) -> list[str]:
+    """Convert a trained model's 2:4-sparse ``nn.Linear`` weights, in place, into torch's semi-structured sparse
+    tensors (:func:`torch.sparse.to_sparse_semi_structured`), whose matrix products run on sparse tensor cores.
+
+    For inference: move the model to the GPU in half precision and to eval mode first
+    (``model.cuda().half().eval()``); the converted weights are frozen (``requires_grad=False``) and the model
+    keeps its ``forward``. A chosen ``Linear`` weight that does not satisfy 2:4 along its rows (see
+    :func:`nm_satisfied`), or whose shape the kernels do not take (both dimensions multiples of torch's minimum
+    block, e.g. 32 x 64 for CUTLASS, 16 x 16 for cuSPARSELt in fp16), or that is not a plain parameter, stays
+    dense with a warning naming it; other chosen tensors (convolutions, biases) are ignored.
+
+    Args:
+        model: the pruned model (masks made permanent, e.g. at the end of the callback's training).
+        parameters: as the callback's ``parameters``; default: every ``nn.Linear`` weight.
+
+    Returns:
+        The qualified names of the converted weights.
+
+    Raises:
+        RuntimeError: without CUDA, or on a GPU of compute capability below 8.0: the kernels need CUDA.
+        ValueError: for a chosen 2:4 weight that is not on a CUDA device or not ``float16``/``bfloat16``.
+
+    Example (on a CUDA machine)::
+
+        model = module.model.cuda().half().eval()
+        converted = to_semi_structured(model)  # e.g. ['fc1.weight', 'fc2.weight']
+        with torch.inference_mode():
+            logits = model(images.cuda().half())
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "to_semi_structured needs CUDA: torch's 2:4 semi-structured sparse kernels (cuSPARSELt, CUTLASS) run "
+            "only on NVIDIA GPUs of compute capability 8.0 or newer, and no CUDA device is available here. "
+            "On the CPU, run the pruned model as it is (dense weights with zeros)."
+        )
+    chosen = [t for t in select_parameters(model, parameters) if isinstance(t.module, nn.Linear)]
+    dense: dict[str, str] = {}
+    ready: list[tuple[PruningTarget, Tensor]] = []
+    for t in chosen:
+        weight = t.module._parameters.get("weight")
+        why = _skip_reason(t, 4)
+        if why is not None:
+            dense[t.name] = why
+        elif t.param != "weight" or weight is None:
+            dense[t.name] = "not a plain parameter (a parametrization or torch's pruning computes it)"
+        elif not nm_satisfied(weight, 2, 4):
+            dense[t.name] = "not 2:4 sparse along its rows"
+        else:
+            ready.append((t, weight))
+    for t, weight in ready:
+        if not weight.is_cuda or weight.dtype not in _SEMI_STRUCTURED_DTYPES:
+            raise ValueError(
+                f"to_semi_structured: {t.name!r} is a {weight.dtype} tensor on {weight.device}; the kernels take "
+                "float16 or bfloat16 CUDA tensors: call `model.cuda().half()` (or `.to('cuda', torch.bfloat16)`) "
+                "first."
+            )
+        if torch.cuda.get_device_capability(weight.device) < (8, 0):
+            raise RuntimeError(
+                f"to_semi_structured: {torch.cuda.get_device_name(weight.device)} has compute capability "
+                f"{torch.cuda.get_device_capability(weight.device)}; the 2:4 kernels need CUDA 8.0 or newer."
+            )
+    converted = []
+    for t, weight in ready:
+        too_small = _block_misfit(weight)
+        if too_small is not None:
+            dense[t.name] = too_small
+            continue
+        sparse = torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
+        t.module.weight = nn.Parameter(sparse, requires_grad=False)
+        converted.append(t.name)
+    if dense:
+        rank_zero_warn(
+            f"to_semi_structured leaves {sorted(dense)} dense: "
+            + "; ".join(f"{name!r}: {why}" for name, why in dense.items())
+            + "."
+        )
+    return converted
+
+
+def _block_misfit(weight: Tensor) -> str | None:
+    """Why torch's semi-structured kernels cannot take ``weight``'s shape (``None``: they can)."""
+    semi = torch.sparse.SparseSemiStructuredTensor
+    backend: Any = (
+        torch.sparse.SparseSemiStructuredTensorCUTLASS
+        if getattr(semi, "_FORCE_CUTLASS", False)
+        else torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    )
+    constraints = getattr(backend, "_DTYPE_SHAPE_CONSTRAINTS", {}).get(weight.dtype)
+    if constraints is None:
+        return None  # unknown to this torch version: let torch decide
+    rows, cols = weight.shape
+    min_rows, min_cols = constraints.sparse_min_rows, constraints.sparse_min_cols
+    if rows < min_rows or rows % min_rows or cols < min_cols or cols % min_cols:
+        return (
+            f"shape {tuple(weight.shape)}: both dimensions must be multiples of ({min_rows}, {min_cols}) "
+            f"for the {backend.BACKEND} kernels"
+        )
+    return None
