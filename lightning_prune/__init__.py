@@ -16,6 +16,7 @@ from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 from lightning_prune.selection import PruningTarget, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
+from lightning_prune.sparse_files import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.structured import NeuronGroup, NeuronPruning, neuron_groups
 
 __version__ = "0.1.0"
@@ -31,17 +32,22 @@ __all__ = [
     "Rewind",
     "Schedule",
     "SensitivityTable",
+    "SparseFileInfo",
     "SparsityReport",
     "TensorSparsity",
     "__version__",
     "compact",
+    "inspect_sparse",
     "load_compact_state_dict",
+    "load_sparse",
+    "load_sparse_into",
     "make_permanent",
     "neuron_groups",
     "plot_sensitivity",
     "resize_to_state_dict",
     "restore_pruning",
     "restore_pruning_on_load",
+    "save_sparse",
     "select_parameters",
     "sensitivity_analysis",
     "sparsity_report",
