@@ -16,6 +16,7 @@ from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 from lightning_prune.selection import PruningTarget, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
+from lightning_prune.sparse_checkpoint import SparseCheckpointIO, save_dense_checkpoint
 from lightning_prune.sparse_files import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.structured import NeuronGroup, NeuronPruning, neuron_groups
 
@@ -32,6 +33,7 @@ __all__ = [
     "Rewind",
     "Schedule",
     "SensitivityTable",
+    "SparseCheckpointIO",
     "SparseFileInfo",
     "SparsityReport",
     "TensorSparsity",
@@ -47,6 +49,7 @@ __all__ = [
     "resize_to_state_dict",
     "restore_pruning",
     "restore_pruning_on_load",
+    "save_dense_checkpoint",
     "save_sparse",
     "select_parameters",
     "sensitivity_analysis",
