@@ -300,13 +300,13 @@ def _decode_cpu(parts: SparseParts) -> Tensor:
     out = np.zeros(numel, dtype=src.dtype)  # calloc: pages are zeroed as the threads first touch them
 
     def fill(start: int, stop: int, offset: int, count: int) -> None:
-        packed_slice = slice(start // 8, packed_size(stop))
-        if count:
-            keep = unpack_bits(bitmask[packed_slice], (stop - start,)).numpy().view(np.bool_)
-            out[start:stop][keep] = src[offset : offset + count]
-        if negatives is not None and negatives[packed_slice].any():
-            is_negative_zero = np.unpackbits(negatives[packed_slice], count=stop - start).view(np.bool_)
-            out[start:stop][is_negative_zero] = _negative_zero(out)
+        packed_slice, target = slice(start // 8, packed_size(stop)), out[start:stop]
+        if negatives is not None and negatives[packed_slice].any():  # -0.0 where set, +0.0 elsewhere
+            sign = unpack_bits(parts.negative_zeros[packed_slice], (stop - start,)).numpy()
+            np.multiply(sign, out.dtype.type(_negative_zero(out)), out=target, casting="unsafe")
+        if count:  # indices, not a boolean mask: numpy's boolean assignment branches on every entry
+            keep = np.flatnonzero(unpack_bits(bitmask[packed_slice], (stop - start,)).numpy().view(np.bool_))
+            target[keep] = src[offset : offset + count]
 
     offsets = np.cumsum([0, *counts[:-1]]).tolist()
     _run([partial(fill, *chunk, o, c) for chunk, o, c in zip(chunks, offsets, counts)])
@@ -505,7 +505,10 @@ def _info(path: _PathLike, entries: list[dict[str, Any]], metadata: dict[str, st
 
 
 class _Reader:
-    """An open safetensors file whose errors name the file (``ValueError``)."""
+    """An open safetensors file (a context manager) whose errors name the file (``ValueError``).
+
+    Its tensors are views of the file's memory map: copy those that are kept (:meth:`tensor` with ``device``).
+    """
 
     def __init__(self, path: _PathLike) -> None:
         self.path = os.fspath(path)
@@ -518,6 +521,12 @@ class _Reader:
         self.metadata: dict[str, str] = self.file.metadata() or {}
         self.keys: list[str] = list(self.file.keys())
 
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.__exit__(None, None, None)
+
     def error(self, what: str) -> ValueError:
         return ValueError(f"{self.path} {what}")
 
@@ -526,12 +535,13 @@ class _Reader:
             raise self.error(f"lacks the tensor {name!r} that its metadata lists")
         return list(self.file.get_slice(name).get_shape())
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """The stored tensor ``name``; with ``dtype``, check that it is stored with that dtype."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Tensor:
+        """The stored tensor ``name``; with ``dtype``, check that it is stored with that dtype; with ``device``, a copy
+        there (else a view of the memory map, valid while the file is open and unchanged)."""
         t = self.file.get_tensor(name)
         if dtype is not None and t.dtype != dtype:
             raise self.error(f"has corrupt metadata: {name!r} is stored as {t.dtype}, its metadata says {dtype}")
-        return t
+        return t if device is None else t.to(device, copy=True)
 
 
 def _entries(reader: _Reader) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -616,10 +626,10 @@ def inspect_sparse(path: _PathLike) -> SparseFileInfo:
         ValueError: when the file is not a readable safetensors file, not a sparse file (no
             ``"lightning_prune.sparse"`` marker), or its metadata is corrupt; the message names the file.
     """
-    reader = _Reader(path)
-    if FORMAT_KEY not in reader.metadata:
-        raise reader.error(f"is a safetensors file without the {FORMAT_KEY!r} marker, not a sparse file")
-    entries, user = _entries(reader)
+    with _Reader(path) as reader:
+        if FORMAT_KEY not in reader.metadata:
+            raise reader.error(f"is a safetensors file without the {FORMAT_KEY!r} marker, not a sparse file")
+        entries, user = _entries(reader)
     return _info(path, entries, user)
 
 
@@ -648,27 +658,32 @@ def load_sparse(path: _PathLike, device: str | torch.device = "cpu") -> dict[str
         >>> torch.equal(load_sparse(path)["w"].view(torch.int16), w.view(torch.int16))
         True
     """
-    reader = _Reader(path)
-    if FORMAT_KEY not in reader.metadata:
-        return {key: reader.tensor(key).to(device) for key in reader.keys}
-    entries, _ = _entries(reader)
-    out: dict[str, Tensor] = {}
-    for entry in entries:
-        name, fmt, dtype = entry["name"], entry["format"], getattr(torch, entry["dtype"])
-        if fmt == "alias":
-            out[name] = out[entry["of"]]
-        elif fmt == "dense":
-            out[name] = reader.tensor(name, dtype).to(device)
-        else:
-            bitmask, values = reader.tensor(name + _BITMASK, torch.uint8), reader.tensor(name + _VALUES, dtype)
-            negatives = reader.tensor(name + _NEGATIVE_ZEROS, torch.uint8) if entry["negative_zeros"] else None
-            try:
-                if negatives is not None and _popcount(negatives.numpy()) != entry["negative_zeros"]:
-                    raise ValueError(f"the negative-zeros bitmask does not set {entry['negative_zeros']} bits")
-                out[name] = join_sparse(SparseParts(bitmask, values, tuple(entry["shape"]), negatives)).to(device)
-            except ValueError as err:
-                raise reader.error(f"has a corrupt sparse tensor {name!r}: {err}") from err
-    return out
+    with _Reader(path) as reader:
+        if FORMAT_KEY not in reader.metadata:
+            return {key: reader.tensor(key, device=device) for key in reader.keys}
+        entries, _ = _entries(reader)
+        out: dict[str, Tensor] = {}
+        for entry in entries:
+            name, fmt, dtype = entry["name"], entry["format"], getattr(torch, entry["dtype"])
+            if fmt == "alias":
+                out[name] = out[entry["of"]]
+            elif fmt == "dense":
+                out[name] = reader.tensor(name, dtype, device)
+            else:
+                out[name] = _read_sparse(reader, entry, dtype).to(device)
+        return out
+
+
+def _read_sparse(reader: _Reader, entry: dict[str, Any], dtype: torch.dtype) -> Tensor:
+    name = entry["name"]
+    bitmask, values = reader.tensor(name + _BITMASK, torch.uint8), reader.tensor(name + _VALUES, dtype)
+    negatives = reader.tensor(name + _NEGATIVE_ZEROS, torch.uint8) if entry["negative_zeros"] else None
+    try:
+        if negatives is not None and _popcount(negatives.numpy()) != entry["negative_zeros"]:
+            raise ValueError(f"the negative-zeros bitmask does not set {entry['negative_zeros']} bits")
+        return join_sparse(SparseParts(bitmask, values, tuple(entry["shape"]), negatives))
+    except ValueError as err:
+        raise reader.error(f"has a corrupt sparse tensor {name!r}: {err}") from err
 
 
 def load_sparse_into(model: nn.Module, path: _PathLike, *, strict: bool = True) -> Any:

@@ -445,3 +445,14 @@ def test_join_sparse_bad_parts() -> None:
         join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), torch.ones(17), (16,)))
     with pytest.raises(ValueError, match="1-d float16"):
         join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), torch.ones(1, dtype=torch.int32), (16,)))
+
+
+def test_load_sparse_tensors_own_their_memory(tmp_path: Path) -> None:
+    """safetensors maps the file; the loaded tensors must not change when the file is rewritten in place."""
+    path = tmp_path / "own.safetensors"
+    save_sparse({"dense": torch.ones(1000), "sparse": torch.zeros(1000)}, path)
+    loaded = load_sparse(path)
+    header, body = read_header(path)
+    begin, end = header["dense"]["data_offsets"]
+    write_header(path, header, body[:begin] + bytes(end - begin) + body[end:])
+    assert torch.equal(loaded["dense"], torch.ones(1000)) and torch.equal(load_sparse(path)["dense"], torch.zeros(1000))
