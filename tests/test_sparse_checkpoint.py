@@ -271,3 +271,14 @@ def test_sparse_checkpoint_corrupt_tensor_names_the_file(tmp_path: Path) -> None
 def test_sparse_checkpoint_storage_options(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="storage_options"):
         SparseCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "x.ckpt", storage_options={"a": 1})
+
+
+@pytest.mark.cuda
+def test_sparse_checkpoint_rebuilds_on_the_mapped_device(tmp_path: Path) -> None:
+    weight = torch.randn(64, 64)
+    weight[weight.abs() < 1.0] = 0.0
+    weight[0, :4] = -0.0
+    path = tmp_path / "gpu.ckpt"
+    SparseCheckpointIO().save_checkpoint({"state_dict": {"w": weight.cuda()}}, path)
+    loaded = torch.load(path, map_location="cuda")["state_dict"]["w"]
+    assert loaded.is_cuda and torch.equal(bits(loaded.cpu()), bits(weight))
