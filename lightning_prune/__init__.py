@@ -18,6 +18,8 @@ from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 from lightning_prune.selection import PruningTarget, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
+from lightning_prune.sparse_checkpoint import SparseCheckpointIO, save_dense_checkpoint
+from lightning_prune.sparse_files import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.store import MaskStore
 from lightning_prune.structured import NeuronPruning
 from lightning_prune.wanda import Wanda, prune_once, wanda_prune
@@ -39,19 +41,26 @@ __all__ = [
     "Rewind",
     "Schedule",
     "SensitivityTable",
+    "SparseCheckpointIO",
+    "SparseFileInfo",
     "SparsityReport",
     "TensorSparsity",
     "Wanda",
     "__version__",
     "compact",
     "convert_on_load",
+    "inspect_sparse",
     "load_compact_state_dict",
+    "load_sparse",
+    "load_sparse_into",
     "make_permanent",
     "neuron_groups",
     "nm_satisfied",
     "plot_sensitivity",
     "prune_once",
     "resize_to_state_dict",
+    "save_dense_checkpoint",
+    "save_sparse",
     "select_parameters",
     "sensitivity_analysis",
     "sparsity_report",
