@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
             where = f"{page.relative_to(ROOT)}:{line}"
             first = code.lstrip().splitlines()[0] if code.strip() else ""
             if first.startswith("# not run:"):
-                skipped.append(f"{where} ({first[len('# not run:'):].strip()})")
+                skipped.append(f"{where} ({first[len('# not run:') :].strip()})")
                 continue
             count += 1
             ok, output, seconds = run(page, line, code)

@@ -261,6 +261,8 @@ class PruningScheduleCallback(CallbackBase):
             )
         self._saved_masks.update(reparam.loaded_masks(pl_module, pop=True))
         self._restore_masks()
+        if self._steps and self._last_report is None:  # resumed: log the figures of the steps taken before
+            self._last_report = measure(self._targets, self._goals(), self._store.group)
         self._training = True
         if self._resume_calibration:  # a checkpoint inside a calibration window: keep observing where it stopped
             self.method.start_calibration(pl_module, self.method.masked(self._targets), resume=True)

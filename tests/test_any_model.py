@@ -187,7 +187,9 @@ def test_vision_transformer_trains_with_defaults() -> None:
 def test_in_proj_weight_of_attention_can_be_named() -> None:
     pl.seed_everything(0, verbose=False)
     module = Wrapped(Encoder())
-    callback = PruningScheduleCallback(0.5, parameters=["model.encoder.layers.*.self_attn.in_proj_weight"], verbose=False)
+    callback = PruningScheduleCallback(
+        0.5, parameters=["model.encoder.layers.*.self_attn.in_proj_weight"], verbose=False
+    )
     trainer([callback], max_epochs=1).fit(module, sequence_data())
     for i in range(2):
         w = module.get_parameter(f"model.encoder.layers.{i}.self_attn.in_proj_weight")
@@ -398,7 +400,8 @@ def test_logged_epoch_value_is_the_last_one_measured_in_the_epoch(tmp_path: Path
     trainer([callback, Last()], max_epochs=3, logger=logger).fit(Wrapped(Encoder()), sequence_data())
     import csv
 
-    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("pruning/sparsity")]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("pruning/sparsity")]
     logged = {int(r["epoch"]): float(r["pruning/sparsity"]) for r in rows}
     assert logged.keys() == last.keys()
     for epoch, value in logged.items():
