@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
 from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
-from lightning_prune import PruningScheduleCallback  # noqa: E402
+from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
+from lightning_prune import PruningScheduleCallback, sparsity_report  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
 METHODS = ("callback", "modelpruning", "modelpruning-nolth")
@@ -103,7 +103,7 @@ def run_one(method: str, target: float, seed: int, args: argparse.Namespace, dat
         return [pruning] if pruning is not None else []
 
     module, _, fit_seconds, test = fit_and_test(seed, args, data, callbacks)
-    size = summarize(module.model)
+    size = sparsity_report(module.model).to_dict()
     return {
         "method": method,
         "target": target,

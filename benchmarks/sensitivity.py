@@ -41,9 +41,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.accuracy_vs_sparsity import build_parser as budget_parser  # noqa: E402
 from benchmarks.common import fit_and_test, prepare  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule, summarize  # noqa: E402
+from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from examples.lenet_sensitivity import analyze_lenet  # noqa: E402
-from lightning_prune import PruningScheduleCallback, suggest_sparsity  # noqa: E402
+from lightning_prune import (  # noqa: E402
+    PruningScheduleCallback,
+    sparsity_report,  # noqa: E402
+    suggest_sparsity,
+)
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
 KINDS = ("global", "uniform", "sensitivity")
@@ -64,7 +68,7 @@ def make_callback(kind: str, target: float, suggested: dict[str, float], args: a
 
 def train(seed: int, args: argparse.Namespace, data: MNISTDataModule, callback: Any) -> tuple[LitLeNet, dict]:
     module, _, fit_seconds, test = fit_and_test(seed, args, data, [callback] if callback is not None else [])
-    size = summarize(module.model)
+    size = sparsity_report(module.model).to_dict()
     return module, {
         "seed": seed,
         "test_acc": round(float(test["test_acc"]), 6),
@@ -72,7 +76,7 @@ def train(seed: int, args: argparse.Namespace, data: MNISTDataModule, callback: 
         "fit_seconds": round(fit_seconds, 2),
         "epochs": args.epochs,
         "ramp": f"{args.ramp_start}->{args.ramp_end}/{args.every_n_steps}",
-        "per_layer": json.dumps({k: round(v, 4) for k, v in size["sparsity_per_layer"].items()}),
+        "per_layer": json.dumps({k: round(v, 4) for k, v in size["sparsity_per_tensor"].items()}),
     }
 
 

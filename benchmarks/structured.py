@@ -47,8 +47,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
-from examples.lenet_mnist import LeNet, MNISTDataModule, count_macs  # noqa: E402
+from examples.lenet_mnist import LeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
+from lightning_prune.report import count_macs  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
@@ -128,7 +129,7 @@ def execution_modes(shapes: Sequence[str], repeats: int, compile_too: bool, batc
     }
     if compile_too:
         modes["torch.compile (inductor)"] = (torch.compile, x)
-    macs = [count_macs(lenet_of(shape))[0] for shape in shapes]
+    macs = [count_macs(lenet_of(shape), torch.zeros(1, 1, 28, 28))[0] for shape in shapes]
     header = (
         "| mode | "
         + " | ".join(f"ms, widths {s}" for s in shapes)
@@ -234,7 +235,7 @@ def run_one(scope: str, target: float, seed: int, args: argparse.Namespace, data
         "max_abs_diff": f"{diff:.2e}",
         "params": sum(p.numel() for p in net.parameters()),
         "file_bytes": file_bytes(net),
-        "macs": count_macs(net)[0],
+        "macs": count_macs(net, torch.zeros(1, 1, 28, 28))[0],
         "ms_b1_dense": round(b1[0], 4),
         "ms_b1": round(b1[1], 4),
         "ms_b256_dense": round(b256[0], 3),

@@ -10,15 +10,15 @@ batch 128): a dense warm-up epoch, a gradual global L1 ramp (Zhu & Gupta's cubic
 every 50 optimizer steps) to 95% of the weights over epochs 1-3, then a fine-tuning epoch at the final
 sparsity. The script tests on the official 10,000 images and prints a summary; ``--output`` gets
 the checkpoint, the final permanent model's ``state_dict`` (it loads into a plain ``LeNet()`` with
-``strict=True``), the metrics CSV and ``summary.json``.
+``strict=True``), the same weights as a sparse safetensors file (``lightning_prune.load_sparse``), the
+metrics CSV and ``summary.json``. A progress bar shows when the output is a terminal (not in CI, not with
+``--quiet``).
 
 The model, data module and training code are importable (run from the repository root)::
 
-    >>> from examples.lenet_mnist import LeNet, count_macs
+    >>> from examples.lenet_mnist import LeNet
     >>> sum(p.numel() for p in LeNet().parameters())
     60074
-    >>> count_macs(LeNet())
-    (199968, 199968)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_prune import PruningScheduleCallback, sparsity_report
+from lightning_prune import PruningScheduleCallback, save_sparse, sparsity_report
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 
 __all__ = [
@@ -52,10 +53,8 @@ __all__ = [
     "MNISTNotFoundError",
     "build_callback",
     "build_parser",
-    "count_macs",
     "main",
     "run",
-    "summarize",
 ]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -312,56 +311,6 @@ class MNISTDataModule(pl.LightningDataModule):
 # ------------------------------------------------------------------------------------------- measures
 
 
-def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 1, 28, 28)) -> tuple[int, int]:
-    """Multiply-accumulates of one forward pass in every ``Conv2d`` and ``Linear``: ``(dense, nonzero)``.
-
-    ``dense`` counts every weight; ``nonzero`` only the weights that are not zero, i.e. the work left to
-    an ideal sparse kernel (Blalock et al., 2020). Biases, activations and pooling are not counted. Works
-    on masked (``weight_orig`` * ``weight_mask``) and permanent models. The counts are per image.
-    """
-    counts = [0, 0]
-
-    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-        weight = module.weight  # recomputed from weight_orig * weight_mask by torch's pre-hook
-        positions = output[0].numel() // module.weight.shape[0]  # output positions per output channel/unit
-        per_position = weight[0].numel() if isinstance(module, nn.Conv2d) else weight.shape[1]
-        counts[0] += positions * weight.shape[0] * per_position
-        counts[1] += positions * int(torch.count_nonzero(weight))
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(*input_size, device=device)[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts[0], counts[1]
-
-
-def summarize(model: nn.Module) -> dict[str, Any]:
-    """Measured size figures of a (pruned) LeNet: sparsity of the Conv/Linear weights, overall and per
-    layer, parameters (biases included) total and nonzero, compression ratio, MACs dense and remaining."""
-    report = sparsity_report(model)
-    params_total = sum(p.numel() for p in model.parameters())
-    params_nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    macs_dense, macs_nonzero = count_macs(model)
-    return {
-        "sparsity": report.sparsity,
-        "sparsity_per_layer": report.per_tensor(),
-        "weights_per_layer": {t.name: [t.numel - t.zeros, t.numel] for t in report.tensors},
-        "weights_total": report.numel,
-        "weights_nonzero": report.numel - report.zeros,
-        "params_total": params_total,
-        "params_nonzero": params_nonzero,
-        "compression_ratio": params_total / max(params_nonzero, 1),
-        "macs_dense": macs_dense,
-        "macs_nonzero": macs_nonzero,
-        "theoretical_speedup": macs_dense / max(macs_nonzero, 1),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -443,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="runs/lenet_mnist", help="folder for checkpoint, model, metrics, summary")
     parser.add_argument("--quick", action="store_true", help="smoke test: a few batches of data per epoch")
     parser.add_argument("--verbose", action="store_true", help="print Lightning's messages and each pruning step")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the default when not on a terminal)")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is best on a busy CPU)"
     )
@@ -453,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         "its tables, sensitivity.png and per-layer targets for --sparsity (sensitivity_suggested.json) to --output",
     )
     return parser
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Lightning's progress bar: on when the output is a terminal, off in CI (``CI`` set) and with ``--quiet``."""
+    return not args.quiet and sys.stdout.isatty() and not os.environ.get("CI")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_epochs=args.epochs,
         callbacks=[checkpoint] if args.sensitivity else [callback, checkpoint],
         logger=CSVLogger(save_dir=out, name="", version=""),
-        enable_progress_bar=args.verbose,
+        enable_progress_bar=show_progress(args),
         enable_model_summary=False,
         log_every_n_steps=50,
         deterministic=True,
@@ -495,10 +450,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     model_path = out / "lenet_pruned.pt"
     torch.save(module.model.state_dict(), model_path)
+    sparse_path = out / "lenet_pruned.safetensors"
+    save_sparse(module.model, sparse_path)
+    report = sparsity_report(module.model, example_inputs=torch.zeros(1, 1, 28, 28))
     summary = {
         "test_acc": float(test["test_acc"]),
         "test_loss": float(test["test_loss"]),
-        **summarize(module.model),
+        **report.to_dict(),
+        "file_bytes_dense": model_path.stat().st_size,
+        "file_bytes_sparse": sparse_path.stat().st_size,
         "target_sparsity": args.sparsity,
         "scope": args.scope,
         "method": args.method,
@@ -515,6 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "files": {
             "checkpoint": str(checkpoint.last_model_path or checkpoint.best_model_path),
             "model": str(model_path),
+            "model_sparse": str(sparse_path),
             "metrics": str(out / "metrics.csv"),
             "summary": str(out / "summary.json"),
         },
@@ -537,8 +498,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"LeNet on MNIST: {summary['epochs']} epochs, {summary['scope']} {summary['method']}, {summary['schedule']}",
         f"{'layer':<14}{'nonzero / total':>18}{'sparsity':>10}",
     ]
-    for name, (nonzero, total) in summary["weights_per_layer"].items():
-        lines.append(f"{name:<14}{f'{nonzero:,} / {total:,}':>18}{summary['sparsity_per_layer'][name]:>10.2%}")
+    for name, (nonzero, total) in summary["weights_per_tensor"].items():
+        lines.append(f"{name:<14}{f'{nonzero:,} / {total:,}':>18}{summary['sparsity_per_tensor'][name]:>10.2%}")
     nonzero, total = summary["weights_nonzero"], summary["weights_total"]
     zeros = summary["params_total"] - summary["params_nonzero"]
     lines += [
@@ -549,7 +510,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['macs_nonzero']:,} nonzero (theoretical speed-up {summary['theoretical_speedup']:.1f}x)",
         f"test accuracy: {summary['test_acc']:.2%} on {summary['images']['test']:,} images "
         f"(fit {summary['fit_seconds']:.0f} s, total {summary['seconds']:.0f} s)",
-        f"saved: {summary['files']['model']}, {summary['files']['summary']}, {summary['files']['metrics']}",
+        f"files: {summary['files']['model']} {summary['file_bytes_dense']:,} bytes; "
+        f"{summary['files']['model_sparse']} {summary['file_bytes_sparse']:,} bytes "
+        f"({summary['file_bytes_sparse'] / summary['file_bytes_dense']:.2f}x, lightning_prune.load_sparse reads it)",
+        f"saved: {summary['files']['summary']}, {summary['files']['metrics']}",
     ]
     return "\n".join(lines)
 

@@ -332,7 +332,7 @@ class PruningScheduleCallback(CallbackBase):
             "applied": dict(self._applied),
             "steps": self._steps,
             "rewind": self._rewind_to,
-            "masks": self._store.state_dict(),
+            "masks": {**MaskStore.pack(self._saved_masks), **self._store.state_dict()},  # loaded, not yet restored
             "deferred": self._deferred,
             "calibrating": self._calibrating,
             "method": self.method.state_dict(),

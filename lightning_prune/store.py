@@ -254,7 +254,7 @@ class MaskStore:
                 start = shard_offset(param)
                 whole[start : start + mask.numel()] = mask.reshape(-1)
                 mask = self.group.reduce(whole).view(param.shape)
-            out[name] = {"shape": list(mask.shape), "bits": pack_bits(mask)}
+            out.update(self.pack({name: mask}))
         return out
 
     @staticmethod
@@ -265,6 +265,11 @@ class MaskStore:
             return mask
         start = shard_offset(tensor)
         return mask.reshape(-1)[start : start + local.numel()].view(local.shape)
+
+    @staticmethod
+    def pack(masks: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+        """Whole masks in the form of :meth:`state_dict`."""
+        return {name: {"shape": list(m.shape), "bits": pack_bits(m)} for name, m in masks.items()}
 
     @staticmethod
     def unpack(state: Mapping[str, Any]) -> dict[str, Tensor]:

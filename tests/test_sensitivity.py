@@ -223,7 +223,7 @@ def test_example_sensitivity_flag_writes_plot_table_and_suggestion(tmp_path, cap
     assert summary["sparsity"] == 0.0  # the analysed model is the trained dense one
     suggested = json.loads((out / "sensitivity_suggested.json").read_text())["sparsity"]
     assert suggested == summary["sensitivity"]["suggested"]
-    numels = {f"model.{name}": total for name, (_, total) in summary["weights_per_layer"].items()}
+    numels = {f"model.{name}": total for name, (_, total) in summary["weights_per_tensor"].items()}
     assert sum(s * numels[n] for n, s in suggested.items()) / sum(numels.values()) == pytest.approx(0.8, abs=1e-5)
     rows = list(csv.DictReader((out / "sensitivity_accuracy.csv").open()))
     assert len(rows) == 1 + 5 * 13
