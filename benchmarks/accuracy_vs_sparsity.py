@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
 from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import PruningScheduleCallback, sparsity_report  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -256,7 +256,7 @@ def describe(args: argparse.Namespace) -> str:
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, name: str, setup: str, note: str) -> str:
     table = format_table(rows)
-    (out / f"{name}.md").write_text(f"{setup}\n\n{table}\n\n{note}\n")
+    write_results(out / f"{name}.md", f"{setup}\n\n{table}\n\n{note}\n")
     plot(rows, out / f"{name}.png", setup)
     return table
 

@@ -180,3 +180,17 @@ def run_and_record(
             rows.append(row)
             print(f"[{i + 1}/{len(runs)} {time.perf_counter() - start:6.0f}s] {describe(key, row)}", flush=True)
     return time.perf_counter() - start
+
+
+NOTES_HEADING = "## Procedure and notes"
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write a benchmark's generated table to ``path``, keeping the hand-written section that starts at
+    ``## Procedure and notes`` in the file already there."""
+    notes = ""
+    if path.exists():
+        old = path.read_text()
+        if NOTES_HEADING in old:
+            notes = "\n" + old[old.index(NOTES_HEADING) :]
+    path.write_text(text.rstrip("\n") + "\n" + notes)

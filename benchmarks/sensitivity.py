@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy_vs_sparsity import build_parser as budget_parser  # noqa: E402
-from benchmarks.common import fit_and_test, prepare  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, write_results  # noqa: E402
 from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from examples.lenet_sensitivity import analyze_lenet  # noqa: E402
 from lightning_prune import (  # noqa: E402
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"steps, seeds {sorted({int(r['seed']) for r in rows})}"
     )
     table = format_table(rows)
-    (out / "sensitivity.md").write_text(f"{setup}\n\n{table}\n\nwall time of the last invocation: {wall:.0f} s\n")
+    write_results(out / "sensitivity.md", f"{setup}\n\n{table}\n\nwall time of the last invocation: {wall:.0f} s\n")
     print(f"\n{setup}\n\n{table}\n\nwall time: {wall:.0f} s")
     return 0
 

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser  # noqa: E402
+from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
 from examples.lenet_mnist import LeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.report import count_macs  # noqa: E402
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"execution modes (median ms of {args.repeats_b256} calls; ratio = speed-up / MAC reduction):"
         f"\n\n{modes}\n\nwall time of this invocation: {wall:.0f} s\n"
     )
-    (out / f"{args.name}.md").write_text(text)
+    write_results(out / f"{args.name}.md", text)
     print(f"\n{text}\nwrote {csv_path}")
     return 0
 

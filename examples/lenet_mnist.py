@@ -5,7 +5,7 @@ Run it with no arguments (downloads MNIST to ``./data`` where it can)::
     python examples/lenet_mnist.py
     python examples/lenet_mnist.py --data-dir /path/to/data --sparsity 0.98 --output runs/lenet98
 
-The default is the schedule recommended by the measurements in the README (5 epochs, Adam, lr 2e-3,
+The default is the schedule recommended by ``benchmarks/results/accuracy_vs_sparsity.md`` (5 epochs, Adam, lr 2e-3,
 batch 128): a dense warm-up epoch, a gradual global L1 ramp (Zhu & Gupta's cubic ``Polynomial``, pruning
 every 50 optimizer steps) to 95% of the weights over epochs 1-3, then a fine-tuning epoch at the final
 sparsity. The script tests on the official 10,000 images and prints a summary; ``--output`` gets
@@ -317,7 +317,7 @@ class MNISTDataModule(pl.LightningDataModule):
 def default_ramp(epochs: int) -> tuple[int, int]:
     """Default ``(start_epoch, end_epoch)`` of the pruning ramp for a run of ``epochs`` epochs: one dense
     warm-up epoch (when there are at least 3), a long ramp, then a quarter of the epochs (at least one) to
-    fine-tune at the final sparsity (see the README's results section for the measurements behind it).
+    fine-tune at the final sparsity (see ``benchmarks/results/accuracy_vs_sparsity.md`` for the measurements).
 
     >>> default_ramp(5), default_ramp(10), default_ramp(2)
     ((1, 4), (1, 8), (0, 1))

@@ -56,9 +56,11 @@ class PruningScheduleCallback(CallbackBase):
     (strict ``load_from_checkpoint``, ``load_state_dict``); the masks and the callback's progress travel in its
     state, so ``trainer.fit(model, ckpt_path=...)`` resumes exactly. Version 0.1 checkpoints (torch's
     ``weight_orig``/``weight_mask`` keys) load too (see :mod:`lightning_prune.reparam`). Under DDP the ranks'
-    masks are checked to agree after each step (rank 0's are taken where they do not); sharded strategies
-    (FSDP, DeepSpeed) are refused. With several pruning callbacks in one Trainer (on disjoint tensors), each
-    logs ``pruning/<i>/sparsity``, ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``.
+    masks are checked to agree after each step (rank 0's are taken where they do not). Under FSDP2
+    (``ModelParallelStrategy`` with ``tensor_parallel_size=1``) the masks are kept per local shard and the
+    selection sums histograms across processes; DeepSpeed, FSDP1 and tensor parallelism are refused. With
+    several pruning callbacks in one Trainer (on disjoint tensors), each logs ``pruning/<i>/sparsity``,
+    ``pruning/<i>/target`` and its method's figures under ``pruning/<i>/``.
 
     Args:
         sparsity: the final cumulative target: a fraction in [0, 1) of every chosen tensor (local) or of all
@@ -85,9 +87,10 @@ class PruningScheduleCallback(CallbackBase):
             ``random_structured``, a custom class's own arguments).
         importance: a function ``tensor -> scores`` of the same shape (higher is kept) that replaces the
             magnitude in L1 pruning, local or global, and is passed to a torch method's ``compute_mask``.
-        make_permanent: at the end of training, forget the masks: the model keeps its zeros as plain weights
-            and a later ``fit`` may let them grow back. ``False`` keeps the masks in the callback (and, with
-            ``mask_mode="hook"``, torch's reparametrization on the model).
+        make_permanent: at the end of training, drop the masks: the model keeps its zeros as plain weights
+            (a later ``fit`` with this callback masks those zeros again; other training may let them grow).
+            ``False`` keeps the masks in the callback (and, with ``mask_mode="hook"``, torch's
+            reparametrization on the model).
         compact: at the end of training, physically remove the pruned neurons and channels (with a method
             that can, ``NeuronPruning(...)``; see :func:`lightning_prune.compact`): the model gets smaller
             layers.

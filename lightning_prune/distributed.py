@@ -35,8 +35,9 @@ def check_strategy(strategy: Any) -> None:
     """Raise before training under a strategy that shards or flattens the parameters.
 
     Raises:
-        ValueError: for FSDP, DeepSpeed and ``ModelParallelStrategy``; the message names the strategy and
-            the ones that work (single device, ``ddp``, ``ddp_spawn``, ``ddp_notebook``).
+        ValueError: for DeepSpeed, FSDP1 (``FSDPStrategy``) and ``ModelParallelStrategy`` with tensor
+            parallelism; the message names the strategy and what works (single device, ``ddp``, ``ddp_spawn``,
+            ``ddp_notebook``, FSDP2 through ``ModelParallelStrategy(tensor_parallel_size=1)``).
 
     Example::
 

@@ -120,9 +120,8 @@ class PruningMethod(ABC):
     def check_scope(self, scope: str) -> None:
         """Refuse a callback ``scope`` this method cannot work in (called when the callback is built)."""
         if scope == "global" and not self.supports_global:
-            raise ValueError(
-                f"`method={self.name}` is structured and works in `scope='local'` only, got scope='global'."
-            )
+            why = "is structured and works" if self.structured else "works"
+            raise ValueError(f"`method={self.name}` {why} in `scope='local'` only, got scope='global'.")
 
     def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
         """Called once when ``fit`` starts, before any pruning, with the whole module (optional hook)."""
@@ -430,6 +429,12 @@ def resolve_method(
     if importance is not None and not callable(importance):
         raise ValueError(f"`importance` must be a function tensor -> scores, got {importance!r}.")
     if isinstance(method, PruningMethod):
+        if kwargs or importance is not None:
+            given = [n for n, v in (("method_kwargs", kwargs), ("importance", importance)) if v]
+            raise ValueError(
+                f"{given} configure a method given by name or class; `method={method.name}` is an object built "
+                "already: pass its options to its constructor."
+            )
         return method
     if isinstance(method, str):
         if method not in _BUILTIN:
