@@ -70,7 +70,8 @@ def nm_satisfied(tensor: Tensor, n: int, m: int) -> bool:
 
     Args:
         tensor: at least 2-D, with ``tensor.shape[1]`` a multiple of ``m``.
-        n, m: the pattern, ``1 <= n < m``.
+        n: nonzeros allowed per group, ``1 <= n < m``.
+        m: the group size.
 
     Raises:
         ValueError: for a bad ``n``/``m`` or a tensor whose shape has no such groups.
