@@ -42,6 +42,7 @@ __all__ = [
     "install",
     "loaded_masks",
     "make_permanent",
+    "refresh",
     "remove",
     "take_over",
     "upgrade_state_dict",
@@ -85,6 +86,14 @@ def _reorder(module: nn.Module, order: list[str]) -> None:
         items = [(k, params[k]) for k in keys]
         params.clear()
         params.update(items)
+
+
+def refresh(target: PruningTarget) -> None:
+    """Recompute torch's cached ``<name> = orig * mask`` attribute of a target in torch's form now (torch itself
+    would only at the next forward), after its values changed in place."""
+    if _torch_masked(target.module, target.param):
+        with torch.no_grad():
+            setattr(target.module, target.param, target.value())
 
 
 def make_permanent(model: nn.Module) -> list[str]:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_prune import reparam
 from lightning_prune._checks import check_fraction, check_number, is_number
 from lightning_prune._lightning import CallbackBase
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
@@ -184,6 +185,7 @@ class _Swap:
         if self._saved is not None:
             with torch.no_grad():
                 self.target.tensor.copy_(self._saved)
+            reparam.refresh(self.target)  # a model in torch's form: its cached weight held the pruned copy
             self._saved = None
 
 

@@ -225,8 +225,8 @@ class MaskStore:
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # under Lightning's closure the gradients come later (on_before_optimizer_step masks them); a step taken
-        # on the raw optimizer after backward has them already
-        if args or kwargs.get("closure") is not None:
+        # on the raw optimizer after backward has them already (``args`` starts with the optimizer itself)
+        if kwargs.get("closure") is not None or any(a is not None for a in args[1:]):
             return
         self.mask_grads(optimizer)
 
