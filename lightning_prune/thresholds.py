@@ -354,10 +354,19 @@ def _iter_smallest(
     # keys fall outside the bin and pile into two bins anyway, where a weighted bincount is slower than
     # a multiplication by the mask followed by a plain one
     hist_low = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
+    # with several processes, each tensor's own low histogram too: its count at the threshold is its number of
+    # live ties, which the tie quotas need (no extra pass over the scores)
+    own_low: list[Tensor] = []
     for i, (score, mask) in enumerate(zip(scores, masks)):
         raw = held if held is not None else _raw_keys(score, fast[i])[0]
-        _add_low_histogram(hist_low, _live_keys(raw, mask, False, scratch, zeroed), high, scratch)
-        del raw
+        keys = _live_keys(raw, mask, False, scratch, zeroed)
+        if group is None:
+            _add_low_histogram(hist_low, keys, high, scratch)
+        else:
+            own_low.append(torch.zeros_like(hist_low))
+            _add_low_histogram(own_low[-1], keys, high, scratch)
+            hist_low += own_low[-1]
+        del raw, keys
     if group is not None:
         hist_low = group.reduce(hist_low)
     if high == _HALF:
@@ -372,7 +381,10 @@ def _iter_smallest(
     # (one process counts them as it goes; several count them first, in an extra pass)
     quotas = None
     if not prune_all_ties and group is not None:
-        quotas = _tie_quotas(scores, masks, fast, held, threshold, ties_left, group)
+        # the low histograms count pruned entries at key 0 on the fast path: count ties again there
+        counts = None if threshold == 0 else [int(h[low]) for h in own_low]
+        quotas = _tie_quotas(scores, masks, fast, held, threshold, ties_left, group, counts)
+    del own_low
 
     # pass 3: masks from the unmasked keys: keys above the threshold stay (and the ties not taken), times
     # the old mask, so that pruned entries stay pruned whatever their scores
@@ -429,13 +441,16 @@ def _tie_quotas(
     threshold: int,
     ties_left: int,
     group: Collective,
+    counts: list[int] | None = None,
 ) -> list[tuple[int, int]]:
     """``(ties to prune, live ties)`` of each tensor of this process: the first ``ties_left`` live entries at
-    the threshold, counted over every process's shards in tensor order, then rank order, then flat index."""
-    counts = []
-    for i, (score, mask) in enumerate(zip(scores, masks)):
-        keys = held if held is not None else _raw_keys(score, fast[i])[0]
-        counts.append(int(torch.count_nonzero(_tied(keys, mask, threshold))))
+    the threshold, counted over every process's shards in tensor order, then rank order, then flat index.
+    ``counts``: this process's live ties per tensor when known (else counted here, in one more pass)."""
+    if counts is None:
+        counts = []
+        for i, (score, mask) in enumerate(zip(scores, masks)):
+            keys = held if held is not None else _raw_keys(score, fast[i])[0]
+            counts.append(int(torch.count_nonzero(_tied(keys, mask, threshold))))
     table = group.gather(counts)
     rank = group.rank
     before = 0
