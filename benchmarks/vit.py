@@ -46,6 +46,7 @@ import csv
 import math
 import statistics
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from benchmarks.common import machine, quiet_lightning, run_and_record, training_parser  # noqa: E402
+from benchmarks.common import machine, quiet_lightning, run_and_record, training_parser, write_results  # noqa: E402
 from lightning_prune import Polynomial, PruningScheduleCallback, Wanda, prune_once, sparsity_report  # noqa: E402
 from lightning_prune import wanda_prune as wanda_once  # noqa: E402
 
@@ -391,9 +392,45 @@ def goals(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: Sequence[dict[str, Any]]) -> str:
+    """Differences between two methods on the same seed (same initialization, batches and dense model), at each
+    target: each seed's difference and their mean."""
+    acc = {(r["method"], r["target"], r["seed"]): 100 * r["test_acc"] for r in rows}
+    pairs = [
+        ("wanda-schedule", "l1-schedule"),
+        ("oneshot-wanda", "oneshot-l1"),
+        ("oneshot-wanda", "oneshot-l1-local"),
+        ("oneshot-wanda-tensor", "oneshot-l1-local"),
+        ("oneshot-wanda-global", "oneshot-l1"),
+    ]
+    lines = ["| A | B | target | A - B per seed (points) | mean |", "|---|---|---:|---|---:|"]
+    for a, b in pairs:
+        for target in sorted({r["target"] for r in rows if r["method"] == a}):
+            seeds = sorted(s for (m, t, s) in acc if m == a and t == target and (b, t, s) in acc)
+            if seeds:
+                diffs = [acc[(a, target, s)] - acc[(b, target, s)] for s in seeds]
+                each = ", ".join(f"{d:+.2f}" for d in diffs)
+                lines.append(f"| {a} | {b} | {target:g} | {each} | {statistics.fmean(diffs):+.2f} |")
+    return "\n".join(lines)
+
+
+def report(
+    rows: Sequence[dict[str, Any]], setup: str, command: str, machine_line: str, wall: float, failure: str
+) -> str:
+    """The Markdown written to ``<name>.md``."""
+    return (
+        f"# ViT on MNIST: pruning every attention and MLP weight matrix\n\n{setup}.\n\n"
+        f"Command: `{command}`\n\nMachine: {machine_line}\n\nWall time of this invocation: {wall:.0f} s\n\n"
+        f"{format_table(rows)}\n\nGoals:\n\n{goals(rows)}\n\nPaired by seed:\n\n{paired(rows)}\n\n"
+        f"Lightning's `ModelPruning` with `MultiheadAttention.out_proj.weight` in `parameters_to_prune`: {failure} "
+        "(raised in training after its first pruning step); its rows prune the other 12 matrices.\n"
+    )
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Test accuracy against target sparsity: left, pruning while training; right, one shot without fine-tuning;
-    mean ± std over seeds, the dense mean as a dashed line."""
+    """Test accuracy against measured sparsity (mean over seeds; ModelPruning's lies left of its target, as it
+    leaves ``out_proj`` dense): left, pruning while training; right, one shot without fine-tuning; mean ± std
+    over seeds, the dense mean as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,16 +448,16 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             targets = sorted(t for (m, t) in stats if m == method)
             if targets:
                 ax.errorbar(
-                    targets, [stats[(method, t)]["acc"][0] for t in targets],
+                    [stats[(method, t)]["sparsity"] for t in targets], [stats[(method, t)]["acc"][0] for t in targets],
                     yerr=[stats[(method, t)]["acc"][1] for t in targets], marker="osd^v"[i], capsize=3,
                     label=LABELS[method],
                 )  # fmt: skip
-        ax.set_xlabel("target sparsity of the attention and MLP weights")
+        ax.set_xlabel("measured sparsity of the 16 attention and MLP matrices")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
     axes[0].set_ylabel("test accuracy, % (mean ± std over seeds)")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -494,16 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     failure = modelpruning_out_proj_failure() if "modelpruning" in args.methods else "not run"
     setup = describe(args, len(train), len(test))
-    table = format_table(rows)
     command = "python benchmarks/vit.py " + " ".join(argv)
-    text = (
-        f"# ViT on MNIST: pruning every attention and MLP weight matrix\n\n{setup}.\n\n"
-        f"Command: `{command}`\n\nMachine: {machine()}\n\nWall time of this invocation: {wall:.0f} s\n\n"
-        f"{table}\n\nGoals:\n\n{goals(rows)}\n\n"
-        f"Lightning's `ModelPruning` with `MultiheadAttention.out_proj.weight` in `parameters_to_prune`: {failure} "
-        "(raised in training after its first pruning step); its rows prune the other 12 matrices.\n"
-    )
-    (out / f"{args.name}.md").write_text(text)
+    text = report(rows, setup, command, machine(), wall, failure)
+    write_results(out / f"{args.name}.md", text)  # keeps the hand-written "## Procedure and notes"
     plot(rows, out / f"{args.name}.png", setup)
     print(f"\n{text}\nwrote {csv_path}, {out / args.name}.md, {out / args.name}.png")
     return 0

@@ -1,7 +1,7 @@
 """Wanda (activation-aware importance) through the public API: exact counts per row, tensor and across tensors
 at every step of a schedule, scores against a hand-computed reference, hooks only inside the calibration
 window, resume inside a window, convolutions and attention, one-shot use, bad arguments, several processes,
-and the ViT benchmark end to end on a tiny synthetic MNIST."""
+and the ViT benchmark end to end on a tiny synthetic MNIST (docs/check_snippets.py runs docs/transformers.md)."""
 
 from __future__ import annotations
 
@@ -486,16 +486,7 @@ def test_wanda_ddp_every_rank_draws_the_same_masks(tmp_path: Path) -> None:
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
 
 
-# ---------------------------------------------------------------------------------------------- docs and benchmark
-
-
-def test_docs_transformers_snippets_run() -> None:
-    """Every Python block of docs/transformers.md runs as it is (each asserts what the page says)."""
-    text = (HERE.parent / "docs" / "transformers.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    assert len(blocks) == 4
-    for block in blocks:
-        exec(compile(block, "docs/transformers.md", "exec"), {"__name__": "docs"})
+# ---------------------------------------------------------------------------------------------- benchmark
 
 
 def test_vit_benchmark_runs_end_to_end(tmp_path: Path) -> None:
