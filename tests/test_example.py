@@ -162,3 +162,18 @@ def test_example_parser_lists_the_documented_flags():
     for flag in ("--end-epoch", "--every-n-steps", "--seed", "--batch-size", "--lr", "--output", "--quick"):
         assert flag in text
     assert isinstance(build_parser().parse_args([]), argparse.Namespace)
+
+
+def test_example_shows_progress_on_a_terminal_only(monkeypatch):
+    from examples.lenet_mnist import show_progress
+
+    args = build_parser().parse_args([])
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert show_progress(args)
+    assert not show_progress(build_parser().parse_args(["--quiet"]))
+    monkeypatch.setenv("CI", "true")
+    assert not show_progress(args)
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert not show_progress(args)
