@@ -179,9 +179,6 @@ class MaskStore:
         """Names whose masks were set but not yet applied."""
         return list(self._dirty)
 
-    def drop_pending(self) -> None:
-        self._dirty = []
-
     # ------------------------------------------------------------------ optimizers
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
