@@ -9,6 +9,7 @@ Example::
 
 from lightning_prune.callback import PruningScheduleCallback
 from lightning_prune.compaction import compact, load_compact_state_dict, resize_to_state_dict
+from lightning_prune.layers import register_matrix_layer
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.neuron_graph import NeuronGroup, neuron_groups
 from lightning_prune.nm import NMPruning, nm_satisfied, to_semi_structured
@@ -16,7 +17,7 @@ from lightning_prune.reparam import convert_on_load, make_permanent, upgrade_sta
 from lightning_prune.report import SparsityReport, TensorSparsity, sparsity_report
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
-from lightning_prune.selection import PruningTarget, select_parameters
+from lightning_prune.selection import PruningTarget, SelectionSummary, describe_selection, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
 from lightning_prune.sparse_checkpoint import SparseCheckpointIO, save_dense_checkpoint
 from lightning_prune.sparse_files import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
@@ -40,6 +41,7 @@ __all__ = [
     "PruningTarget",
     "Rewind",
     "Schedule",
+    "SelectionSummary",
     "SensitivityTable",
     "SparseCheckpointIO",
     "SparseFileInfo",
@@ -49,6 +51,7 @@ __all__ = [
     "__version__",
     "compact",
     "convert_on_load",
+    "describe_selection",
     "inspect_sparse",
     "load_compact_state_dict",
     "load_sparse",
@@ -58,6 +61,7 @@ __all__ = [
     "nm_satisfied",
     "plot_sensitivity",
     "prune_once",
+    "register_matrix_layer",
     "resize_to_state_dict",
     "save_dense_checkpoint",
     "save_sparse",

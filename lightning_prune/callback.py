@@ -20,7 +20,15 @@ from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, capture, rewind
 from lightning_prune.schedules import FunctionSchedule, OneShot, Schedule, ScheduleLike, as_schedule
 from lightning_prune.seeding import derive_seed
-from lightning_prune.selection import ParameterSpec, PruningTarget, SparsitySpec, local_view, select_parameters
+from lightning_prune.selection import (
+    ParameterSpec,
+    PruningTarget,
+    SelectionSummary,
+    SparsitySpec,
+    describe_selection,
+    local_view,
+    select_parameters,
+)
 from lightning_prune.store import MaskStore
 
 __all__ = ["PruningScheduleCallback"]
@@ -70,8 +78,12 @@ class PruningScheduleCallback(CallbackBase):
             defines it (``AtEpochs({...})``, a plain function).
         parameters: which tensors: qualified names relative to the ``LightningModule``
             (``"model.conv1.weight"``, any name of a shared tensor), glob patterns, or ``(module, "weight")``
-            pairs. Default: the ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``, each tensor once
-            (see :func:`~lightning_prune.select_parameters` for parametrized layers); biases only when named.
+            pairs. Default: every weight that enters a matrix product, each tensor once: ``nn.Linear``,
+            ``nn.Conv*d``, Hugging Face's ``Conv1D``, attention's ``in_proj_weight`` (or ``q/k/v_proj_weight``),
+            recurrent layers' weights and layers you registered (:mod:`lightning_prune.layers`); embedding tables
+            and every tensor tied to one (a language model's tied output head), positional and class-token
+            parameters, norms and biases are left out unless named. With ``verbose``, a summary of what was
+            chosen and left out is printed when ``fit`` starts (:attr:`selection`).
         method: ``"l1_unstructured"`` (default), ``"random_unstructured"``, ``"ln_structured"``,
             ``"random_structured"``, any ``torch.nn.utils.prune.BasePruningMethod`` subclass, or a
             :class:`~lightning_prune.methods.PruningMethod` (``NeuronPruning(...)``). A class whose constructor
@@ -175,6 +187,7 @@ class PruningScheduleCallback(CallbackBase):
             )
         self.rewind: Rewind | None = rewind
         self._targets: list[PruningTarget] = []
+        self._selection: SelectionSummary | None = None
         self._applied: dict[str, float] = {}
         self._steps = 0
         self._last_report: SparsityReport | None = None
@@ -241,6 +254,9 @@ class PruningScheduleCallback(CallbackBase):
         self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
         local_sparsity = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local_sparsity)
+        self._selection = describe_selection(pl_module, self._targets)
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: {self._selection}")
         self._check_reachable()
         self._check_overlap(trainer)
         if self.mask_mode == "hook":
@@ -593,6 +609,11 @@ class PruningScheduleCallback(CallbackBase):
     def targets(self) -> list[PruningTarget]:
         """The tensors being pruned (resolved when ``fit`` starts)."""
         return list(self._targets)
+
+    @property
+    def selection(self) -> SelectionSummary | None:
+        """What the selection takes of the model and what it leaves out, with reasons (when ``fit`` starts)."""
+        return self._selection
 
     @property
     def masks(self) -> MaskStore:

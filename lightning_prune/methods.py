@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for, mask_zeros
+from lightning_prune.layers import to_out_in
 from lightning_prune.seeding import derive_seed
 from lightning_prune.selection import PruningTarget, local_view, shard_offset
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
@@ -313,6 +314,10 @@ class TorchMethod(PruningMethod):
     """A ``torch.nn.utils.prune.BasePruningMethod`` subclass: its ``compute_mask`` decides, through torch's
     ``PruningContainer`` so that each step prunes among the entries (or channels) still live.
 
+    In scope ``"local"`` the method sees each matrix weight in the ``(out, in, ...)`` layout (a Hugging Face
+    ``Conv1D`` weight, stored ``(in, out)``, is shown transposed; see :mod:`lightning_prune.layers`), so that
+    ``dim=0`` of ``ln_structured`` prunes output units of every layer kind.
+
     Args:
         cls: the method class (e.g. ``prune.LnStructured`` or your own).
         kwargs: extra constructor arguments (``n``, ``dim``, ...).
@@ -354,16 +359,19 @@ class TorchMethod(PruningMethod):
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
+        # the method sees every weight as (out, in, ...): `dim=0` means output units, whatever the layout
         with _seeded(seed, targets):
             for t, s in zip(targets, sparsities):
                 current = masks.mask(t)
                 current = torch.ones_like(t.tensor, dtype=torch.uint8) if current is None else current
+                current = to_out_in(current, t.layout)
                 amount = None
                 if self.takes_sparsity:
                     amount = self._count(t, s if s is not None else 0.0, current)
                     if amount <= 0:
                         continue
-                yield NewMask(t, self._compute(self._scores(t), current, t.param, amount))
+                mask = self._compute(to_out_in(self._scores(t), t.layout), current, t.param, amount)
+                yield NewMask(t, to_out_in(mask, t.layout))
 
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader

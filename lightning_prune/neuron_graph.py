@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.methods import MaskReader, NewMask
-from lightning_prune.selection import PruningTarget
+from lightning_prune.selection import PruningTarget, matrix_weight_names
 
 __all__ = [
     "ExcludeSpec",
@@ -182,8 +182,35 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
     return inputs
 
 
+_GRAPH_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+
+
+def _check_known(model: nn.Module) -> None:
+    """Refuse a model with matrix layers that Torch-Pruning's graph does not model: it would take their weights
+    for loose parameters, and a neuron feeding one would be pruned without its columns there."""
+    unknown = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if matrix_weight_names(m) and not isinstance(m, _GRAPH_TYPES)
+    ]
+    if unknown:
+        more = f", and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise ValueError(
+            "Neuron pruning and compaction couple each neuron's row with its columns in the next layers through "
+            "Torch-Pruning's dependency graph, which knows nn.Linear and nn.Conv*d but not the matrix layers "
+            f"{', '.join(unknown[:4])}{more}; their rows and columns could not be kept consistent. Use an "
+            "unstructured method (the default, Wanda) or N:M for this model."
+        )
+
+
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` (masked or not), leaving the model's train/eval modes."""
+    """Torch-Pruning's dependency graph of ``model`` (masked or not), leaving the model's train/eval modes.
+
+    Raises:
+        ValueError: for a model with matrix layers that the graph does not know (Hugging Face's ``Conv1D``,
+            registered layers; see :mod:`lightning_prune.layers`).
+    """
+    _check_known(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with _traced(model):
         inputs = _to_device(example_inputs, device)
@@ -288,6 +315,9 @@ def groups_from_graph(
         supported = True
         for item in g:
             module = item.dep.target.module
+            if isinstance(module, nn.Parameter):  # a loose parameter that the graph prunes by guesswork
+                supported = False
+                break
             if not _has_params(module) and not isinstance(module, _ACROSS):
                 continue
             if id(module) not in names:

@@ -13,10 +13,15 @@ matrix product:
   ``(o, kh, kw)``, the input channels ``weight[o, m*g : m*(g+1), kh, kw]`` form a group: the channels-last
   ``(out, *kernel, in)`` view grouped along its last dimension, as NVIDIA's ASP prunes convolutions for
   implicit-GEMM kernels.
+* weights stored ``(in, out)`` (Hugging Face's ``Conv1D``, used as ``x @ W``; transposed convolutions): the
+  groups run along dim 0, the input dimension, i.e. down each column ``weight[m*g : m*(g+1), i]``; attention's
+  ``in_proj_weight`` and every other matrix weight of :mod:`lightning_prune.layers` likewise along its input
+  dimension.
 
-A weight whose input size is not a multiple of ``m``, and any tensor that is not the weight of a ``Linear`` or
-(non-transposed) ``Conv*d``, is skipped with a warning. :func:`nm_satisfied` checks the pattern;
-:func:`to_semi_structured` hands 2:4 ``Linear`` weights to torch's sparse kernels for inference on CUDA.
+A weight whose input size is not a multiple of ``m`` (a depthwise convolution has one input channel per
+group), and any tensor that is not a matrix layer's weight, is skipped with a warning. :func:`nm_satisfied`
+checks the pattern; :func:`to_semi_structured` hands 2:4 ``Linear`` weights to torch's sparse kernels for
+inference on CUDA.
 
 Example::
 
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_prune._checks import check_int
 from lightning_prune._lightning import rank_zero_warn
+from lightning_prune.layers import input_dim
 from lightning_prune.methods import ImportanceFn, MaskReader, NewMask, PruningMethod, _Magnitude
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
@@ -52,29 +58,32 @@ def check_nm(n: object, m: object) -> tuple[int, int]:
     return n, m
 
 
-def _grouped(x: Tensor, m: int) -> Tensor:
-    """``x`` (a weight-shaped tensor, input dimension 1) as ``(..., in / m, m)``: channels-last, cut into groups."""
-    moved = x.movedim(1, -1)
+def _grouped(x: Tensor, m: int, dim: int = 1) -> Tensor:
+    """``x`` (a weight-shaped tensor whose input dimension is ``dim``) as ``(..., in / m, m)``: the input dimension
+    moved last (channels-last), cut into groups."""
+    moved = x.movedim(dim, -1)
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
 
 
-def _ungrouped(g: Tensor, shape: Sequence[int]) -> Tensor:
+def _ungrouped(g: Tensor, shape: Sequence[int], dim: int = 1) -> Tensor:
     """The inverse of :func:`_grouped` for a tensor of ``shape``."""
-    moved = (shape[0], *shape[2:], shape[1])
-    return g.reshape(moved).movedim(-1, 1).contiguous()
+    moved = (*shape[:dim], *shape[dim + 1 :], shape[dim])
+    return g.reshape(moved).movedim(-1, dim).contiguous()
 
 
-def nm_satisfied(tensor: Tensor, n: int, m: int) -> bool:
-    """Whether every group of ``m`` consecutive entries along dim 1 (the input dimension of a ``Linear`` or
-    ``Conv*d`` weight; see the module docstring) holds at most ``n`` nonzeros.
+def nm_satisfied(tensor: Tensor, n: int, m: int, dim: int = 1) -> bool:
+    """Whether every group of ``m`` consecutive entries along ``dim``, the input dimension (1 for ``Linear`` and
+    ``Conv*d`` weights, 0 for weights stored ``(in, out)`` such as Hugging Face's ``Conv1D``; see the module
+    docstring), holds at most ``n`` nonzeros.
 
     Args:
-        tensor: at least 2-D, with ``tensor.shape[1]`` a multiple of ``m``.
+        tensor: at least 2-D, with ``tensor.shape[dim]`` a multiple of ``m``.
         n: nonzeros allowed per group, ``1 <= n < m``.
         m: the group size.
+        dim: the input dimension, 0 or 1.
 
     Raises:
-        ValueError: for a bad ``n``/``m`` or a tensor whose shape has no such groups.
+        ValueError: for a bad ``n``/``m``/``dim`` or a tensor whose shape has no such groups.
 
     Example::
 
@@ -82,29 +91,28 @@ def nm_satisfied(tensor: Tensor, n: int, m: int) -> bool:
         True
         >>> nm_satisfied(torch.ones(2, 4), 2, 4)
         False
+        >>> nm_satisfied(torch.tensor([[1.0], [0.0], [0.0], [1.0]]), 2, 4, dim=0)  # (in, out): down each column
+        True
     """
     n, m = check_nm(n, m)
-    if tensor.dim() < 2 or tensor.shape[1] % m:
+    if dim not in (0, 1):
+        raise ValueError(f"`dim` must be 0 or 1 (the input dimension of a weight), got {dim!r}.")
+    if tensor.dim() < 2 or tensor.shape[dim] % m:
         raise ValueError(
-            f"N:M groups run along dim 1, whose size must be a multiple of m={m}, got shape {tuple(tensor.shape)}."
+            f"N:M groups run along dim {dim}, whose size must be a multiple of m={m}, got shape {tuple(tensor.shape)}."
         )
     with torch.no_grad():
-        return bool((_grouped(tensor.detach(), m) != 0).sum(dim=-1).le(n).all())
+        return bool((_grouped(tensor.detach(), m, dim) != 0).sum(dim=-1).le(n).all())
 
 
 def _skip_reason(target: PruningTarget, m: int) -> str | None:
     """Why ``target`` cannot take an N:M pattern (``None``: it can)."""
-    module, shape = target.module, tuple(target.tensor.shape)
-    if isinstance(module, nn.Linear):
-        weight_shape: tuple[int, ...] = (module.out_features, module.in_features)
-    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-    else:
-        return f"not the weight of an nn.Linear or nn.Conv*d ({type(module).__name__})"
-    if shape != weight_shape:
-        return f"not the weight of its {type(module).__name__}"
-    if shape[1] % m:
-        return f"input size {shape[1]} is not a multiple of m={m}"
+    shape = tuple(target.tensor.shape)
+    if target.layout is None or len(shape) < 2:
+        return f"not a matrix layer's weight ({type(target.module).__name__}.{target.param})"
+    size = shape[input_dim(target.layout)]
+    if size % m:
+        return f"input size {size} is not a multiple of m={m}"
     return None
 
 
@@ -120,10 +128,11 @@ class NMPruning(PruningMethod):
 
     Masks only narrow: entries pruned before (an earlier step, a checkpoint, torch's pruning on the model)
     stay pruned, so a group that had more than ``m - n`` pruned entries keeps them all; a later step on a tensor
-    that already satisfies the pattern changes nothing. Eligible tensors: ``nn.Linear`` and non-transposed
-    ``nn.Conv*d`` weights whose input size (dim 1) is a multiple of ``m`` (layout: see the module docstring);
-    other chosen tensors are left dense, with a warning naming them when ``fit`` starts. Local scope only; the
-    masks are a function of the weights, so every DDP process decides the same. Not for FSDP2 shards.
+    that already satisfies the pattern changes nothing. Eligible tensors: the weights of matrix layers
+    (:mod:`lightning_prune.layers`: ``Linear``, ``Conv*d``, Hugging Face's ``Conv1D``, attention's input
+    projections, ...) whose input size is a multiple of ``m`` (layout: see the module docstring); other chosen
+    tensors are left dense, with a warning naming them when ``fit`` starts. Local scope only; the masks are a
+    function of the weights, so every DDP process decides the same. Not for FSDP2 shards.
 
     Args:
         n: entries kept per group, ``1 <= n < m``.
@@ -195,14 +204,14 @@ class NMPruning(PruningMethod):
         scores = self._scores(target, 0)
         if bool(torch.isnan(scores).any()):
             raise ValueError(f"{self!r}: the scores of {target.name!r} hold NaN.")
-        shape = tuple(scores.shape)
-        grouped = _grouped(scores, self.m)
+        shape, dim = tuple(scores.shape), input_dim(target.layout)
+        grouped = _grouped(scores, self.m, dim)
         if current is not None:  # a pruned entry is never among the kept ones while a live one is left
-            grouped = grouped.masked_fill(_grouped(current, self.m) == 0, float("-inf"))
+            grouped = grouped.masked_fill(_grouped(current, self.m, dim) == 0, float("-inf"))
         order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices
         keep = torch.zeros(grouped.shape, dtype=torch.uint8, device=grouped.device)
         keep.scatter_(-1, order[..., : self.n], 1)
-        mask = _ungrouped(keep, shape)
+        mask = _ungrouped(keep, shape, dim)
         if current is not None:
             mask.mul_(current)
             if torch.equal(mask, current):

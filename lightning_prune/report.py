@@ -12,8 +12,16 @@ from torch import Tensor, nn
 
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
+from lightning_prune.layers import input_dim, matrix_layer, output_dim
 from lightning_prune.nm import check_nm, nm_satisfied
-from lightning_prune.selection import ParameterSpec, PruningTarget, iter_parameters, local_view, select_parameters
+from lightning_prune.selection import (
+    ParameterSpec,
+    PruningTarget,
+    iter_parameters,
+    local_view,
+    matrix_weight_names,
+    select_parameters,
+)
 
 __all__ = ["ModelSize", "SparsityReport", "TensorSparsity", "count_macs", "sparsity_report"]
 
@@ -52,8 +60,9 @@ class ModelSize:
     Attributes:
         params_total: every parameter entry of the model, biases and normalization included.
         params_nonzero: those that are not zero.
-        macs_dense: multiply-accumulates of one forward pass on the example inputs, in every ``Conv*d``,
-            ``Linear`` and ``MultiheadAttention`` projection, counting every weight.
+        macs_dense: multiply-accumulates of one forward pass on the example inputs, in every matrix layer
+            (``Conv*d``, ``Linear``, Hugging Face's ``Conv1D``, ``MultiheadAttention``'s projections, registered
+            layers; see :func:`count_macs`), counting every weight.
         macs_nonzero: the same counting only the nonzero weights: the work left to an ideal sparse kernel.
     """
 
@@ -173,11 +182,12 @@ def _nonzero(t: Tensor) -> int:
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs``: ``(dense, nonzero)``.
 
-    ``dense`` counts every weight of every ``Conv*d`` (transposed too), ``Linear`` and ``MultiheadAttention``
-    projection that runs; ``nonzero`` only the weights that are not zero, the work left to an ideal sparse
-    kernel (Blalock et al., 2020). Biases, normalization, activations, pooling and the attention products
-    (which have no weights) are not counted. ``example_inputs``: a tensor, a tuple of positional inputs or a
-    dict of keyword inputs.
+    ``dense`` counts every weight of every matrix layer that runs (:mod:`lightning_prune.layers`: ``Conv*d``,
+    transposed too, ``Linear``, Hugging Face's ``Conv1D``, ``MultiheadAttention``'s projections and layers you
+    registered) once for each position it is applied at; ``nonzero`` only the weights that are not zero, the
+    work left to an ideal sparse kernel (Blalock et al., 2020). Biases, normalization, activations, pooling, the
+    attention products (which have no weights) and recurrent layers are not counted. ``example_inputs``: a
+    tensor, a tuple of positional inputs or a dict of keyword inputs.
 
     Example::
 
@@ -189,16 +199,22 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """
     counts = [0, 0]
 
-    def linear_or_conv(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        weight = module.weight
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            positions = inputs[0].numel() // inputs[0].shape[1]  # each input position meets the whole kernel
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            positions = output.numel() // output.shape[1]
-        else:
-            positions = output.numel() // weight.shape[0]
+    def add(weight: Tensor, positions: int) -> None:
         counts[0] += positions * weight.numel()
         counts[1] += positions * _nonzero(weight)
+
+    def matrix(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        for pname in matrix_weight_names(module):
+            weight, entry = getattr(module, pname), matrix_layer(module, pname)
+            if entry is None or not isinstance(output, Tensor):
+                continue
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                positions = inputs[0].numel() // inputs[0].shape[1]  # each input position meets the whole kernel
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                positions = output.numel() // output.shape[1]
+            else:  # a product along the last dimension of the output: one position per output vector
+                positions = output.numel() // weight.shape[output_dim(entry.layout)]
+            add(weight, positions)
 
     def attention(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         names = ("query", "key", "value")
@@ -209,16 +225,17 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
             projections = [(q, module.q_proj_weight), (k, module.k_proj_weight), (v, module.v_proj_weight)]
         projections.append((q, module.out_proj.weight))
         for x, w in projections:
-            positions = x.numel() // x.shape[-1]
-            counts[0] += positions * w.numel()
-            counts[1] += positions * _nonzero(w)
+            add(w, x.numel() // x.shape[-1])
 
     handles = []
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
             handles.append(m.register_forward_hook(attention, with_kwargs=True))
-        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not _inside_attention(model, m):
-            handles.append(m.register_forward_hook(linear_or_conv))
+        elif isinstance(m, nn.RNNBase) or id(m) in inside_attention:
+            continue  # attention's out_proj is counted by the attention's own hook
+        elif matrix_weight_names(m):
+            handles.append(m.register_forward_hook(matrix))
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
@@ -238,11 +255,6 @@ def _on(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, Tensor) else value
 
 
-def _inside_attention(model: nn.Module, module: nn.Module) -> bool:
-    """Attention's ``out_proj`` is counted by the attention's own hook."""
-    return any(isinstance(m, nn.MultiheadAttention) and m.out_proj is module for m in model.modules())
-
-
 def sparsity_report(
     model: nn.Module,
     parameters: Sequence[ParameterSpec] | None = None,
@@ -254,14 +266,14 @@ def sparsity_report(
     Args:
         model: any module.
         parameters: as in :class:`~lightning_prune.PruningScheduleCallback` (names, glob patterns or
-            ``(module, name)`` pairs); default: the ``weight`` of every ``nn.Conv*d`` and ``nn.Linear``.
+            ``(module, name)`` pairs); default: the callback's default, every matrix weight but embeddings.
         example_inputs: inputs of one forward pass (a tensor, a tuple or a dict): the report then also holds
             the model's :class:`ModelSize` (parameters total and nonzero with biases, MACs dense and nonzero,
             compression ratio, theoretical speed-up; see :func:`count_macs`).
         nm: an ``(n, m)`` pattern such as ``(2, 4)``: each tensor's :attr:`TensorSparsity.nm` then says whether it
-            holds at most ``n`` nonzeros in every ``m`` consecutive entries along dim 1, the input dimension of
-            ``Linear`` and ``Conv*d`` weights (``None`` where that size is not a multiple of ``m``), and
-            ``str(report)`` shows it.
+            holds at most ``n`` nonzeros in every ``m`` consecutive entries along its input dimension (dim 1 of
+            ``Linear`` and ``Conv*d`` weights, dim 0 of weights stored ``(in, out)`` such as Hugging Face's
+            ``Conv1D``; ``None`` where that size is not a multiple of ``m``), and ``str(report)`` shows it.
 
     Example::
 
@@ -304,6 +316,8 @@ def _with_nm(report: SparsityReport, targets: Sequence[PruningTarget], nm: tuple
     with torch.no_grad():
         for t in targets:
             value = local_view(t.value())
-            flags.append(nm_satisfied(value, n, m) if value.dim() >= 2 and value.shape[1] % m == 0 else None)
+            dim = input_dim(t.layout)
+            groups = value.dim() >= 2 and value.shape[dim] % m == 0
+            flags.append(nm_satisfied(value, n, m, dim) if groups else None)
     rows = tuple(replace(t, nm=flag) for t, flag in zip(report.tensors, flags))
     return SparsityReport(rows, report.size, (n, m))

@@ -33,14 +33,18 @@ from torch.nn.utils import parametrize
 
 from lightning_prune._checks import check_fraction
 from lightning_prune._lightning import rank_zero_warn
+from lightning_prune.layers import Layout, is_embedding, matrix_layer
 
 __all__ = [
     "ParameterSpec",
     "PruningTarget",
+    "SelectionSummary",
     "SparsityKey",
     "SparsitySpec",
+    "describe_selection",
     "iter_parameters",
     "local_view",
+    "matrix_weight_names",
     "select_parameters",
     "shard_offset",
 ]
@@ -49,7 +53,6 @@ ParameterSpec = str | tuple[nn.Module, str]
 SparsityKey = type | str
 SparsitySpec = float | Mapping[SparsityKey, float] | None
 
-_DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _GLOB_CHARS = set("*?[")
 _ORIG, _MASK = "_orig", "_mask"
 
@@ -66,6 +69,8 @@ class PruningTarget:
         sparsity: this tensor's final target (local scope), or ``None`` when the target is global or the
             method takes none.
         aliases: every qualified name of the tensor (``name`` first): more than one for tied weights.
+        layout: ``"out_in"`` or ``"in_out"`` when the tensor is a matrix layer's weight (see
+            :mod:`lightning_prune.layers`), else ``None``.
     """
 
     name: str
@@ -74,6 +79,7 @@ class PruningTarget:
     param: str = "weight"
     sparsity: float | None = None
     aliases: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    layout: Layout | None = field(default=None, compare=False, repr=False)
 
     @property
     def tensor(self) -> nn.Parameter:
@@ -91,7 +97,7 @@ class PruningTarget:
         return tensor
 
     def with_sparsity(self, sparsity: float | None) -> PruningTarget:
-        return PruningTarget(self.name, self.module_name, self.module, self.param, sparsity, self.aliases)
+        return PruningTarget(self.name, self.module_name, self.module, self.param, sparsity, self.aliases, self.layout)
 
 
 def _torch_masked(module: nn.Module, name: str) -> bool:
@@ -109,19 +115,44 @@ def _logical(module: nn.Module, pname: str) -> str:
     return pname
 
 
-def _tensors(model: nn.Module) -> list[tuple[list[str], nn.Module, str]]:
-    """Every distinct parameter once: ``([qualified names], owning module of the first name, local name)``."""
+def _layout(model: nn.Module, modules: Mapping[str, nn.Module], qual: str) -> Layout | None:
+    """The layout of the tensor named ``qual`` when it is a matrix layer's weight, directly or as the tensor that a
+    weight-norm or spectral-norm parametrization scales."""
+    module_name, _, pname = qual.rpartition(".")
+    module = modules[module_name]
+    entry = matrix_layer(module, pname)
+    if entry is not None:
+        return entry.layout
+    owner_name, sep, rest = module_name.rpartition(".parametrizations.")
+    if not sep and module_name.startswith("parametrizations."):
+        owner_name, rest = "", module_name[len("parametrizations.") :]
+    if rest and "." not in rest:  # <owner>.parametrizations.<weight>.original*
+        owner = modules[owner_name]
+        if _zero_keeping_source(owner, rest) == f"parametrizations.{rest}.{pname}":
+            entry = matrix_layer(owner, rest)
+    elif pname.endswith("_v") and _zero_keeping_source(module, pname[:-2]) == pname:  # older weight_norm
+        entry = matrix_layer(module, pname[:-2])
+    return None if entry is None else entry.layout
+
+
+def _tensors(model: nn.Module) -> list[tuple[list[str], nn.Module, str, Layout | None]]:
+    """Every distinct parameter once: ``([qualified names], owning module of the first name, local name,
+    layout)``."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    by_id: dict[int, tuple[list[str], nn.Module, str]] = {}
+    by_id: dict[int, tuple[list[str], nn.Module, str, Layout | None]] = {}
     for qual, tensor in model.named_parameters(remove_duplicate=False):
         module_name, _, pname = qual.rpartition(".")
         module = modules[module_name]
         logical = _qualify(module_name, _logical(module, pname))
+        layout = _layout(model, modules, logical)
         entry = by_id.get(id(tensor))
         if entry is None:
-            by_id[id(tensor)] = ([logical], module, _logical(module, pname))
-        elif logical not in entry[0]:
-            entry[0].append(logical)
+            by_id[id(tensor)] = ([logical], module, _logical(module, pname), layout)
+        else:
+            if logical not in entry[0]:
+                entry[0].append(logical)
+            if entry[3] is None and layout is not None:  # a tied tensor: the layout of a matrix layer among its owners
+                by_id[id(tensor)] = (entry[0], entry[1], entry[2], layout)
     return list(by_id.values())
 
 
@@ -135,11 +166,11 @@ def iter_parameters(model: nn.Module) -> Iterator[PruningTarget]:
 
         >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
         >>> head.weight = emb.weight
-        >>> [t.aliases for t in iter_parameters(nn.ModuleDict({"emb": emb, "head": head}))]
-        [('emb.weight', 'head.weight')]
+        >>> [(t.aliases, t.layout) for t in iter_parameters(nn.ModuleDict({"emb": emb, "head": head}))]
+        [(('emb.weight', 'head.weight'), 'out_in')]
     """
-    for names, module, pname in _tensors(model):
-        yield PruningTarget(names[0], names[0].rpartition(".")[0], module, pname, None, tuple(names))
+    for names, module, pname, layout in _tensors(model):
+        yield PruningTarget(names[0], names[0].rpartition(".")[0], module, pname, None, tuple(names), layout)
 
 
 def _owners(model: nn.Module, target: PruningTarget) -> list[tuple[str, nn.Module]]:
@@ -206,51 +237,91 @@ def _resolve_specs(model: nn.Module, parameters: Sequence[ParameterSpec]) -> lis
     return sorted(chosen.values(), key=lambda t: order[t.name])
 
 
-def _zero_keeping_source(module: nn.Module) -> str | None:
-    """For a layer whose ``weight`` a parametrization computes: the local name (relative to ``module``) of the
+def _zero_keeping_source(module: nn.Module, pname: str = "weight") -> str | None:
+    """For a layer whose ``pname`` a parametrization computes: the local name (relative to ``module``) of the
     tensor whose zeros are zeros of the weight, or ``None`` when no such tensor is known."""
-    if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations["weight"]
+    if parametrize.is_parametrized(module, pname):
+        plist = module.parametrizations[pname]
         kinds = [type(p).__name__ for p in plist]
         if kinds == ["_WeightNorm"]:
-            return "parametrizations.weight.original1"
+            return f"parametrizations.{pname}.original1"
         if kinds == ["_SpectralNorm"]:
-            return "parametrizations.weight.original"
+            return f"parametrizations.{pname}.original"
         return None
-    if isinstance(getattr(module, "weight_v", None), nn.Parameter) and "weight" not in dict(
-        module.named_parameters(recurse=False)
-    ):
-        return "weight_v"  # torch.nn.utils.weight_norm (the older hook-based form)
+    own = dict(module.named_parameters(recurse=False))
+    if isinstance(own.get(pname + "_v"), nn.Parameter) and pname not in own:
+        return pname + "_v"  # torch.nn.utils.weight_norm (the older hook-based form)
     return None
 
 
-def _default_candidates(model: nn.Module) -> tuple[list[PruningTarget], list[str]]:
-    """The weight of every Conv/Linear layer (through its parametrization where that keeps zeros), and the
-    names of the layers left out because an unknown parametrization computes their weight."""
-    by_alias = {a: t for t in iter_parameters(model) for a in t.aliases}
+def _computed(module: nn.Module, pname: str) -> bool:
+    """Whether a parametrization (or the older weight norm) computes ``pname`` of ``module``."""
+    return parametrize.is_parametrized(module, pname) or (
+        pname not in module._parameters and isinstance(module._parameters.get(pname + "_v"), nn.Parameter)
+    )
+
+
+def matrix_weight_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own matrix weights (see :mod:`lightning_prune.layers`), those that a
+    parametrization or torch's pruning computes included (their logical names: ``weight``)."""
+    names = [_logical(module, n) for n, p in module._parameters.items() if p is not None]
+    if parametrize.is_parametrized(module):
+        names += list(module.parametrizations.keys())
+    names += [n[:-2] for n in names if n.endswith("_v") and _computed(module, n[:-2])]
+    return [n for n in dict.fromkeys(names) if matrix_layer(module, n) is not None]
+
+
+def _embedding_tie(model: nn.Module, target: PruningTarget) -> str | None:
+    """``"embedding"`` (with the names it is tied to) when an alias of ``target`` is an embedding table."""
+    owners = [(a, a.rpartition(".")[0], a.rpartition(".")[2]) for a in target.aliases]
+    tables = [a for a, m, p in owners if is_embedding(model.get_submodule(m), p)]
+    if not tables:
+        return None
+    others = [a for a in target.aliases if a != target.name]
+    return "embedding" + (f", tied to {', '.join(others)}" if others else "")
+
+
+def _default_candidates(model: nn.Module) -> tuple[list[PruningTarget], dict[str, str], list[str]]:
+    """Every matrix weight of the model (through its parametrization where that keeps zeros), ``{name: reason}``
+    of the matrix-like tensors left out (embedding tables and tensors tied to them, the tensors of layers whose
+    weight an unknown parametrization computes), and the names of those layers."""
+    everything = list(iter_parameters(model))
+    by_alias = {a: t for t in everything for a in t.aliases}
     chosen: dict[str, PruningTarget] = {}
-    skipped = []
+    left_out: dict[str, str] = {}
+    parametrized: list[str] = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, _DEFAULT_TYPES):
-            continue
-        direct = by_alias.get(_qualify(module_name, "weight"))
-        if direct is not None and not parametrize.is_parametrized(module, "weight"):
-            chosen.setdefault(direct.name, direct)
-            continue
-        source = _zero_keeping_source(module)
-        if source is not None:
-            t = by_alias[_qualify(module_name, source)]
-            chosen.setdefault(t.name, t)
-        elif parametrize.is_parametrized(module, "weight") or hasattr(module, "weight_v"):
-            skipped.append(module_name)
-    order = {t.name: i for i, t in enumerate(by_alias.values())}
-    if skipped:
+        for pname in matrix_weight_names(module):
+            if not _computed(module, pname):
+                t = by_alias[_qualify(module_name, pname)]
+                chosen.setdefault(t.name, t)
+                continue
+            source = _zero_keeping_source(module, pname)
+            if source is not None:
+                t = by_alias[_qualify(module_name, source)]
+                chosen.setdefault(t.name, t)
+                continue
+            parametrized.append(module_name)
+            inputs = _qualify(module_name, f"parametrizations.{pname}.")
+            for t in everything:
+                if t.name.startswith(inputs):
+                    left_out[t.name] = f"a parametrization computes {_qualify(module_name, pname)}"
+    for t in everything:
+        why = _embedding_tie(model, t)
+        if why is not None:
+            chosen.pop(t.name, None)
+            left_out[t.name] = why
+    order = {t.name: i for i, t in enumerate(everything)}
+    return sorted(chosen.values(), key=lambda t: order[t.name]), left_out, parametrized
+
+
+def _warn_parametrized(parametrized: Sequence[str]) -> None:
+    if parametrized:
         rank_zero_warn(
-            f"Pruning leaves out {skipped}: a parametrization computes their weight, and zeros of its input tensor "
-            "are not known to stay zeros of the weight. If they do, name the input tensor in `parameters` "
-            f"(e.g. '{skipped[0]}.parametrizations.weight.original')."
+            f"Pruning leaves out {list(parametrized)}: a parametrization computes their weight, and zeros of its "
+            "input tensor are not known to stay zeros of the weight. If they do, name the input tensor in "
+            f"`parameters` (e.g. '{parametrized[0]}.parametrizations.weight.original')."
         )
-    return sorted(chosen.values(), key=lambda t: order[t.name]), skipped
 
 
 def select_parameters(
@@ -263,9 +334,11 @@ def select_parameters(
     Args:
         model: the module whose parameters are named (qualified names are relative to it).
         parameters: qualified names (any alias of a shared tensor), glob patterns over them
-            (``"model.fc*.weight"``) or ``(module, "weight")`` pairs. ``None``: the ``weight`` of every
-            ``nn.Conv*d`` and ``nn.Linear`` (through a weight-norm or spectral-norm parametrization: the tensor
-            it scales; or, with a ``sparsity`` mapping, what its keys match).
+            (``"model.fc*.weight"``) or ``(module, "weight")`` pairs. ``None``: every matrix weight of the model
+            (see :mod:`lightning_prune.layers`: ``nn.Linear``, ``nn.Conv*d``, Hugging Face's ``Conv1D``,
+            attention's input projections, recurrent layers' weights, your registered layers; through a
+            weight-norm or spectral-norm parametrization, the tensor it scales), leaving out embedding tables and
+            every tensor tied to one; with a ``sparsity`` mapping, those that its keys match.
         sparsity: a single target for every tensor, or a mapping whose keys are module types
             (``nn.Conv2d``), module type names (``"Conv2d"``) or glob patterns over qualified parameter or
             module names (``"model.fc*"``). A tensor takes the value of the *first* key that matches it.
@@ -279,7 +352,7 @@ def select_parameters(
         ValueError: for a name, pattern or key that matches nothing, a tensor that is not floating point,
             a target outside [0, 1), a tensor that no mapping key covers, or an empty selection.
     """
-    skipped: list[str] = []
+    left_out: dict[str, str] = {}
     if isinstance(sparsity, Mapping):
         if not sparsity:
             raise ValueError("`sparsity` mapping is empty; give at least one key (a module type or a name pattern).")
@@ -288,7 +361,8 @@ def select_parameters(
                 raise ValueError(f"`sparsity` keys must be module types or name patterns, got {key!r}.")
             check_fraction(f"sparsity[{getattr(key, '__name__', key)!r}]", value)
         if parameters is None:
-            candidates, skipped = _default_candidates(model)
+            candidates, left_out, parametrized = _default_candidates(model)
+            _warn_parametrized(parametrized)
             candidates = [t for t in candidates if any(_key_matches(k, model, t) for k in sparsity)]
         else:
             candidates = _resolve_specs(model, parameters)
@@ -305,19 +379,25 @@ def select_parameters(
         for i, key in enumerate(sparsity):
             if i not in used:
                 label = key.__name__ if isinstance(key, type) else repr(key)
-                raise ValueError(f"`sparsity` key {label} matches no chosen parameter of the model.")
+                hint = ""
+                if parameters is None and any(
+                    _key_matches(key, model, t) for t in iter_parameters(model) if t.name in left_out
+                ):
+                    hint = " (the default selection leaves embeddings out: name them in `parameters` to prune them)"
+                raise ValueError(f"`sparsity` key {label} matches no chosen parameter of the model{hint}.")
     else:
         value = None if sparsity is None else check_fraction("sparsity", sparsity)
         if parameters is None:
-            candidates, skipped = _default_candidates(model)
+            candidates, left_out, parametrized = _default_candidates(model)
+            _warn_parametrized(parametrized)
         else:
             candidates = _resolve_specs(model, parameters)
         targets = [t.with_sparsity(value) for t in candidates]
 
     if not targets:
-        why = f" ({skipped} were left out: see the warning above)" if skipped else ""
+        why = f" (left out: {_listed(left_out)})" if left_out else ""
         raise ValueError(
-            "The selection is empty: `parameters` (default: the weights of every nn.Conv*d and nn.Linear) "
+            "The selection is empty: `parameters` (default: every matrix weight, see lightning_prune.layers) "
             f"chose no tensor of the model{why}."
         )
     for t in targets:
@@ -326,6 +406,82 @@ def select_parameters(
                 f"`parameters`: {t.name!r} is a {t.tensor.dtype} tensor; only floating tensors can be pruned."
             )
     return targets
+
+
+def _listed(reasons: Mapping[str, str], limit: int = 6) -> str:
+    items = [f"{name} ({why})" for name, why in reasons.items()]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _amount(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f} M"
+    if n >= 10_000:
+        return f"{n / 1e3:.1f} k"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class SelectionSummary:
+    """What a selection takes of a model and what it leaves out; ``str(summary)`` is one line.
+
+    Attributes:
+        chosen: qualified names of the chosen tensors.
+        chosen_numel: their entries.
+        model_numel: every parameter entry of the model (biases and normalization included, tied tensors once).
+        left_out: ``{name: reason}`` of the model's matrix-like tensors (two or more dimensions) that are not
+            chosen: embedding tables and tensors tied to them, layers whose weight an unknown parametrization
+            computes, matrix weights not named in ``parameters``, and tensors that are no known matrix layer's
+            weight (positional embeddings, class tokens, layers of your own: see
+            :func:`~lightning_prune.layers.register_matrix_layer`).
+    """
+
+    chosen: tuple[str, ...]
+    chosen_numel: int
+    model_numel: int
+    left_out: Mapping[str, str]
+
+    def __str__(self) -> str:
+        share = self.chosen_numel / self.model_numel if self.model_numel else 0.0
+        line = (
+            f"pruning {len(self.chosen)} tensor{'s' if len(self.chosen) != 1 else ''}, {_amount(self.chosen_numel)} "
+            f"of the model's {_amount(self.model_numel)} parameters ({share:.0%})"
+        )
+        return line + (f"; left out: {_listed(self.left_out)}" if self.left_out else "")
+
+
+def describe_selection(model: nn.Module, targets: Sequence[PruningTarget]) -> SelectionSummary:
+    """Summarize a selection (from :func:`select_parameters`) against the whole model.
+
+    Example::
+
+        >>> lm = nn.ModuleDict({"emb": nn.Embedding(100, 8), "mlp": nn.Linear(8, 8), "head": nn.Linear(8, 100)})
+        >>> lm["head"].weight = lm["emb"].weight
+        >>> summary = describe_selection(lm, select_parameters(lm))
+        >>> summary.chosen, dict(summary.left_out)
+        (('mlp.weight',), {'emb.weight': 'embedding, tied to head.weight'})
+        >>> print(summary)
+        pruning 1 tensor, 64 of the model's 972 parameters (7%); left out: emb.weight (embedding, tied to head.weight)
+    """
+    chosen = {t.name for t in targets}
+    _, defaults_left_out, _ = _default_candidates(model)
+    left_out: dict[str, str] = {}
+    numel = 0
+    for t in iter_parameters(model):
+        numel += t.tensor.numel()
+        if t.name in chosen or t.tensor.dim() < 2:
+            continue
+        why = _embedding_tie(model, t) or defaults_left_out.get(t.name)
+        if why is None:
+            why = "not in `parameters`" if t.layout is not None else "not a known matrix layer's weight"
+        left_out[t.name] = why
+    return SelectionSummary(
+        chosen=tuple(t.name for t in targets),
+        chosen_numel=sum(t.tensor.numel() for t in targets),
+        model_numel=numel,
+        left_out=left_out,
+    )
 
 
 def shard_offset(tensor: Tensor) -> int:

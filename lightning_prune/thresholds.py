@@ -288,8 +288,42 @@ def iter_smallest_each(
         raise ValueError(f"Expected one mask and one k per score tensor, got {len(masks)} masks and {len(ks)} ks.")
     scratch = _Scratch()
     for i, (score, mask, k) in enumerate(zip(scores, masks, ks)):
+        if group is None and k > 0 and (mask is None or mask.numel() <= _SORTED):
+            values = score()
+            if values.numel() <= _SORTED:  # a small tensor: one stable sort costs less than two histograms
+                yield _sorted_smallest(values, mask, k, inplace)
+                continue
+            score = _returning(values)
         pruned_i = None if pruned is None else [pruned[i]]
         yield from _iter_smallest([score], [mask], k, pruned_i, scratch, inplace, zero_where_pruned, group)
+
+
+_SORTED = _BINS  # tensors up to this size are selected by sorting their keys
+
+
+def _returning(values: Tensor) -> Callable[[], Tensor]:
+    return lambda: values
+
+
+def _sorted_smallest(scores: Tensor, mask: Tensor | None, k: int, inplace: bool) -> Tensor:
+    """What :func:`_iter_smallest` gives for one tensor, from one stable sort of its keys: the ``k`` smallest
+    live keys are pruned, ties in flat-index order (the order the histogram path breaks them in)."""
+    keys = score_keys(scores).reshape(-1).to(torch.int64)
+    alive = None if mask is None else mask.detach().reshape(-1).to(keys.device) != 0
+    n_pruned = 0
+    if alive is not None:
+        n_pruned = int((~alive).sum())
+        keys = keys.masked_fill(~alive, _INT32_MIN - 1)  # pruned entries first, below every key
+    if k > keys.numel() - n_pruned:
+        raise ValueError(f"`k` must be in [0, {keys.numel() - n_pruned}] (the number of live entries), got {k}.")
+    order = torch.sort(keys, stable=True).indices[n_pruned : n_pruned + k]
+    if mask is None:
+        out = torch.ones(keys.numel(), dtype=torch.float32, device=keys.device)
+        out[order] = 0.0
+        return out.view(scores.shape)
+    target = mask if inplace else mask.clone()
+    target.view(-1)[order.to(target.device)] = 0
+    return target
 
 
 def _iter_smallest(

@@ -12,7 +12,9 @@ across tensors. :func:`wanda_prune` prunes a trained model once, outside trainin
 
 Which input a tensor's scores read:
 
-* ``nn.Linear.weight``: the last dimension of the layer's input;
+* ``nn.Linear.weight``, Hugging Face's ``Conv1D.weight`` (stored ``(in, out)``, so that a "row" is a column of
+  the stored tensor) and the 2-D weights of registered matrix layers (:mod:`lightning_prune.layers`): the last
+  dimension of the layer's input;
 * ``nn.Conv1d/2d/3d.weight``: the input channels (squares summed over batch and positions), the score of
   channel ``c`` broadcast over the kernel positions; grouped and depthwise convolutions pair each output
   channel with its group's inputs;
@@ -22,8 +24,9 @@ Which input a tensor's scores read:
 * ``nn.MultiheadAttention.out_proj.weight``: attention never calls ``out_proj``'s ``forward`` (it reads the
   weight), so its input, the heads' concatenated outputs, is computed again from the attention's own
   inputs with dropout off, once per calibration batch;
-* anything else (biases, embeddings, normalization weights, transposed convolutions, a layer whose input has
-  an unexpected size or that did not run in the window): the magnitude ``|W|``, with a warning naming it once.
+* anything else (biases, embeddings, normalization weights, transposed convolutions, recurrent layers, a layer
+  whose input has an unexpected size or that did not run in the window): the magnitude ``|W|``, with a warning
+  naming it once.
 
 Only forward passes with gradients enabled are observed: training batches, not validation.
 """
@@ -43,6 +46,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune._checks import allowed, check_choice, check_fraction, check_int
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.counting import count_for
+from lightning_prune.layers import input_dim, matrix_layer, to_out_in
 from lightning_prune.methods import MaskReader, MethodName, NewMask, PruningMethod, ScoreMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 from lightning_prune.store import MaskStore
@@ -69,6 +73,7 @@ class _Plan:
     module: nn.Module
     features: int
     streams: tuple[int, ...] = (0,)
+    dim: int = 1  # the weight's input dimension: 0 for weights stored (in, out)
 
 
 class Wanda(PruningMethod):
@@ -89,9 +94,10 @@ class Wanda(PruningMethod):
         calibration_batches: training batches observed before each step, >= 1. Each step waits that many
             batches after it falls due.
         group: the entries that compete: ``"row"`` (default, as in the paper: each output row of a tensor,
-            ``weight[i]``, keeps its share), ``"tensor"`` (each tensor to its target) or ``"global"`` (one
-            ranking across all tensors). ``"row"`` and ``"tensor"`` need the callback's ``scope="local"``,
-            ``"global"`` needs ``scope="global"``.
+            ``weight[i]`` of an ``(out, in)`` weight, ``weight[:, i]`` of a Hugging Face ``Conv1D``, keeps its
+            share), ``"tensor"`` (each tensor to its target) or ``"global"`` (one ranking across all tensors).
+            ``"row"`` and ``"tensor"`` need the callback's ``scope="local"``, ``"global"`` needs
+            ``scope="global"``.
 
     Raises:
         ValueError: for a ``calibration_batches`` that is not an integer >= 1 or an unknown ``group`` (here),
@@ -279,8 +285,10 @@ class Wanda(PruningMethod):
         yield from self._ranking.global_masks(targets, sparsity, seed, masks)
 
     def _row_mask(self, target: PruningTarget, sparsity: float, current: Tensor | None) -> NewMask | None:
-        """Each row ``weight[i]`` to ``round(sparsity * row length)`` zeros: its lowest live scores."""
-        shape = target.tensor.shape
+        """Each output row (``weight[i]`` of an ``(out, in)`` weight, a column of an ``(in, out)`` one) to
+        ``round(sparsity * row length)`` zeros: its lowest live scores."""
+        layout = target.layout
+        shape = to_out_in(target.tensor, layout).shape
         rows = shape[0] if len(shape) > 1 else 1
         length = target.tensor.numel() // rows
         k = count_for(sparsity, length)
@@ -289,41 +297,44 @@ class Wanda(PruningMethod):
                 f"Wanda(group='row') would prune every entry of each row of {target.name!r} (sparsity {sparsity!r} "
                 f"of rows of {length}); give a lower `sparsity` or use group='tensor'."
             )
-        pruned = (current.view(rows, length) == 0).sum(1) if current is not None else None
+        live = None if current is None else to_out_in(current, layout).reshape(rows, length)
+        pruned = (live == 0).sum(1) if live is not None else None
         if k == 0 or (pruned is not None and bool((pruned >= k).all())):
             return None
-        scores = self.scores(target).reshape(rows, length).float()
-        if current is not None:  # pruned entries first: each row prunes k - (its pruned) more
-            scores = scores.masked_fill(current.view(rows, length) == 0, float("-inf"))
+        scores = to_out_in(self.scores(target), layout).reshape(rows, length).float()
+        if live is not None:  # pruned entries first: each row prunes k - (its pruned) more
+            scores = scores.masked_fill(live == 0, float("-inf"))
         lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
         mask = torch.ones(rows, length, dtype=torch.uint8, device=scores.device).scatter_(1, lowest, 0)
-        if current is not None:
-            mask.mul_(current.view(rows, length).to(mask.device))
+        if live is not None:
+            mask.mul_(live.to(mask.device))
             zeros = int(pruned.clamp(min=k).sum())
         else:
             zeros = rows * k
-        return NewMask(target, mask.view(shape), zeros)
+        return NewMask(target, to_out_in(mask.view(shape), layout), zeros)
 
 
 def _plan(root: nn.Module, target: PruningTarget, attention: Mapping[int, nn.MultiheadAttention]) -> _Plan | None:
     """How to observe the input of ``target`` (through the first of its names whose owner can), or ``None``."""
     names = target.aliases or (target.name,)
     owners = [(root.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+    shape = target.tensor.shape
     for module, param in [(target.module, target.param), *owners]:
-        shape = target.tensor.shape
         if isinstance(module, nn.MultiheadAttention):
             if param == "in_proj_weight":
                 return _Plan("qkv", module, shape[1], (0, 1, 2))
             if param in _SEPARATE:
                 return _Plan("qkv", module, shape[1], (_SEPARATE[param],))
-        if param != "weight":
+        entry = matrix_layer(module, param)
+        if entry is None:
             continue
         if id(module) in attention:
             return _Plan("heads", attention[id(module)], shape[1])
-        if isinstance(module, nn.Linear):
-            return _Plan("linear", module, shape[1])
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return _Plan("conv", module, shape[1] * module.groups)
+        if len(shape) == 2 and not isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.RNNBase)):
+            dim = input_dim(entry.layout)  # Linear, Hugging Face's Conv1D, registered layers: x[..., in]
+            return _Plan("linear", module, shape[dim], dim=dim)
     return None
 
 
@@ -335,7 +346,7 @@ def _broadcast(scale: Tensor, plan: _Plan, weights: Tensor) -> Tensor:
         return per_group.view(*per_group.shape, *([1] * (weights.dim() - 2)))
     if len(plan.streams) > 1:  # in_proj_weight: each third of the rows reads its own input
         return scale.repeat_interleave(weights.shape[0] // len(plan.streams), dim=0)
-    return scale[0]
+    return scale[0].unsqueeze(1) if plan.dim == 0 else scale[0]
 
 
 def _attention_heads(mha: nn.MultiheadAttention, args: tuple, kwargs: Mapping[str, Any]) -> Tensor:

@@ -209,8 +209,21 @@ def test_hook_mode_refuses_attention_before_training_and_leaves_the_model_untouc
 # ---------------------------------------------------------------------------------------------- tied weights
 
 
-@pytest.mark.parametrize("named", [None, ["model.head.weight"], ["model.emb.weight"], ["model.*.weight"]])
-def test_tied_weights_are_one_target_and_survive_make_permanent(named: list[str] | None) -> None:
+def test_default_selection_leaves_a_tied_embedding_out_and_says_why() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = Wrapped(TiedLM())
+    callback = PruningScheduleCallback(0.5, verbose=False)
+    before = module.model.emb.weight.detach().clone()
+    trainer([callback], max_epochs=1).fit(module, token_data())
+    assert [t.name for t in callback.targets] == ["model.mix.weight"]
+    assert dict(callback.selection.left_out) == {"model.emb.weight": "embedding, tied to model.head.weight"}
+    assert zeros(module.model.emb.weight) == zeros(before) == 0
+    assert zeros(module.model.mix.weight) == module.model.mix.weight.numel() // 2
+    assert module.model.head.weight is module.model.emb.weight
+
+
+@pytest.mark.parametrize("named", [["model.head.weight"], ["model.emb.weight"], ["model.*.weight"]])
+def test_tied_weights_are_one_target_and_survive_make_permanent(named: list[str]) -> None:
     pl.seed_everything(0, verbose=False)
     module = Wrapped(TiedLM())
     logs = []
@@ -274,7 +287,11 @@ def test_selection_of_only_unknown_parametrizations_says_why_it_is_empty() -> No
     callback = PruningScheduleCallback(0.5, verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"selection is empty.*\['model\.1'\] were left out"):
+        with pytest.raises(
+            ValueError,
+            match=r"selection is empty.*left out: model\.1\.parametrizations\.weight\.original "
+            r"\(a parametrization computes model\.1\.weight\)",
+        ):
             trainer([callback], max_epochs=1).fit(Wrapped(net), image_data())
 
 

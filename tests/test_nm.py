@@ -149,7 +149,7 @@ def test_tensors_without_groups_are_skipped_with_a_warning_naming_them() -> None
     with pytest.warns(UserWarning, match=r"model\.conv1\.weight.*input size 1 is not a multiple of m=4") as record:
         make_trainer([callback], max_epochs=1).fit(module, random_loader())
     [message] = [str(w.message) for w in record if "leaves" in str(w.message)]
-    assert "'model.fc1.bias': not the weight of its Linear" in message  # a bias has no input dimension
+    assert "'model.fc1.bias': not a matrix layer's weight (Linear.bias)" in message  # no input dimension
     assert int((module.model.conv1.weight == 0).sum()) == 0  # trained, never pruned
     assert {t.name for t, _ in callback.masks.items()} == set()  # permanent at the end: the masks are dropped
     assert sparsity_report(module, ["model.fc*.weight"], nm=(2, 4)).tensors[0].nm is True

@@ -58,7 +58,9 @@ def test_select_parameters_names_a_shared_tensor_once_with_all_its_aliases():
     emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "head": head})
-    (target,) = select_parameters(model)  # the default: Linear weights, here the shared tensor
+    with pytest.raises(ValueError, match=r"selection is empty.*emb\.weight \(embedding, tied to head\.weight\)"):
+        select_parameters(model)  # the default leaves an embedding table out, through any tied name
+    (target,) = select_parameters(model, ["*.weight"])
     assert (target.name, target.aliases, target.tensor is emb.weight) == (
         "emb.weight",
         ("emb.weight", "head.weight"),

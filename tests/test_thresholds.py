@@ -324,3 +324,23 @@ def test_iter_smallest_each_inplace_with_zeroed_scores(dtype: torch.dtype) -> No
     got = list(iter_smallest_each([s.clone for s in scores], given, ks, inplace=True, zero_where_pruned=True))
     assert all(torch.equal(g.float(), w) for g, w in zip(got, want))
     assert got[0] is given[0] and got[2] is given[2]
+
+
+@pytest.mark.parametrize("mask_dtype", [None, torch.uint8, torch.float32])
+@pytest.mark.parametrize("signed", [False, True])
+def test_iter_smallest_each_small_tensors_sorted_match_the_histogram_passes(mask_dtype, signed) -> None:
+    """Tensors up to 65,536 entries are selected by one sort: the same masks, ties included, as the histograms."""
+    from lightning_prune import thresholds
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        n = int(torch.randint(1, 2000, (1,), generator=g))
+        scores = torch.randint(-5 if signed else 0, 6, (n,), generator=g).float() / 4  # many ties
+        mask = None if mask_dtype is None else (torch.rand(n, generator=g) > 0.3).to(mask_dtype)
+        live = n if mask is None else int((mask != 0).sum())
+        if live == 0:
+            continue
+        k = int(torch.randint(1, live + 1, (1,), generator=g))
+        (sorted_mask,) = iter_smallest_each([lambda: scores], [None if mask is None else mask.clone()], [k])
+        passes = thresholds._iter_smallest([lambda: scores], [mask], k, None, thresholds._Scratch(), False, False)
+        assert torch.equal(sorted_mask.float(), next(passes).float())

@@ -1,0 +1,198 @@
+"""Matrix layers: which parameters enter a matrix product, and how their weights are laid out.
+
+Every layer kind is described here once, by one small table, and read by everything that reasons about rows,
+columns or the input dimension: the default selection (:func:`~lightning_prune.select_parameters`), the methods
+(torch's structured methods, :class:`~lightning_prune.NMPruning`, :class:`~lightning_prune.Wanda`),
+:func:`~lightning_prune.sparsity_report`'s multiply-accumulates and :func:`~lightning_prune.to_sparse_inference`.
+
+A weight's *layout* says which dimension is which:
+
+* ``"out_in"``: ``weight[i, j, ...]`` connects input feature ``j`` to output feature ``i``: ``nn.Linear``
+  (``y = x @ W.T``), ``nn.Conv1d/2d/3d`` (``(out, in / groups, *kernel)``), ``nn.MultiheadAttention``'s
+  ``in_proj_weight`` and ``q/k/v_proj_weight``, the input and hidden weights of ``nn.RNN/LSTM/GRU``;
+* ``"in_out"``: ``weight[j, i, ...]``: Hugging Face's ``Conv1D`` (GPT-2 and its descendants, ``y = x @ W``),
+  recognised by its class path without importing ``transformers``, and ``nn.ConvTranspose1d/2d/3d``
+  (``(in, out / groups, *kernel)``).
+
+Attention's ``out_proj`` is an ``nn.Linear`` (``NonDynamicallyQuantizableLinear``), so it is in the table through
+``nn.Linear``. Embeddings (``nn.Embedding``, ``nn.EmbeddingBag``) look tokens up rather than multiply, and are not
+matrix layers; a tensor tied to one (a language model's output head) is left out of the default selection too.
+
+A layer of your own joins the table with :func:`register_matrix_layer`; it is then selected by default and
+handled like the built-in ones.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class MyLinear(nn.Module):  # y = x @ w, w stored (in, out)
+    ...     def __init__(self, n_in, n_out):
+    ...         super().__init__()
+    ...         self.w = nn.Parameter(torch.randn(n_in, n_out))
+    ...     def forward(self, x):
+    ...         return x @ self.w
+    >>> handle = register_matrix_layer(MyLinear, "w", layout="in_out")
+    >>> matrix_layer(MyLinear(3, 2), "w").layout
+    'in_out'
+    >>> handle.remove()
+    >>> matrix_layer(MyLinear(3, 2), "w") is None
+    True
+    >>> matrix_layer(nn.Linear(3, 2), "weight").layout, matrix_layer(nn.Linear(3, 2), "bias")
+    ('out_in', None)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor, nn
+
+from lightning_prune._checks import allowed, check_choice
+
+__all__ = [
+    "EMBEDDING_TYPES",
+    "Layout",
+    "MatrixLayer",
+    "MatrixLayerHandle",
+    "input_dim",
+    "is_embedding",
+    "matrix_layer",
+    "output_dim",
+    "register_matrix_layer",
+    "to_out_in",
+]
+
+Layout = Literal["out_in", "in_out"]
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(frozen=True)
+class MatrixLayer:
+    """One row of the table: a layer kind, the parameters of it that are matrices, and their layout.
+
+    Attributes:
+        kind: a module class (its subclasses match too), or a class path ``"package.module.ClassName"`` matched
+            against the names of a module's classes (so that a library need not be imported to be known).
+        weights: the parameter names (or :mod:`fnmatch` patterns: ``"weight_ih_l*"``) that are matrices.
+        layout: ``"out_in"`` or ``"in_out"`` (see the module docstring).
+    """
+
+    kind: type | str
+    weights: tuple[str, ...]
+    layout: Layout
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is of this kind."""
+        if isinstance(self.kind, type):
+            return isinstance(module, self.kind)
+        return any(f"{c.__module__}.{c.__qualname__}" == self.kind for c in type(module).__mro__)
+
+    def takes(self, param: str) -> bool:
+        """Whether ``param`` (a name in the module) is one of this kind's matrices."""
+        return any(fnmatch.fnmatchcase(param, w) for w in self.weights)
+
+    @property
+    def label(self) -> str:
+        return self.kind.__name__ if isinstance(self.kind, type) else self.kind.rpartition(".")[2]
+
+
+_BUILTIN: tuple[MatrixLayer, ...] = (
+    MatrixLayer(nn.Linear, ("weight",), "out_in"),
+    MatrixLayer(nn.Conv1d, ("weight",), "out_in"),
+    MatrixLayer(nn.Conv2d, ("weight",), "out_in"),
+    MatrixLayer(nn.Conv3d, ("weight",), "out_in"),
+    MatrixLayer(nn.modules.conv._ConvTransposeNd, ("weight",), "in_out"),
+    MatrixLayer(nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"), "out_in"),
+    MatrixLayer(nn.RNNBase, ("weight_ih_l*", "weight_hh_l*", "weight_hr_l*"), "out_in"),
+    MatrixLayer("transformers.pytorch_utils.Conv1D", ("weight",), "in_out"),
+    MatrixLayer("transformers.modeling_utils.Conv1D", ("weight",), "in_out"),  # transformers < 4.30
+)
+_REGISTERED: list[MatrixLayer] = []
+
+
+class MatrixLayerHandle:
+    """Returned by :func:`register_matrix_layer`; :meth:`remove` takes the entry out of the table again."""
+
+    def __init__(self, entry: MatrixLayer) -> None:
+        self.entry = entry
+
+    def remove(self) -> None:
+        if self.entry in _REGISTERED:
+            _REGISTERED.remove(self.entry)
+
+    def __repr__(self) -> str:
+        return f"MatrixLayerHandle({self.entry!r})"
+
+
+def register_matrix_layer(
+    kind: type[nn.Module] | str, weights: str | Sequence[str] = "weight", layout: Layout = "out_in"
+) -> MatrixLayerHandle:
+    """Declare a layer of your own as a matrix layer: its ``weights`` are selected by default and every method
+    and tool reads their layout from here. Entries registered later take precedence over earlier ones and over the
+    built-in table.
+
+    Args:
+        kind: the module class (subclasses match too), or its class path ``"package.module.ClassName"``.
+        weights: the parameter name, or several names or :mod:`fnmatch` patterns.
+        layout: ``"out_in"`` (``weight[out, in, ...]``, as ``nn.Linear``) or ``"in_out"`` (``weight[in, out]``,
+            as Hugging Face's ``Conv1D``).
+
+    Returns:
+        A handle whose ``remove()`` undoes the registration.
+
+    Raises:
+        ValueError: for a ``kind`` that is neither a module class nor a dotted class path, empty or non-string
+            ``weights``, or an unknown ``layout``.
+    """
+    if isinstance(kind, type):
+        if not issubclass(kind, nn.Module):
+            raise ValueError(f"`kind` must be an nn.Module subclass or a class path, got {kind!r}.")
+    elif not (isinstance(kind, str) and "." in kind):
+        raise ValueError(f"`kind` must be an nn.Module subclass or a class path 'package.Class', got {kind!r}.")
+    names = (weights,) if isinstance(weights, str) else tuple(weights)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"`weights` must be a parameter name or a list of names, got {weights!r}.")
+    layout = check_choice("layout", layout, allowed(Layout))
+    entry = MatrixLayer(kind, names, layout)
+    _REGISTERED.append(entry)
+    return MatrixLayerHandle(entry)
+
+
+def matrix_layer(module: nn.Module, param: str) -> MatrixLayer | None:
+    """The table's entry for parameter ``param`` of ``module``, or ``None`` when it is not a matrix weight."""
+    for entry in (*reversed(_REGISTERED), *_BUILTIN):
+        if entry.matches(module):
+            return entry if entry.takes(param) else None
+    return None
+
+
+def is_embedding(module: nn.Module, param: str) -> bool:
+    """Whether ``param`` of ``module`` is an embedding table (``nn.Embedding`` / ``nn.EmbeddingBag`` weight)."""
+    return isinstance(module, EMBEDDING_TYPES) and param == "weight"
+
+
+def input_dim(layout: Layout | None) -> int:
+    """The dimension of a weight that indexes input features: 1 for ``"out_in"`` (and unknown layouts), 0 for
+    ``"in_out"``."""
+    return 0 if layout == "in_out" else 1
+
+
+def output_dim(layout: Layout | None) -> int:
+    """The dimension of a weight that indexes output features: 0 for ``"out_in"``, 1 for ``"in_out"``."""
+    return 1 if layout == "in_out" else 0
+
+
+def to_out_in(tensor: Tensor, layout: Layout | None) -> Tensor:
+    """A view of ``tensor`` in the ``(out, in, ...)`` layout (the tensor itself unless it is ``"in_out"``). The
+    same call turns an ``(out, in, ...)`` tensor back into ``layout``.
+
+    Example::
+
+        >>> import torch
+        >>> to_out_in(torch.zeros(3, 5), "in_out").shape, to_out_in(torch.zeros(3, 5), "out_in").shape
+        (torch.Size([5, 3]), torch.Size([3, 5]))
+    """
+    return tensor.transpose(0, 1) if layout == "in_out" and tensor.dim() >= 2 else tensor
