@@ -4,12 +4,11 @@ The model is ``--layers`` ``nn.Linear(--width, --width)`` layers built with a fi
 2048 x 2048 = 100.7 M weights, 384 MiB). Steps compared, each on the unpruned model:
 
 * global: ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=s)`` versus
-  ``resolve_method("l1_unstructured").global_masks(select_parameters(model), s, seed, store)`` with the
-  new masks set in a :class:`~lightning_prune.store.MaskStore` and applied, the step that
-  ``PruningScheduleCallback(scope="global")`` takes (default ``mask_mode="inplace"``: plain parameters zeroed
-  in place, ``uint8`` masks kept aside);
-* local: ``prune.l1_unstructured(layer, "weight", amount=s)`` for every layer versus
-  ``local_masks(targets, [s] * n, seed, store)`` (``scope="local"``);
+  ``lightning_prune.prune_step("l1_unstructured", select_parameters(model), s, store, scope="global")``, the
+  step that ``PruningScheduleCallback(scope="global")`` takes (default ``mask_mode="inplace"``: plain parameters
+  zeroed in place, ``uint8`` masks kept aside in a :class:`~lightning_prune.store.MaskStore`);
+* local: ``prune.l1_unstructured(layer, "weight", amount=s)`` for every layer versus the same step with
+  ``scope="local"``;
 * ``mask_mode="hook"`` (ours only): the same steps, then the store's masks put on the model in torch's form
   (``lightning_prune.reparam.install``: a float32 mask and a ``weight`` copy per tensor), as the callback
   does in that mode; its incremental step first takes them off (``reparam.remove``);
@@ -70,11 +69,11 @@ import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune import reparam  # noqa: E402
+from lightning_prune import prune_step, reparam  # noqa: E402
 from lightning_prune.counting import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
-from lightning_prune.store import MaskStore  # noqa: E402
+from lightning_prune.store import MaskStore, StoreMasking  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 STEPS = (
@@ -129,21 +128,14 @@ def make_step(name: str, sparsity: float, seed: int, store: MaskStore | None) ->
 
         return torch_local
     assert store is not None
-    hook = "_hook" in name
+    # as the callback's step: the mask mode's way around it (torch's form off and on again in `hook`), one step
+    masking = reparam.TorchFormMasking() if "_hook" in name else StoreMasking()
+    scope = "global" if name.startswith("ours_global") else "local"
 
     def ours(model: nn.Module) -> None:
-        if hook:  # as the callback's step in hook mode: torch's form off, decide and apply, torch's form on
-            reparam.remove(t for t, _ in store.items())
-        targets = select_parameters(model)
-        if name.startswith("ours_global"):
-            decided = method.global_masks(targets, sparsity, seed, store)
-        else:
-            decided = method.local_masks(targets, [sparsity] * len(targets), seed, store)
-        for new in decided:
-            store.set(new.target, new.mask, new.zeros)
-        store.apply()
-        if hook:
-            reparam.install(store.items())
+        masking.before_prune(store)
+        prune_step(method, select_parameters(model), sparsity, store, scope=scope, seed=seed)
+        masking.after_prune(store)
 
     return ours
 

@@ -2,7 +2,7 @@
 
 The model is ``--layers`` ``nn.Linear(--width, --width)`` layers (default 24 x 2048 x 2048 = 100.7 M weights,
 384 MiB of float32), built with a fixed seed. The step is the one ``PruningScheduleCallback(scope="global")``
-takes: ``l1_unstructured``'s ``global_masks`` to ``--sparsity``, the masks set in a
+takes (``lightning_prune.prune_step``): ``l1_unstructured`` in global scope to ``--sparsity``, the masks set in a
 :class:`~lightning_prune.store.MaskStore` and applied (weights zeroed in place, ``uint8`` masks kept).
 
 * ``single``: one process, plain parameters;
@@ -51,8 +51,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.prune_step import _M_MMAP_THRESHOLD, build_model, read_status  # noqa: E402
+from lightning_prune import prune_step  # noqa: E402
 from lightning_prune.collective import Collective  # noqa: E402
-from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import local_view, select_parameters  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
 
@@ -72,10 +72,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run_step(model: torch.nn.Module, args: argparse.Namespace, group: Collective | None) -> MaskStore:
     targets = select_parameters(model)
     store = MaskStore(group)
-    method = resolve_method("l1_unstructured")
-    for new in method.global_masks(targets, args.sparsity, 0, store):
-        store.set(new.target, new.mask, new.zeros)
-    store.apply()
+    prune_step("l1_unstructured", targets, args.sparsity, store, scope="global")
     return store
 
 

@@ -5,7 +5,8 @@ stay dense):
 
 * ``linear``: one ``nn.Linear(1000, 1000)`` (1.0 M weights);
 * ``stack``: ``--layers`` ``nn.Linear(--width, --width)`` layers (default 6 x 4096 x 4096 = 100.7 M weights,
-  384 MiB in float32), built from a fixed seed with ``torch.randn``.
+  384 MiB in float32), built from a fixed seed with ``torch.randn``; several ``--width`` values measure one stack
+  each (``--width 2048 2896 4096``: 25.2, 50.3 and 100.7 M weights).
 
 The pruned entries are set to ``+0.0`` (``masked_fill_``). Rows marked ``w*mask`` prune by multiplication instead,
 as torch's pruning and lightning_prune's callback do, which leaves ``-0.0`` wherever the pruned weight was negative
@@ -18,8 +19,10 @@ Time: the median over ``--repeats`` rounds of the wall time, and in brackets of 
 system, all threads; on a machine that other jobs share, wall times swing with their load, CPU times much less).
 In each round the two saves, then the two loads run one after the other on the same state dict (their order flips
 from round to round, so that load from other processes hits both alike), into and from files in one temporary
-folder. Saves are timed into the page cache; an untimed ``fsync`` of the file follows each, so that no timed
-operation competes with the kernel writing back the other file. Every ``load_sparse`` result is checked bit for
+folder. Saves are timed until the file is on disk: ``save_sparse`` writes a temporary file beside the target,
+syncs it to disk (``fsync``) and renames it into place (so that a failed save never leaves a broken file), and
+``torch.save`` is followed by an ``fsync`` of its file inside the timed span, so that both are durable saves and no
+timed operation competes with the kernel writing back the other file. Every ``load_sparse`` result is checked bit for
 bit against the state dict (with ``torch.equal`` for ``signed_zeros=False``); a mismatch makes the script exit
 with status 1.
 
@@ -27,6 +30,7 @@ Usage (from the repository root)::
 
     python benchmarks/sparse_files.py --threads 2            # the full-size run (about 2 GB of memory)
     python benchmarks/sparse_files.py --layers 2 --width 1024 --repeats 1
+    python benchmarks/sparse_files.py --width 2048 2896 4096 --sparsities 0.95 --signed-zero-sparsities 0.95
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.95, 0.98])
     p.add_argument("--signed-zero-sparsities", type=float, nargs="*", default=[0.95, 0.98], help="w*mask rows")
     p.add_argument("--layers", type=int, default=6, help="Linear layers of the large model")
-    p.add_argument("--width", type=int, default=4096, help="their in and out features")
+    p.add_argument(
+        "--width", type=int, nargs="+", default=[4096], help="their in and out features (one stack per value)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (the table shows the median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (save_sparse/load_sparse use as many)")
     return p.parse_args(argv)
@@ -130,15 +136,13 @@ def measure(state: dict[str, Tensor], folder: Path, repeats: int, **save_kwargs:
     }
     ok = True
     for round_ in range(repeats):
-        # the order flips every round, and each file is synced to disk (untimed) after its save, so that no timed
-        # operation competes with the kernel writing back the other file
+        # the order flips every round; each save ends with its file on disk
         for name in ("torch.save", "save_sparse")[:: 1 if round_ % 2 == 0 else -1]:
             if name == "torch.save":
-                times[name].append(timed(lambda: torch.save(state, dense_path))[0])
-            else:
+                times[name].append(timed(lambda: (torch.save(state, dense_path), sync(dense_path)))[0])
+            else:  # save_sparse syncs its file itself
                 seconds, info = timed(lambda: save_sparse(state, sparse_path, **save_kwargs))
                 times[name].append(seconds)
-            sync(dense_path if name == "torch.save" else sparse_path)
         for name in ("torch.load", "load_sparse")[:: 1 if round_ % 2 == 0 else -1]:
             gc.collect()
             if name == "torch.load":
@@ -177,10 +181,8 @@ def row(model: str, label: str, zeros: float, r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {
-        "linear 1000x1000": [(1000, 1000)],
-        f"stack {args.layers}x{args.width}x{args.width}": [(args.width, args.width)] * args.layers,
-    }
+    models = {"linear 1000x1000": [(1000, 1000)]}
+    models.update({f"stack {args.layers}x{w}x{w}": [(w, w)] * args.layers for w in args.width})
     print(f"# Sparse files: save_sparse/load_sparse versus torch.save/torch.load, {args.repeats} rounds (median)")
     print(f"machine: {machine()}\n")
     print(

@@ -52,8 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune import reparam  # noqa: E402
-from lightning_prune.methods import resolve_method  # noqa: E402
+from lightning_prune import prune_step, reparam  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
 
@@ -101,9 +100,7 @@ class Variant:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         if kind != "dense":
             targets = select_parameters(model)
-            for new in resolve_method("l1_unstructured").global_masks(targets, sparsity, 0, self.store):
-                self.store.set(new.target, new.mask, new.zeros)
-            self.store.apply()
+            prune_step("l1_unstructured", targets, sparsity, self.store, scope="global")
             if kind == "hook":
                 reparam.install(self.store.items())
             else:
@@ -128,7 +125,8 @@ def timed(fn: Callable[[], None], n: int) -> list[float]:
 
 
 def effective_weights(model: nn.Module) -> list[torch.Tensor]:
-    return [t.value().detach().clone() for t in select_parameters(model)]
+    with reparam.plain(model):  # the weights the model computes with, in `hook` mode too
+        return [t.tensor.detach().clone() for t in select_parameters(model)]
 
 
 def run_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], bool]:

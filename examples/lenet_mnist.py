@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune import PruningScheduleCallback, save_sparse, sparsity_report
+from lightning_prune._atomic import save_torch, write_text  # the package's own atomic writes (private)
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 
 __all__ = [
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (test,) = trainer.test(module, datamodule=data, verbose=False)
     seconds = time.perf_counter() - start
     model_path = out / "lenet_pruned.pt"
-    torch.save(module.model.state_dict(), model_path)
+    save_torch(module.model.state_dict(), model_path)  # torch.save, written beside the file and renamed into place
     sparse_path = out / "lenet_pruned.safetensors"
     save_sparse(module.model, sparse_path)
     report = sparsity_report(module.model, example_inputs=torch.zeros(1, 1, 28, 28))
@@ -488,7 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         analysis = analyze_lenet(module, data.val_dataloader(), args.sparsity, out)
         summary["sensitivity"] = {"suggested": analysis["suggested"], "table": str(analysis["accuracy"])}
         summary["files"].update(analysis["files"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -1,75 +1,82 @@
 """lightning_prune: prune PyTorch models while they train with PyTorch Lightning.
 
+The names here are the ones users call, by task (``docs/api/index.md`` lists them the same way):
+
+* prune while training: :class:`PruningScheduleCallback`, the schedules :class:`OneShot`, :class:`AtEpochs`,
+  :class:`Polynomial` (:class:`Schedule` for your own), :class:`Rewind`;
+* how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, and for your own
+  :class:`PruningMethod` and :class:`NewMask`;
+* which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
+* one step, outside training: :func:`prune_step` (with a :class:`MaskStore`), :func:`prune_once`,
+  :class:`PruningError`;
+* what it gave: :func:`sparsity_report`, :func:`sensitivity_analysis`, :func:`suggest_sparsity`,
+  :func:`plot_sensitivity`;
+* smaller and faster models: :func:`save_sparse`, :func:`load_sparse`, :func:`load_sparse_into`,
+  :func:`inspect_sparse`, :class:`SparseCheckpointIO`, :func:`to_sparse_inference` (:func:`inference_report`),
+  :func:`compact`, :func:`load_compact_state_dict`, :func:`nm_satisfied`, :func:`to_semi_structured`.
+
+Everything else lives in its module (``lightning_prune.report.SparsityReport``, ...); version 0.1's checkpoints
+and torch's pruning form are converted by :mod:`lightning_prune.migration`.
+
 Example::
 
-    >>> from lightning_prune import PruningScheduleCallback
-    >>> from lightning_prune.schedules import Polynomial
+    >>> from lightning_prune import Polynomial, PruningScheduleCallback
     >>> cb = PruningScheduleCallback(sparsity=0.9, scope="global", schedule=Polynomial(start_epoch=1, end_epoch=4))
 """
 
 from lightning_prune.callback import PruningScheduleCallback
-from lightning_prune.compaction import compact, load_compact_state_dict, resize_to_state_dict
+from lightning_prune.compaction import compact, load_compact_state_dict
+from lightning_prune.inference import inference_report, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
 from lightning_prune.methods import NewMask, PruningMethod
-from lightning_prune.neuron_graph import NeuronGroup, neuron_groups
 from lightning_prune.nm import NMPruning, nm_satisfied, to_semi_structured
-from lightning_prune.reparam import convert_on_load, make_permanent, upgrade_state_dict
-from lightning_prune.report import SparsityReport, TensorSparsity, sparsity_report
+from lightning_prune.report import sparsity_report
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
-from lightning_prune.selection import PruningTarget, SelectionSummary, describe_selection, select_parameters
-from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
-from lightning_prune.sparse_checkpoint import SparseCheckpointIO, save_dense_checkpoint
-from lightning_prune.sparse_files import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
+from lightning_prune.selection import describe_selection, select_parameters
+from lightning_prune.sensitivity import plot_sensitivity, sensitivity_analysis, suggest_sparsity
+from lightning_prune.sparse_checkpoint import SparseCheckpointIO
+from lightning_prune.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
+from lightning_prune.step import PruningError, prune_once, prune_step
 from lightning_prune.store import MaskStore
 from lightning_prune.structured import NeuronPruning
-from lightning_prune.wanda import Wanda, prune_once, wanda_prune
+from lightning_prune.wanda import Wanda
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AtEpochs",
     "MaskStore",
     "NMPruning",
-    "NeuronGroup",
     "NeuronPruning",
     "NewMask",
     "OneShot",
     "Polynomial",
+    "PruningError",
     "PruningMethod",
     "PruningScheduleCallback",
-    "PruningTarget",
     "Rewind",
     "Schedule",
-    "SelectionSummary",
-    "SensitivityTable",
     "SparseCheckpointIO",
-    "SparseFileInfo",
-    "SparsityReport",
-    "TensorSparsity",
     "Wanda",
     "__version__",
     "compact",
-    "convert_on_load",
     "describe_selection",
+    "inference_report",
     "inspect_sparse",
     "load_compact_state_dict",
     "load_sparse",
     "load_sparse_into",
-    "make_permanent",
-    "neuron_groups",
     "nm_satisfied",
     "plot_sensitivity",
     "prune_once",
+    "prune_step",
     "register_matrix_layer",
-    "resize_to_state_dict",
-    "save_dense_checkpoint",
     "save_sparse",
     "select_parameters",
     "sensitivity_analysis",
     "sparsity_report",
     "suggest_sparsity",
     "to_semi_structured",
-    "upgrade_state_dict",
-    "wanda_prune",
+    "to_sparse_inference",
 ]

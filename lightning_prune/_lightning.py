@@ -1,29 +1,38 @@
-"""One callback base and one checkpoint-IO base that both ``pytorch_lightning`` and ``lightning.pytorch`` accept.
+"""The one Lightning package the package imports: ``pytorch_lightning``, or ``lightning.pytorch`` where only the
+unified ``lightning`` package is installed.
 
-The two packages ship separate but identical ``Callback`` classes, and each Trainer checks for its own.
-Inheriting from both (where ``lightning`` is installed) makes one callback class work with either Trainer.
-The same holds for ``TorchCheckpointIO``: ``pytorch_lightning``'s is ``lightning_fabric``'s, and the
-``lightning.pytorch`` Trainer checks ``isinstance(plugin, lightning.fabric.plugins.io.CheckpointIO)``.
+A ``Trainer`` of either package calls a callback's hooks by name, so the callback (a subclass of this package's
+``Callback``) works with both, given in a list (``Trainer(callbacks=[callback])``). Checkpoint-IO plugins are
+checked by type: :func:`register_checkpoint_io` makes a plugin class an (abstract) subclass of the other package's
+``CheckpointIO`` as well, importing it only then.
 """
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
-from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from typing import Any
 
-__all__ = ["CallbackBase", "TorchCheckpointIOBase", "rank_zero_info", "rank_zero_warn"]
+try:  # pytorch_lightning first: a dependency of this package
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+    from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+except ImportError:  # pragma: no cover - only the unified package is installed
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+    from lightning.pytorch.plugins.io import TorchCheckpointIO  # type: ignore[no-redef]
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # type: ignore[no-redef]
 
-_bases: list[type] = [pl.Callback]
-_io_bases: list[type] = [TorchCheckpointIO]
-try:  # the unified ``lightning`` package is optional
-    import lightning.pytorch as _lp
-    from lightning.fabric.plugins.io import TorchCheckpointIO as _LightningTorchCheckpointIO
+__all__ = ["CallbackBase", "TorchCheckpointIOBase", "register_checkpoint_io", "rank_zero_info", "rank_zero_warn"]
 
-    _bases.append(_lp.Callback)
-    _io_bases.append(_LightningTorchCheckpointIO)
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
+CallbackBase: Any = pl.Callback
+TorchCheckpointIOBase: Any = TorchCheckpointIO
 
-CallbackBase: type = type("CallbackBase", tuple(_bases), {"__module__": __name__})
-TorchCheckpointIOBase: type = type("TorchCheckpointIOBase", tuple(_io_bases), {"__module__": __name__})
+
+def register_checkpoint_io(cls: type) -> None:
+    """Make ``cls`` count as a ``CheckpointIO`` of both ``lightning_fabric`` and ``lightning.fabric`` (each an
+    abstract base class), for the Trainer of either package; a package that is not installed is skipped."""
+    for module in ("lightning_fabric.plugins.io", "lightning.fabric.plugins.io"):
+        try:
+            base = __import__(module, fromlist=["CheckpointIO"]).CheckpointIO
+        except ImportError:  # pragma: no cover - depends on the environment
+            continue
+        if not issubclass(cls, base):
+            base.register(cls)

@@ -25,7 +25,7 @@ from lightning_prune.packing import pack_bits, unpack_bits
 from lightning_prune.selection import PruningTarget
 from lightning_prune.store import MaskStore
 
-__all__ = ["agree_masks", "check_strategy", "collective_for", "is_sharded", "world_size"]
+__all__ = ["agree_masks", "check_sharding", "check_strategy", "collective_for", "is_sharded", "world_size"]
 
 _REFUSED = ("FSDPStrategy", "DeepSpeedStrategy")
 _SHARDED = "ModelParallelStrategy"
@@ -61,6 +61,26 @@ def check_strategy(strategy: Any) -> None:
                 "PruningScheduleCallback supports `ModelParallelStrategy` with `tensor_parallel_size=1` (FSDP2) only, "
                 f"got tensor_parallel_size={tp}: tensor parallelism splits parameters along other dimensions."
             )
+
+
+def check_sharding(method: Any, mask_mode: str, rewinds: bool) -> None:
+    """Under FSDP2, refuse before training what cannot work on row shards.
+
+    Raises:
+        ValueError: for a method that needs whole tensors, ``mask_mode="hook"`` or rewinding.
+    """
+    why = None
+    if not method.supports_sharding:
+        why = (
+            f"`method={method.name}` needs whole tensors (structured, neuron and torch's own methods "
+            "do); L1, random and importance-function methods work on shards"
+        )
+    elif mask_mode == "hook":
+        why = "`mask_mode='hook'` (torch's reparametrization) cannot wrap sharded DTensor parameters"
+    elif rewinds:
+        why = "`rewind` would keep each process's shard of the rewind point, which a full checkpoint cannot hold"
+    if why:
+        raise ValueError(f"PruningScheduleCallback under FSDP2 (ModelParallelStrategy): {why}.")
 
 
 def is_sharded(strategy: Any) -> bool:

@@ -31,25 +31,30 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import Tensor, nn
 
+from lightning_prune._checks import allowed, check_choice
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for, mask_zeros
 from lightning_prune.layers import to_out_in
-from lightning_prune.seeding import derive_seed
+from lightning_prune.seeding import derive_seed, uniform
 from lightning_prune.selection import PruningTarget, local_view, shard_offset
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
 
 __all__ = [
     "ImportanceFn",
+    "MagnitudeScores",
     "MaskReader",
     "MethodName",
     "NewMask",
     "PruningMethod",
+    "Scope",
     "ScoreMethod",
     "TorchMethod",
+    "check_scope",
     "resolve_method",
 ]
 
 MethodName = Literal["l1_unstructured", "random_unstructured", "ln_structured", "random_structured"]
+Scope = Literal["local", "global"]
 # Returns a Tensor of scores (checked at run time). `Any`, not `Tensor`, as the return type: jsonargparse
 # (LightningCLI) then accepts import paths of functions without a return annotation, such as `torch.abs`.
 ImportanceFn = Callable[[Tensor], Any]
@@ -72,8 +77,8 @@ class MaskReader(Protocol):
 
 
 class NewMask(NamedTuple):
-    """A method's decision for one tensor: its new mask (1 = keep; it may be the kept mask, narrowed in place)
-    and, when the method knows it, the number of pruned entries it holds."""
+    """A method's decision for one tensor: its new mask (``uint8`` or ``bool``, 1 = keep, the tensor's shape; it
+    may be the kept mask, narrowed in place) and, when the method knows it, the number of pruned entries it holds."""
 
     target: PruningTarget
     mask: Tensor
@@ -92,11 +97,14 @@ def _seeded(seed: int, targets: Sequence[PruningTarget]) -> Iterator[None]:
 class PruningMethod(ABC):
     """One way of choosing entries to prune, for a list of tensors at one scheduled step.
 
-    Subclasses implement :meth:`local_masks` and :meth:`global_masks`: they read the masks kept so far from
-    ``masks`` and yield one :class:`NewMask` per tensor whose mask changes; they never change a weight.
+    Subclasses implement :meth:`local_masks`, and :meth:`global_masks` when they work in global scope: they read
+    the masks kept so far from ``masks`` and yield one :class:`NewMask` per tensor whose mask changes (``uint8``
+    or ``bool``); they never change a weight. :func:`lightning_prune.prune_step` calls them.
 
     Attributes:
         name: shown in logs and errors.
+        scopes: the scopes it works in, ``("local", "global")`` or one of them; :func:`check_scope` refuses
+            the others (the callback, when it is built).
         structured: whether whole slices are pruned.
         takes_sparsity: whether cumulative targets drive it (``False``: applied as it is at each step).
         compacts: whether :meth:`compact` can remove the pruned slices physically at the end.
@@ -107,22 +115,16 @@ class PruningMethod(ABC):
     """
 
     name: str = "method"
+    scopes: tuple[Scope, ...] = ("local", "global")
     structured: bool = False
     takes_sparsity: bool = True
     compacts: bool = False
     per_tensor: bool = True
     supports_sharding: bool = False
 
-    @property
-    def supports_global(self) -> bool:
-        """Whether ``scope="global"`` is allowed (default: for unstructured methods only)."""
-        return not self.structured
-
-    def check_scope(self, scope: str) -> None:
-        """Refuse a callback ``scope`` this method cannot work in (called when the callback is built)."""
-        if scope == "global" and not self.supports_global:
-            why = "is structured and works" if self.structured else "works"
-            raise ValueError(f"`method={self.name}` {why} in `scope='local'` only, got scope='global'.")
+    def scope_error(self, scope: str) -> str | None:
+        """A message of its own for a refused ``scope`` (optional; :func:`check_scope` has a general one)."""
+        return None
 
     def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
         """Called once when ``fit`` starts, before any pruning, with the whole module (optional hook)."""
@@ -177,14 +179,37 @@ class PruningMethod(ABC):
     ) -> Iterator[NewMask]:
         """Each tensor to its own cumulative sparsity (``None`` entries for methods that take none)."""
 
-    @abstractmethod
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
-        """All tensors together to one cumulative sparsity."""
+        """All tensors together to one cumulative sparsity; only called when ``"global"`` is in :attr:`scopes`."""
+        raise TypeError(f"`method={self.name}` has no global scope (its scopes: {self.scopes}).")
 
     def __repr__(self) -> str:
         return self.name
+
+
+def check_scope(method: PruningMethod, scope: str) -> Scope:
+    """Refuse a ``scope`` that ``method`` does not work in (the one place scopes are checked).
+
+    Example::
+
+        >>> check_scope(resolve_method("l1_unstructured"), "global")
+        'global'
+        >>> check_scope(resolve_method("ln_structured"), "global")
+        Traceback (most recent call last):
+        ...
+        ValueError: `method=LnStructured` is structured and works in `scope='local'` only, got scope='global'.
+    """
+    scope = check_choice("scope", scope, allowed(Scope))
+    if scope not in method.scopes:
+        message = method.scope_error(scope)
+        if message is None:
+            how = "is structured and works" if method.structured else "works"
+            where = " or ".join(f"`scope={s!r}`" for s in method.scopes)
+            message = f"`method={method.name}` {how} in {where} only, got scope={scope!r}."
+        raise ValueError(message)
+    return scope
 
 
 class ScoreMethod(PruningMethod):
@@ -231,7 +256,7 @@ class ScoreMethod(PruningMethod):
         )
         for t, mask, k, already in zip(chosen, new, ks, pruned):
             # exactly k more: the next step need not count them (a shard's own count is not known here)
-            yield NewMask(t, mask, None if group is not None else already + k)
+            yield NewMask(t, _binary(mask), None if group is not None else already + k)
 
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
@@ -254,12 +279,13 @@ class ScoreMethod(PruningMethod):
             group=group,
         )
         for t, mask in zip(targets, new):
-            yield NewMask(t, mask)  # each mask as soon as it is built
+            yield NewMask(t, _binary(mask))  # each mask as soon as it is built
 
 
-class _Magnitude:
-    """Magnitude (or ``importance(weights)``) scores. A class, not a closure, so that the callback pickles:
-    ``ddp_spawn`` sends it to the new processes."""
+class MagnitudeScores:
+    """``(target, seed) -> scores``: the magnitude ``|W|``, or ``importance(W)``, of a target's weights (the part
+    this process holds). A class, not a closure, so that the callback pickles: ``ddp_spawn`` sends it to the new
+    processes."""
 
     def __init__(self, importance: ImportanceFn | None) -> None:
         self.importance = importance
@@ -285,24 +311,12 @@ def _random_scores(target: PruningTarget, seed: int) -> Tensor:
     tensor = target.tensor
     local = local_view(tensor)
     index = torch.arange(local.numel(), dtype=torch.int64, device=local.device).add_(shard_offset(tensor))
-    return _uniform(seed, index).view(local.shape)
+    return uniform(seed, index).view(local.shape)
 
 
-_M64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    x &= _M64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-def _uniform(seed: int, index: Tensor) -> Tensor:
-    """SplitMix64 of ``seed + index * golden ratio`` (int64 arithmetic wraps), as float32 in [0, 1)."""
-    x = index.mul_(_signed(0x9E3779B97F4A7C15)).add_(_signed(seed))
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))).mul_(_signed(0xBF58476D1CE4E5B9))
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))).mul_(_signed(0x94D049BB133111EB))
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).mul_(1.0 / (1 << 24))
+def _binary(mask: Tensor) -> Tensor:
+    """A 0/1 mask as ``uint8`` (the contract of :class:`NewMask`); selection hands out float32 on a first step."""
+    return mask if mask.dtype in (torch.uint8, torch.bool) else mask.ne(0).to(torch.uint8)
 
 
 def _pruned_slices(mask: Tensor, dim: int) -> int:
@@ -332,6 +346,7 @@ class TorchMethod(PruningMethod):
         self.importance = importance
         self.name = cls.__name__
         self.structured = getattr(cls, "PRUNING_TYPE", None) == "structured"
+        self.scopes = ("local",) if self.structured else ("local", "global")
         self.takes_sparsity = "amount" in inspect.signature(cls.__init__).parameters
 
     def _scores(self, t: PruningTarget) -> Tensor:
@@ -354,7 +369,7 @@ class TorchMethod(PruningMethod):
         method._tensor_name = name
         container = prune.PruningContainer(method)
         default = current.to(device=scores.device, dtype=torch.float32)
-        return container.compute_mask(scores, default_mask=default)
+        return _binary(container.compute_mask(scores, default_mask=default))
 
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
@@ -398,17 +413,32 @@ class TorchMethod(PruningMethod):
             offset += n
 
 
-_BUILTIN: dict[str, Callable[[Mapping[str, Any], ImportanceFn | None], PruningMethod]] = {
-    "l1_unstructured": lambda kw, imp: ScoreMethod(_Magnitude(imp), "l1_unstructured", zero_where_pruned=imp is None),
-    "random_unstructured": lambda kw, imp: ScoreMethod(_random_scores, "random_unstructured"),
-    "ln_structured": lambda kw, imp: TorchMethod(prune.LnStructured, {"n": 2, "dim": 0, **kw}, imp),
-    "random_structured": lambda kw, imp: TorchMethod(prune.RandomStructured, {"dim": 0, **kw}, imp),
-}
-_BUILTIN_KWARGS = {
-    "l1_unstructured": set(),
-    "random_unstructured": set(),
-    "ln_structured": {"n", "dim"},
-    "random_structured": {"dim"},
+class _Builtin(NamedTuple):
+    """A method given by name: how to build it, the ``method_kwargs`` it takes, whether it scores by magnitude (an
+    ``importance`` function can replace the magnitude) or by chance (then ``importance`` means nothing)."""
+
+    build: Callable[[Mapping[str, Any], ImportanceFn | None], PruningMethod]
+    kwargs: frozenset[str]
+    random: bool
+
+
+_BUILTIN: dict[str, _Builtin] = {
+    "l1_unstructured": _Builtin(
+        lambda kw, imp: ScoreMethod(MagnitudeScores(imp), "l1_unstructured", zero_where_pruned=imp is None),
+        frozenset(),
+        random=False,
+    ),
+    "random_unstructured": _Builtin(
+        lambda kw, imp: ScoreMethod(_random_scores, "random_unstructured"), frozenset(), random=True
+    ),
+    "ln_structured": _Builtin(
+        lambda kw, imp: TorchMethod(prune.LnStructured, {"n": 2, "dim": 0, **kw}, imp),
+        frozenset({"n", "dim"}),
+        random=False,
+    ),
+    "random_structured": _Builtin(
+        lambda kw, imp: TorchMethod(prune.RandomStructured, {"dim": 0, **kw}, imp), frozenset({"dim"}), random=True
+    ),
 }
 if set(_BUILTIN) != set(get_args(MethodName)):  # pragma: no cover - a programming error in this module
     raise RuntimeError("lightning_prune.methods: _BUILTIN and MethodName disagree.")
@@ -449,15 +479,15 @@ def resolve_method(
             raise ValueError(
                 f"`method` must be one of {sorted(_BUILTIN)} or a BasePruningMethod subclass, got {method!r}."
             )
-        extra = set(kwargs) - _BUILTIN_KWARGS[method]
+        builtin = _BUILTIN[method]
+        extra = set(kwargs) - builtin.kwargs
         if extra:
             raise ValueError(
-                f"`method_kwargs` for {method!r} may hold {sorted(_BUILTIN_KWARGS[method]) or 'nothing'}, "
-                f"got {sorted(extra)}."
+                f"`method_kwargs` for {method!r} may hold {sorted(builtin.kwargs) or 'nothing'}, got {sorted(extra)}."
             )
-        if importance is not None and method.startswith("random"):
+        if importance is not None and builtin.random:
             raise ValueError(f"`importance` replaces the magnitude; it has no meaning with `method={method!r}`.")
-        return _BUILTIN[method](kwargs, importance)
+        return builtin.build(kwargs, importance)
     if isinstance(method, type) and issubclass(method, prune.BasePruningMethod):
         params = inspect.signature(method.__init__).parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

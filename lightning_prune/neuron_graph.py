@@ -32,21 +32,24 @@ import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.methods import MaskReader, NewMask
 from lightning_prune.selection import PruningTarget, matrix_weight_names
 
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
 __all__ = [
     "ExcludeSpec",
     "NeuronGroup",
     "NeuronSlice",
     "build_graph",
+    "check_exclude",
     "groups_from_graph",
     "neuron_groups",
     "output_layers",
@@ -94,7 +97,7 @@ class NeuronSlice:
         """The group's entries of the tensor as the model uses it, shape ``(size, k)``: row ``i`` holds neuron
         ``i``'s."""
         with torch.no_grad():
-            t = self.target.value().movedim(self.dim, 0)
+            t = self.target.tensor.movedim(self.dim, 0)
             order = torch.argsort(self.owner, stable=True)
             picked = t[self.index.to(t.device)[order.to(t.device)]]
             return picked.reshape(size, -1)
@@ -204,7 +207,7 @@ def _check_known(model: nn.Module) -> None:
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` (masked or not), leaving the model's train/eval modes.
+    """Torch-Pruning's dependency graph of ``model``, leaving the model's train/eval modes.
 
     Raises:
         ValueError: for a model with matrix layers that the graph does not know (Hugging Face's ``Conv1D``,
@@ -214,7 +217,18 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with _traced(model):
         inputs = _to_device(example_inputs, device)
-        return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+        return _torch_pruning().DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+
+
+def _torch_pruning() -> Any:
+    """Torch-Pruning, imported where neuron pruning first needs it (a heavy import the rest of the package spares)."""
+    try:
+        import torch_pruning
+    except ImportError as err:
+        raise ImportError(
+            "Neuron pruning and compaction need Torch-Pruning: pip install 'lightning-prune[structured]'."
+        ) from err
+    return torch_pruning
 
 
 def _prunable_layer(module: Any) -> bool:
@@ -244,13 +258,7 @@ def _has_params(module: Any) -> bool:
 
 
 def _param_names(module: nn.Module) -> list[str]:
-    names = []
-    for pname, value in module._parameters.items():
-        if value is None:
-            continue
-        masked = pname.endswith("_orig") and hasattr(module, pname[:-5] + "_mask")
-        names.append(pname[:-5] if masked else pname)
-    return names
+    return [pname for pname, value in module._parameters.items() if value is not None]
 
 
 def _slices_for(
@@ -287,7 +295,8 @@ def _matches(spec: ExcludeSpec, name: str, module: nn.Module) -> bool:
     return fnmatch.fnmatchcase(name, spec)
 
 
-def _check_exclude(exclude: Sequence[ExcludeSpec]) -> tuple[ExcludeSpec, ...]:
+def check_exclude(exclude: Sequence[ExcludeSpec]) -> tuple[ExcludeSpec, ...]:
+    """``exclude`` as a tuple of module names, glob patterns or modules, else a ``ValueError``."""
     if isinstance(exclude, (str, nn.Module)) or not isinstance(exclude, Sequence):
         raise ValueError(f"`exclude` must be a list of module names, glob patterns or modules, got {exclude!r}.")
     for spec in exclude:
@@ -302,7 +311,7 @@ def groups_from_graph(
     """Turn the graph's pruning groups into :class:`NeuronGroup` s (see :func:`neuron_groups`)."""
     names = {id(m): n for n, m in model.named_modules()}
     layers = [(n, m) for n, m in model.named_modules() if _prunable_layer(m)]
-    for spec in _check_exclude(exclude):
+    for spec in check_exclude(exclude):
         if not any(_matches(spec, n, m) for n, m in model.named_modules()):
             label = spec if isinstance(spec, str) else type(spec).__name__
             raise ValueError(f"`exclude` entry {label!r} matches no module of the model.")
@@ -350,7 +359,8 @@ def neuron_groups(model: nn.Module, example_inputs: Any, exclude: Sequence[Exclu
     """The prunable groups of neurons/channels of ``model``, found by tracing it once on ``example_inputs``.
 
     Args:
-        model: any module (masked by torch's pruning or not); its train/eval modes are left as they were.
+        model: any module with plain parameters (a model in torch's pruning form: call
+            :func:`~lightning_prune.reparam.make_permanent` first); its train/eval modes are left as they were.
         example_inputs: what ``model(...)`` takes: a tensor, a tuple of positional inputs or a dict.
         exclude: layers whose neurons are kept: qualified module names, glob patterns over them, or modules.
             A group is skipped when any of its layers is excluded. Output layers are always excluded.

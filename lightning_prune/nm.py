@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lightning_prune._checks import check_int
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.layers import input_dim
-from lightning_prune.methods import ImportanceFn, MaskReader, NewMask, PruningMethod, _Magnitude
+from lightning_prune.methods import ImportanceFn, MagnitudeScores, MaskReader, NewMask, PruningMethod
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
 __all__ = ["NMPruning", "nm_satisfied", "to_semi_structured"]
@@ -159,23 +159,20 @@ class NMPruning(PruningMethod):
         if importance is not None and not callable(importance):
             raise ValueError(f"`importance` must be a function tensor -> scores, got {importance!r}.")
         self.importance = importance
-        self._scores = _Magnitude(importance)
+        self._scores = MagnitudeScores(importance)
         self.name = f"nm({self.n}:{self.m})"
 
     def __repr__(self) -> str:
         extra = "" if self.importance is None else f", importance={getattr(self.importance, '__name__', '...')}"
         return f"NMPruning(n={self.n}, m={self.m}{extra})"
 
-    @property
-    def supports_global(self) -> bool:
-        return False
+    scopes = ("local",)
 
-    def check_scope(self, scope: str) -> None:
-        if scope != "local":
-            raise ValueError(
-                f"{self!r} keeps n of every m weights within each tensor and works in `scope='local'` only, "
-                f"got scope={scope!r}."
-            )
+    def scope_error(self, scope: str) -> str:
+        return (
+            f"{self!r} keeps n of every m weights within each tensor and works in `scope='local'` only, "
+            f"got scope={scope!r}."
+        )
 
     def skipped(self, targets: Sequence[PruningTarget]) -> dict[str, str]:
         """``{name: reason}`` of the chosen tensors that cannot take the pattern (left dense)."""
@@ -225,12 +222,6 @@ class NMPruning(PruningMethod):
             mask = self._new_mask(t, masks.mask(t))
             if mask is not None:
                 yield NewMask(t, mask)
-
-    def global_masks(
-        self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
-    ) -> Iterator[NewMask]:
-        self.check_scope("global")
-        return iter(())
 
 
 def to_semi_structured(model: nn.Module, parameters: Sequence[ParameterSpec] | None = None) -> list[str]:

@@ -2,7 +2,9 @@
 
 A mask is any tensor whose nonzero entries are kept (1) and whose zeros are pruned (0). :func:`pack_bits`
 stores it as ``ceil(numel / 8)`` bytes, most significant bit first (``numpy.packbits`` order), over the
-row-major flattening of the tensor; :func:`unpack_bits` needs the shape to undo it.
+row-major flattening of the tensor; :func:`unpack_bits` needs the shape to undo it. :class:`PackedMask` holds the
+two together: the callback's checkpoint state keeps each mask as one, and a tensor in a sparse file
+(:class:`~lightning_prune.sparse_files.SparseParts`) is one (the mask of its nonzero entries) with its values.
 
 Example::
 
@@ -17,13 +19,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["pack_bits", "packed_size", "unpack_bits"]
+__all__ = ["PackedMask", "pack_bits", "packed_size", "unpack_bits"]
 
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 
@@ -62,3 +66,36 @@ def unpack_bits(packed: Tensor, shape: Sequence[int] | torch.Size) -> Tensor:
         return torch.from_numpy(np.unpackbits(packed.reshape(-1).numpy(), count=numel)).reshape(shape)
     bits = packed.reshape(-1, 1).bitwise_right_shift(_SHIFTS.to(packed.device)).bitwise_and_(1)
     return bits.reshape(-1)[:numel].reshape(shape).contiguous()
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A mask, bit-packed: ``bits`` (:func:`pack_bits` of it) and the ``shape`` that :func:`unpack_bits` needs.
+
+    Example::
+
+        >>> packed = PackedMask.of(torch.tensor([[1, 0], [0, 1]]))
+        >>> packed.to_state()
+        {'shape': [2, 2], 'bits': tensor([144], dtype=torch.uint8)}
+        >>> PackedMask.from_state(packed.to_state()).unpack().tolist()
+        [[1, 0], [0, 1]]
+    """
+
+    bits: Tensor
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: Tensor) -> PackedMask:
+        return cls(pack_bits(mask), tuple(mask.shape))
+
+    def unpack(self) -> Tensor:
+        """The ``uint8`` mask (0/1), on the device of :attr:`bits`."""
+        return unpack_bits(self.bits, self.shape)
+
+    def to_state(self) -> dict[str, Any]:
+        """``{"shape": [...], "bits": ...}``: the form of a mask in the callback's checkpoint state."""
+        return {"shape": list(self.shape), "bits": self.bits}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PackedMask:
+        return cls(state["bits"], tuple(state["shape"]))

@@ -9,7 +9,12 @@ form, ``<name>_orig`` (the trainable tensor), a ``<name>_mask`` buffer and a for
 * checkpoints written in torch's form (version 0.1 of this package, or ``mask_mode="hook"`` before it
   converts them) are turned into the model's own keys by :func:`upgrade_state_dict`;
   :func:`convert_on_load` makes every ``load_state_dict`` of a module do that and keeps the masks aside;
-* a model pruned with ``torch.nn.utils.prune`` before training: :func:`take_over` hands its masks to the store.
+* a model pruned with ``torch.nn.utils.prune`` before training: :func:`take_over` hands its masks to the store,
+  and :func:`plain` lets any code read such a model as plain parameters for a while (reports, sensitivity
+  analysis), putting torch's form back exactly as it was.
+
+Everything else in the package sees plain parameters: a :class:`~lightning_prune.selection.PruningTarget` is a
+handle on a parameter, never on ``<name>_orig``.
 
 Example::
 
@@ -26,7 +31,8 @@ Example::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,15 +40,17 @@ import torch.nn.utils.prune as prune
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune.selection import PruningTarget, _torch_masked, iter_parameters
+from lightning_prune.selection import PruningTarget
+from lightning_prune.store import MaskStore, apply_mask_
 
 __all__ = [
+    "TorchFormMasking",
     "check_hook_mode",
     "convert_on_load",
     "install",
     "loaded_masks",
     "make_permanent",
-    "refresh",
+    "plain",
     "remove",
     "take_over",
     "upgrade_state_dict",
@@ -54,6 +62,22 @@ _HOOKED: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKey
 # a module's parameter names in their order before `install`: `remove` puts them back in that order, so that
 # `module.parameters()` (and an optimizer built from it later) sees the order the model was built with
 _ORDER: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _torch_masked(module: nn.Module, name: str) -> bool:
+    """Whether torch's pruning reparametrization (``<name>_orig`` + ``<name>_mask``) is on ``module``."""
+    return hasattr(module, name + _MASK) and isinstance(getattr(module, name + _ORIG, None), nn.Parameter)
+
+
+def _masked_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, name)`` of every tensor of ``model`` in torch's form, each module once."""
+    out = []
+    for module_name, module in model.named_modules():
+        for pname in list(module._parameters):
+            if pname.endswith(_ORIG) and _torch_masked(module, pname[: -len(_ORIG)]):
+                name = pname[: -len(_ORIG)]
+                out.append((f"{module_name}.{name}" if module_name else name, module, name))
+    return out
 
 
 def install(items: Iterable[tuple[PruningTarget, Tensor]]) -> None:
@@ -70,11 +94,8 @@ def remove(targets: Iterable[PruningTarget]) -> list[str]:
     done = []
     for t in targets:
         if _torch_masked(t.module, t.param):
-            prune.remove(t.module, t.param)
+            _remove_one(t.module, t.param)
             done.append(t.name)
-            order = _ORDER.get(t.module)
-            if order is not None and not any(_torch_masked(t.module, n) for n in order):
-                _reorder(t.module, _ORDER.pop(t.module))
     return done
 
 
@@ -88,12 +109,11 @@ def _reorder(module: nn.Module, order: list[str]) -> None:
         params.update(items)
 
 
-def refresh(target: PruningTarget) -> None:
-    """Recompute torch's cached ``<name> = orig * mask`` attribute of a target in torch's form now (torch itself
-    would only at the next forward), after its values changed in place."""
-    if _torch_masked(target.module, target.param):
-        with torch.no_grad():
-            setattr(target.module, target.param, target.value())
+def _remove_one(module: nn.Module, name: str) -> None:
+    prune.remove(module, name)
+    order = _ORDER.get(module)
+    if order is not None and not any(_torch_masked(module, n) for n in order):
+        _reorder(module, _ORDER.pop(module))
 
 
 def make_permanent(model: nn.Module) -> list[str]:
@@ -108,17 +128,58 @@ def make_permanent(model: nn.Module) -> list[str]:
         >>> make_permanent(net), sorted(net.state_dict())
         (['0.weight'], ['0.bias', '0.weight'])
     """
-    return remove(iter_parameters(model))
+    done = []
+    for qual, module, name in _masked_tensors(model):
+        _remove_one(module, name)
+        done.append(qual)
+    return done
 
 
 def take_over(model: nn.Module) -> dict[str, Tensor]:
     """Remove torch's reparametrization from ``model`` and return its masks (``uint8``) by qualified name."""
     masks = {}
-    for t in list(iter_parameters(model)):
-        if _torch_masked(t.module, t.param):
-            masks[t.name] = getattr(t.module, t.param + _MASK).detach().ne(0).to(torch.uint8)
-            prune.remove(t.module, t.param)
+    for qual, module, name in _masked_tensors(model):
+        masks[qual] = getattr(module, name + _MASK).detach().ne(0).to(torch.uint8)
+        _remove_one(module, name)
     return masks
+
+
+@contextmanager
+def plain(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Within the block, ``model`` holds plain parameters (``<name> = orig * mask``, zeros baked in) wherever torch's
+    pruning had put its form; afterwards torch's form is back exactly as it was: the same parameter objects, the
+    same ``<name>_orig`` values (also at masked entries), masks, parameter order and cached ``<name>``. Yields the
+    masks by qualified name (empty for a plain model, which is left as it is).
+
+    Example::
+
+        >>> import torch.nn as nn, torch.nn.utils.prune as prune
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> _ = prune.l1_unstructured(net[0], "weight", amount=6)
+        >>> with plain(net) as masks:
+        ...     sorted(net.state_dict()), int((net[0].weight == 0).sum()), list(masks)
+        (['0.bias', '0.weight'], 6, ['0.weight'])
+        >>> sorted(net.state_dict())
+        ['0.bias', '0.weight_mask', '0.weight_orig']
+    """
+    saved = []
+    orders = {}
+    for qual, module, name in _masked_tensors(model):
+        orig = getattr(module, name + _ORIG)
+        saved.append((qual, module, name, getattr(module, name + _MASK).detach().clone(), orig.detach().clone()))
+        orders.setdefault(module, list(module._parameters))
+        prune.remove(module, name)
+    try:
+        yield {qual: mask.ne(0).to(torch.uint8) for qual, _, _, mask, _ in saved}
+    finally:
+        for _, module, name, mask, values in reversed(saved):
+            param = module._parameters[name]
+            prune.custom_from_mask(module, name, mask)
+            with torch.no_grad():
+                param.copy_(values)
+                setattr(module, name, param * mask)
+        for module, order in orders.items():
+            _reorder(module, order)
 
 
 def check_hook_mode(model: nn.Module, targets: Iterable[PruningTarget]) -> None:
@@ -158,7 +219,7 @@ def upgrade_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], d
             name = key[: -len(_ORIG)]
             mask = state_dict[name + _MASK]
             with torch.no_grad():
-                plain[name] = (value * mask).add_(0.0).to(value.dtype)
+                plain[name] = apply_mask_(value.clone(), mask).to(value.dtype)
             masks[name] = mask.detach().ne(0).to(torch.uint8)
             continue
         plain[key] = value
@@ -204,3 +265,44 @@ def convert_on_load(model: nn.Module) -> RemovableHandle:
 def loaded_masks(model: nn.Module, pop: bool = False) -> dict[str, Tensor]:
     """The masks that :func:`convert_on_load` took from the last 0.1 ``state_dict`` loaded into ``model``."""
     return (_LOADED.pop(model, None) or {}) if pop else dict(_LOADED.get(model, {}))
+
+
+class TorchFormMasking:
+    """``mask_mode="hook"``: between pruning steps the store's masks are on the model in torch's form
+    (``<name>_orig``, ``<name>_mask``, a forward pre-hook), for code that expects it; the steps themselves see plain
+    parameters. The counterpart of :class:`lightning_prune.store.StoreMasking`, with the same methods."""
+
+    mode = "hook"
+
+    def check(self, model: nn.Module, targets: Iterable[PruningTarget]) -> None:
+        check_hook_mode(model, targets)
+
+    def start(self, store: MaskStore, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        install(store.items())
+
+    def before_optimizer_step(self, store: MaskStore, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing: torch's form multiplies by the mask in every forward pass, so pruned entries get no gradient."""
+
+    def before_prune(self, store: MaskStore) -> None:
+        remove(t for t, _ in store.items())
+
+    def after_prune(self, store: MaskStore) -> None:
+        install(store.items())
+
+    def end(self, store: MaskStore) -> None:
+        remove(t for t, _ in store.items())
+
+    def keep(self, store: MaskStore) -> None:
+        install(store.items())
+
+    def checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:  # the model's own keys, as without torch's form
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])[0]
+
+    @contextmanager
+    def plain(self, store: MaskStore) -> Iterator[None]:
+        self.before_prune(store)
+        try:
+            yield
+        finally:
+            self.after_prune(store)

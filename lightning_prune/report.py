@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune import reparam
+from lightning_prune._table import format_table
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
 from lightning_prune.layers import input_dim, matrix_layer, output_dim
@@ -113,6 +115,18 @@ class SparsityReport:
         """``{qualified name: sparsity}``."""
         return {t.name: t.sparsity for t in self.tensors}
 
+    def metrics(
+        self, prefix: str = "pruning", target: float | None = None, per_tensor: bool = True
+    ) -> dict[str, float]:
+        """The figures a logger receives: ``<prefix>/sparsity``, ``<prefix>/target`` (when given) and, with
+        ``per_tensor``, ``pruning/sparsity/<name>`` for every tensor."""
+        out = {f"{prefix}/sparsity": self.sparsity}
+        if target is not None:
+            out[f"{prefix}/target"] = target
+        if per_tensor:
+            out.update({f"pruning/sparsity/{t.name}": t.sparsity for t in self.tensors})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON: overall and per-tensor figures, and the model's size when measured."""
         out: dict[str, Any] = {
@@ -144,11 +158,7 @@ class SparsityReport:
             row = (t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", target)
             rows.append(row + ((flag[t.nm],) if nm else ()))
         rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", "", *("" for _ in nm)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = format_table(rows)
         if self.size is not None:
             z = self.size
             lines.append(
@@ -165,7 +175,7 @@ def measure(
     processes, whose counts are summed."""
     goals = goals or {}
     with torch.no_grad():
-        zeros = [count_zeros(local_view(t.value())) for t in targets]
+        zeros = [count_zeros(local_view(t.tensor)) for t in targets]
     if group is not None:
         zeros = group.sum(zeros)
     rows = [
@@ -291,13 +301,20 @@ def sparsity_report(
         >>> [t.nm for t in sparsity_report(mlp, nm=(2, 4)).tensors]  # 2:4 / not 2:4 / in=3 has no groups of 4
         [True, False, None]
     """
+    with reparam.plain(model):  # a model in torch's pruning form: the weights it computes with (orig * mask)
+        return _report(model, parameters, example_inputs, nm)
+
+
+def _report(
+    model: nn.Module, parameters: Sequence[ParameterSpec] | None, example_inputs: Any, nm: tuple[int, int] | None
+) -> SparsityReport:
     targets = select_parameters(model, parameters)
     report = measure(targets)
     if nm is not None:
         report = _with_nm(report, targets, nm)
     if example_inputs is None:
         return report
-    values = [t.value() for t in iter_parameters(model)]
+    values = [t.tensor for t in iter_parameters(model)]
     macs_dense, macs_nonzero = count_macs(model, example_inputs)
     size = ModelSize(
         params_total=sum(v.numel() for v in values),
@@ -315,7 +332,7 @@ def _with_nm(report: SparsityReport, targets: Sequence[PruningTarget], nm: tuple
     flags = []
     with torch.no_grad():
         for t in targets:
-            value = local_view(t.value())
+            value = local_view(t.tensor)
             dim = input_dim(t.layout)
             groups = value.dim() >= 2 and value.shape[dim] % m == 0
             flags.append(nm_satisfied(value, n, m, dim) if groups else None)

@@ -36,9 +36,9 @@ from torch import Tensor
 
 from lightning_prune._checks import check_int
 from lightning_prune.selection import PruningTarget
-from lightning_prune.store import MaskStore
+from lightning_prune.store import MaskStore, apply_mask_
 
-__all__ = ["Rewind", "capture", "rewind"]
+__all__ = ["Rewind", "as_rewind", "capture", "rewind"]
 
 
 def _check_count(name: str, value: object) -> int | None:
@@ -85,6 +85,21 @@ class Rewind:
         return epoch_start and epoch == self.epoch
 
 
+def as_rewind(value: Rewind | str | None) -> Rewind | None:
+    """The callback's ``rewind`` argument as a :class:`Rewind` (``"init"`` is ``Rewind()``), or ``None``.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if value == "init":
+        return Rewind()
+    if value is not None and not isinstance(value, Rewind):
+        raise ValueError(
+            f"`rewind` must be None, 'init' or a Rewind(epoch=...) / Rewind(step=...) object, got {value!r}."
+        )
+    return value
+
+
 def capture(targets: Iterable[PruningTarget]) -> dict[str, Tensor]:
     """True copies of the values of ``targets``, by qualified name."""
     with torch.no_grad():
@@ -119,7 +134,7 @@ def rewind(
             tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
             mask = None if masks is None else masks.mask(t)
             if mask is not None:
-                tensor.mul_(mask).add_(0.0)
+                apply_mask_(tensor, mask)
             params.append(tensor)
             done.append(t.name)
     for optimizer in optimizers:

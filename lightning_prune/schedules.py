@@ -22,10 +22,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from lightning_prune._checks import check_fraction, check_int, check_number
 
-__all__ = ["AtEpochs", "FunctionSchedule", "OneShot", "Polynomial", "Schedule", "ScheduleLike", "as_schedule"]
+__all__ = [
+    "AtEpochs",
+    "FunctionSchedule",
+    "OneShot",
+    "Polynomial",
+    "Schedule",
+    "ScheduleLike",
+    "GLOBAL",
+    "TargetPlan",
+    "as_schedule",
+    "resolve_sparsity",
+]
+
+GLOBAL = "__global__"
+"""The key of the one target of all tensors together (global scope) in a :class:`TargetPlan`."""
+_EPS = 1e-12
 
 
 def _check_epoch(name: str, value: object) -> int:
@@ -244,3 +260,115 @@ ScheduleLike = Schedule | Callable[[int], float]
 def as_schedule(schedule: ScheduleLike) -> Schedule:
     """Return ``schedule`` as a :class:`Schedule`, wrapping a plain callable in :class:`FunctionSchedule`."""
     return schedule if isinstance(schedule, Schedule) else FunctionSchedule(schedule)
+
+
+def resolve_sparsity(
+    sparsity: float | Mapping[Any, float] | None,
+    schedule: Schedule,
+    method_name: str,
+    takes_sparsity: bool,
+    scope: str = "local",
+) -> float | dict[Any, float] | None:
+    """The callback's final ``sparsity`` from its argument and its schedule: a fraction in [0, 1), a per-layer
+    mapping (checked against the model later), the schedule's own last target, or ``None`` for a method that takes
+    none.
+
+    Raises:
+        ValueError: for a value outside [0, 1), a ``sparsity`` beside a method that takes none, a ``sparsity``
+            that differs from the schedule's own last target, none where one is needed, or a per-layer mapping in
+            global scope or with a plain-function schedule.
+
+    Example::
+
+        >>> resolve_sparsity(None, AtEpochs({1: 0.3, 2: 0.6}), "l1_unstructured", True)
+        0.6
+    """
+    if isinstance(sparsity, Mapping):
+        if scope == "global":
+            raise ValueError("A per-layer `sparsity` mapping needs `scope='local'`; global scope takes one target.")
+        if isinstance(schedule, FunctionSchedule):
+            raise ValueError(
+                "A plain-function `schedule` returns one sparsity for all tensors; use a Schedule object "
+                "(OneShot, AtEpochs, Polynomial) with a per-layer `sparsity` mapping."
+            )
+        if not takes_sparsity:
+            raise ValueError(
+                f"`sparsity` has no effect with `method={method_name}`, whose constructor takes no "
+                f"`amount`; leave it out, got a per-layer mapping {dict(sparsity)!r}."
+            )
+        return dict(sparsity)
+    if sparsity is not None:
+        sparsity = check_fraction("sparsity", sparsity)
+    if not takes_sparsity:
+        if sparsity is not None:
+            raise ValueError(
+                f"`sparsity` has no effect with `method={method_name}`, whose constructor takes no `amount`; "
+                f"leave it out, got {sparsity!r}."
+            )
+        return None
+    defined = schedule.final_sparsity
+    if defined is not None:
+        if sparsity is not None and abs(sparsity - defined) > 1e-9:
+            raise ValueError(
+                f"`sparsity`={sparsity!r} differs from the schedule's last target {defined!r}; give one of them."
+            )
+        return defined
+    if sparsity is None and not isinstance(schedule, FunctionSchedule):
+        raise ValueError(f"`sparsity` is required with `method={method_name}` and {schedule!r}.")
+    return sparsity
+
+
+class TargetPlan:
+    """The cumulative targets of one run, read from its schedule: those due at a point of training beyond the ones
+    reached, the final ones, and their size-weighted overall value. Pure arithmetic on names and sizes.
+
+    Args:
+        schedule: when, and how far.
+        finals: each tensor's final target by name (local scope), or ``{GLOBAL: s}`` for all tensors together
+            (global scope; and ``{GLOBAL: 1.0}`` for a method that takes no sparsity, whose schedule only says when).
+        sizes: each tensor's number of entries, by name.
+
+    Example::
+
+        >>> plan = TargetPlan(AtEpochs([1, 2]), {"a": 0.8, "b": 0.4}, {"a": 30, "b": 10})
+        >>> plan.due(1.0, {})
+        {'a': 0.4, 'b': 0.2}
+        >>> plan.due(1.0, {"a": 0.4, "b": 0.2}) is None, plan.final(), plan.overall({"a": 0.4, "b": 0.2})
+        (True, {'a': 0.8, 'b': 0.4}, 0.35)
+        >>> plan.short_of({"a": 0.4, "b": 0.2})  # the planned overall target, not reached
+        0.7
+    """
+
+    def __init__(self, schedule: Schedule, finals: Mapping[str, float], sizes: Mapping[str, int]) -> None:
+        self.schedule = schedule
+        self.finals = dict(finals)
+        self.sizes = dict(sizes)
+
+    def at(self, epoch: float) -> dict[str, float]:
+        """The cumulative targets the schedule asks for at ``epoch``."""
+        return {name: self.schedule.sparsity(epoch, final) for name, final in self.finals.items()}
+
+    def due(self, epoch: float, reached: Mapping[str, float]) -> dict[str, float] | None:
+        """The targets to prune to at ``epoch`` (never below those ``reached``); ``None`` when none goes beyond."""
+        wanted = self.at(epoch)
+        if not any(s > reached.get(name, 0.0) + _EPS for name, s in wanted.items()):
+            return None
+        return {name: max(s, reached.get(name, 0.0)) for name, s in wanted.items()}
+
+    def final(self) -> dict[str, float]:
+        """The targets at the schedule's last epoch (empty when the schedule does not know it)."""
+        last = self.schedule.last_epoch
+        return {} if last is None else self.at(float(last))
+
+    def overall(self, targets: Mapping[str, float]) -> float:
+        """``targets`` as one fraction of all entries (the global target itself, or the size-weighted mean)."""
+        if GLOBAL in self.finals:
+            return targets.get(GLOBAL, 0.0)
+        return sum(targets.get(n, 0.0) * k for n, k in self.sizes.items()) / sum(self.sizes.values())
+
+    def short_of(self, reached: Mapping[str, float]) -> float | None:
+        """The planned final overall target when some final target is not ``reached``, else ``None``."""
+        final = self.final()
+        if any(reached.get(name, 0.0) < s - _EPS for name, s in final.items()):
+            return self.overall(final)
+        return None

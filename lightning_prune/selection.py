@@ -54,7 +54,6 @@ SparsityKey = type | str
 SparsitySpec = float | Mapping[SparsityKey, float] | None
 
 _GLOB_CHARS = set("*?[")
-_ORIG, _MASK = "_orig", "_mask"
 
 
 @dataclass(frozen=True)
@@ -83,36 +82,15 @@ class PruningTarget:
 
     @property
     def tensor(self) -> nn.Parameter:
-        """The trainable parameter (``<param>_orig`` where torch's pruning reparametrizes it)."""
-        if _torch_masked(self.module, self.param):
-            return self.module.get_parameter(self.param + _ORIG)
+        """The parameter (``module.get_parameter(param)``: the same tensor the model computes with)."""
         return self.module.get_parameter(self.param)
-
-    def value(self) -> Tensor:
-        """The weights as the model uses them: the parameter, or ``orig * mask`` under torch's reparametrization
-        (never torch's cached, possibly stale attribute)."""
-        tensor = self.tensor
-        if _torch_masked(self.module, self.param):
-            return tensor * getattr(self.module, self.param + _MASK)
-        return tensor
 
     def with_sparsity(self, sparsity: float | None) -> PruningTarget:
         return PruningTarget(self.name, self.module_name, self.module, self.param, sparsity, self.aliases, self.layout)
 
 
-def _torch_masked(module: nn.Module, name: str) -> bool:
-    """Whether torch's pruning reparametrization (``<name>_orig`` + ``<name>_mask``) is on ``module``."""
-    return hasattr(module, name + _MASK) and isinstance(getattr(module, name + _ORIG, None), nn.Parameter)
-
-
 def _qualify(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _logical(module: nn.Module, pname: str) -> str:
-    if pname.endswith(_ORIG) and _torch_masked(module, pname[: -len(_ORIG)]):
-        return pname[: -len(_ORIG)]
-    return pname
 
 
 def _layout(model: nn.Module, modules: Mapping[str, nn.Module], qual: str) -> Layout | None:
@@ -143,14 +121,13 @@ def _tensors(model: nn.Module) -> list[tuple[list[str], nn.Module, str, Layout |
     for qual, tensor in model.named_parameters(remove_duplicate=False):
         module_name, _, pname = qual.rpartition(".")
         module = modules[module_name]
-        logical = _qualify(module_name, _logical(module, pname))
-        layout = _layout(model, modules, logical)
+        layout = _layout(model, modules, qual)
         entry = by_id.get(id(tensor))
         if entry is None:
-            by_id[id(tensor)] = ([logical], module, _logical(module, pname), layout)
+            by_id[id(tensor)] = ([qual], module, pname, layout)
         else:
-            if logical not in entry[0]:
-                entry[0].append(logical)
+            if qual not in entry[0]:
+                entry[0].append(qual)
             if entry[3] is None and layout is not None:  # a tied tensor: the layout of a matrix layer among its owners
                 by_id[id(tensor)] = (entry[0], entry[1], entry[2], layout)
     return list(by_id.values())
@@ -159,8 +136,8 @@ def _tensors(model: nn.Module) -> list[tuple[list[str], nn.Module, str, Layout |
 def iter_parameters(model: nn.Module) -> Iterator[PruningTarget]:
     """Every distinct parameter of ``model`` once, in model order, as a :class:`PruningTarget` without a target.
 
-    A tensor shared by several modules is yielded once, with all its names in ``aliases``; a tensor that
-    torch's pruning has reparametrized is yielded under its logical name (``weight``, not ``weight_orig``).
+    A tensor shared by several modules is yielded once, with all its names in ``aliases``. (A model in torch's
+    pruning form, ``weight_orig`` and ``weight_mask``, is read as it is: see :func:`lightning_prune.reparam.plain`.)
 
     Example::
 
@@ -263,8 +240,8 @@ def _computed(module: nn.Module, pname: str) -> bool:
 
 def matrix_weight_names(module: nn.Module) -> list[str]:
     """The names of ``module``'s own matrix weights (see :mod:`lightning_prune.layers`), those that a
-    parametrization or torch's pruning computes included (their logical names: ``weight``)."""
-    names = [_logical(module, n) for n, p in module._parameters.items() if p is not None]
+    parametrization computes included."""
+    names = [n for n, p in module._parameters.items() if p is not None]
     if parametrize.is_parametrized(module):
         names += list(module.parametrizations.keys())
     names += [n[:-2] for n in names if n.endswith("_v") and _computed(module, n[:-2])]

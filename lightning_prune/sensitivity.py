@@ -40,10 +40,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_prune import reparam
+from lightning_prune._atomic import atomic_write, write_text
 from lightning_prune._checks import check_fraction, check_number, is_number
 from lightning_prune._lightning import CallbackBase
+from lightning_prune._table import format_table
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.step import prune_step
 from lightning_prune.store import MaskStore
 
 __all__ = ["MetricLike", "SensitivityTable", "plot_sensitivity", "sensitivity_analysis", "suggest_sparsity"]
@@ -103,14 +106,21 @@ class SensitivityTable:
         return rows
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        """The rows of :meth:`to_rows` as CSV text, also written to ``path`` when given."""
+        """The rows of :meth:`to_rows` as CSV text, also written to ``path`` (UTF-8) when given.
+
+        The file is written beside ``path`` and renamed over it once complete, so that a failed write leaves the
+        previous file as it was.
+
+        Raises:
+            OSError: naming ``path``, when the file cannot be written.
+        """
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=["tensor", "numel", "sparsity", "metric", "drop"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.to_rows())
         text = out.getvalue()
         if path is not None:
-            Path(path).write_text(text)
+            write_text(path, text)
         return text
 
     def __str__(self) -> str:
@@ -118,11 +128,7 @@ class SensitivityTable:
         rows = [header]
         for name in self.names:
             rows.append([name, str(self.numels[name]), *(f"{m:.4f}" for m in self.metrics[name])])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = format_table(rows)
         sense = "higher is better" if self.higher_is_better else "lower is better"
         title = (
             f"{self.metric_name} with one tensor pruned (columns: its sparsity); dense: {self.baseline:.4f} ({sense})"
@@ -155,15 +161,13 @@ def _check_metric(metric: object) -> None:
 
 
 def _pruned_copy(target: PruningTarget, method: PruningMethod, sparsity: float, seed: int) -> Tensor:
-    """The tensor's weights pruned to ``sparsity`` by ``method``, computed on a detached copy."""
+    """The tensor's weights pruned to ``sparsity`` by ``method`` (one :func:`~lightning_prune.prune_step`),
+    computed on a detached copy."""
     holder = nn.Module()
     with torch.no_grad():
-        holder.register_parameter(target.param, nn.Parameter(target.value().detach().clone()))
-    copy = PruningTarget(target.name, target.module_name, holder, target.param, sparsity)
-    store = MaskStore()
-    for new in method.local_masks([copy], [sparsity], seed, store):
-        store.set(new.target, new.mask, new.zeros)
-    store.apply()
+        holder.register_parameter(target.param, nn.Parameter(target.tensor.detach().clone()))
+    copy = PruningTarget(target.name, target.module_name, holder, target.param, sparsity, layout=target.layout)
+    prune_step(method, [copy], sparsity, MaskStore(), seed=seed)
     return copy.tensor.detach()
 
 
@@ -185,7 +189,6 @@ class _Swap:
         if self._saved is not None:
             with torch.no_grad():
                 self.target.tensor.copy_(self._saved)
-            reparam.refresh(self.target)  # a model in torch's form: its cached weight held the pruned copy
             self._saved = None
 
 
@@ -358,24 +361,26 @@ def sensitivity_analysis(
         )
     if higher_is_better is None:
         higher_is_better = bool(getattr(metric, "higher_is_better", True) is not False)
-    targets = select_parameters(model, parameters)
     evaluate = _Evaluator(model, dataloader, metric, trainer)
     was_training = model.training
-    device = targets[0].tensor.device
-    model.eval()
-    try:
-        baseline = evaluate(None)
-        metrics = {t.name: tuple(evaluate(_Swap(t, resolved, s, seed)) for s in sparsities) for t in targets}
-    finally:
-        model.train(was_training)
-        if targets[0].tensor.device != device:  # a Trainer's teardown moves the model to the CPU
-            model.to(device)
+    with reparam.plain(model):  # a model in torch's pruning form is read as plain parameters, then put back
+        targets = select_parameters(model, parameters)
+        numels = {t.name: t.tensor.numel() for t in targets}
+        device = targets[0].tensor.device
+        model.eval()
+        try:
+            baseline = evaluate(None)
+            metrics = {t.name: tuple(evaluate(_Swap(t, resolved, s, seed)) for s in sparsities) for t in targets}
+        finally:
+            model.train(was_training)
+            if targets[0].tensor.device != device:  # a Trainer's teardown moves the model to the CPU
+                model.to(device)
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", type(metric).__name__)
     return SensitivityTable(
         names=tuple(t.name for t in targets),
         sparsities=sparsities,
         metrics=metrics,
-        numels={t.name: t.tensor.numel() for t in targets},
+        numels=numels,
         baseline=baseline,
         higher_is_better=higher_is_better,
         metric_name=str(name),
@@ -484,10 +489,14 @@ def suggest_sparsity(
 def plot_sensitivity(table: SensitivityTable, path: str | Path, *, title: str | None = None) -> Path:
     """Save one curve per tensor, the metric against that tensor's sparsity, as a PNG at ``path``.
 
-    The dense model's metric is the curves' common point at sparsity 0 and a dashed line.
+    The dense model's metric is the curves' common point at sparsity 0 and a dashed line. The format follows the
+    suffix of ``path`` (PNG without one, or for ``.png``; any other format that matplotlib writes, such as ``.svg``
+    or ``.pdf``). The file is written beside ``path`` (whose folders are created) and renamed over it once complete.
 
     Raises:
         ImportError: without matplotlib (``pip install 'lightning-prune[plot]'``).
+        ValueError: for a suffix that matplotlib cannot write.
+        OSError: naming ``path``, when the file cannot be written.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -510,6 +519,10 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, *, title: str | 
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    image_format = path.suffix[1:].lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=image_format, dpi=120))
     return path

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune._lightning import TorchCheckpointIOBase
+from lightning_prune._atomic import save_torch
+from lightning_prune._lightning import TorchCheckpointIOBase, register_checkpoint_io
 from lightning_prune.sparse_files import SparseParts, find_aliases, join_sparse, split_sparse
 
 __all__ = ["SparseCheckpointIO", "save_dense_checkpoint", "sparse_state_dict"]
@@ -66,7 +67,7 @@ def _rebuild_from_bitmask_v1(
     ):
         raise ValueError("a sparse tensor in the checkpoint is corrupt: its parts are not tensors and a shape")
     try:
-        return join_sparse(SparseParts(bitmask, values, shape, negative_zeros))
+        return join_sparse(SparseParts(bitmask, shape, values, negative_zeros))
     except ValueError as err:
         raise ValueError(f"a sparse tensor in the checkpoint is corrupt: {err}") from err
 
@@ -137,12 +138,32 @@ class SparseCheckpointIO(TorchCheckpointIOBase):  # type: ignore[misc, valid-typ
         'SparseCheckpointIO'
     """
 
+    def __init__(self) -> None:
+        register_checkpoint_io(type(self))  # accepted by the Trainer of either Lightning package
+        super().__init__()
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` with ``torch.save``, its ``state_dict`` in sparse form."""
+        """Write ``checkpoint`` to ``path`` with ``torch.save``, its ``state_dict`` in sparse form.
+
+        A local file is written beside ``path`` (whose folders are created) and renamed over it once it is complete
+        and on disk, so that a failed write leaves the previous checkpoint as it was, and no temporary file; a
+        remote path (``s3://...``) goes through Lightning's ``TorchCheckpointIO`` as it is.
+
+        Raises:
+            OSError: naming ``path``, when a local file cannot be written (no permission, a full disk).
+        """
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint = {**checkpoint, "state_dict": sparse_state_dict(state)}
-        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        local = _local_path(path)
+        if local is None or storage_options is not None:  # Lightning's TypeError for storage_options
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        try:
+            os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
+        save_torch(checkpoint, local)
 
     def load_checkpoint(
         self,
@@ -170,4 +191,13 @@ def save_dense_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[st
         >>> os.path.getsize(f"{folder}/d.ckpt") > 64 * 64 * 4 > os.path.getsize(f"{folder}/s.ckpt")
         True
     """
-    torch.save(torch.load(src, map_location="cpu", weights_only=True), dst)
+    save_torch(torch.load(src, map_location="cpu", weights_only=True), dst)
+
+
+def _local_path(path: Any) -> str | None:
+    """The local file that ``path`` names (a path or a ``file://`` URL), or ``None`` for a URL of another file system
+    (which Lightning writes through fsspec)."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return text.removeprefix("file://")
+    return None if "://" in text or "::" in text else text

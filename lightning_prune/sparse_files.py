@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -56,7 +57,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_prune.packing import pack_bits, packed_size, unpack_bits
+from lightning_prune._atomic import atomic_write
+from lightning_prune.packing import PackedMask, pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "FORMAT_KEY",
@@ -93,6 +95,13 @@ _BITS_DTYPE = {
 }
 """The dtypes that take the sparse form, and the integer dtype that shows their entries' bit patterns; the
 pattern of ``-0.0`` is that integer dtype's minimum (the sign bit alone)."""
+_POPULATED_BYTES = 32 << 20
+"""Dense tensors of this size and above are decoded into fresh memory mapped with ``MAP_POPULATE`` (where the
+system has it): glibc's ``malloc`` maps memory afresh for every block this large, whose 4 KiB pages would each cost a
+page fault (1.5-1.8 us on the 2-CPU development VM, more than decoding the page's entries), where one ``mmap`` call
+that populates them costs 1.3-1.5 us a page there. Smaller tensors come from torch's allocator, which may reuse
+freed memory. Never numpy's ``zeros``: it asks for transparent huge pages, which a virtual machine that returns free
+memory to its host can take a second to hand out (``benchmarks/results/sparse_files.md``)."""
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 _PathLike = Union[str, "os.PathLike[str]"]
@@ -100,22 +109,26 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class SparseParts:
-    """One tensor in sparse form: its shape, the packed bitmask of its nonzero entries, and those entries.
+class SparseParts(PackedMask):
+    """One tensor in sparse form: the packed mask of its nonzero entries (a
+    :class:`~lightning_prune.packing.PackedMask`, as the callback's checkpoints hold pruning masks) and those entries.
 
     Args:
-        bitmask: ``uint8``, ``ceil(numel / 8)`` bytes (:func:`~lightning_prune.packing.pack_bits` order), a bit set
+        bits: ``uint8``, ``ceil(numel / 8)`` bytes (:func:`~lightning_prune.packing.pack_bits` order), a bit set
             for each entry that is not zero (NaN counts as not zero).
-        values: 1-d, the tensor's dtype: the entries whose bit is set, in row-major order.
         shape: the tensor's shape.
+        values: 1-d, the tensor's dtype: the entries whose bit is set, in row-major order.
         negative_zeros: ``None`` where the tensor has no ``-0.0`` entry (or their sign is dropped), else a second
-            bitmask like ``bitmask``, of the ``-0.0`` entries (so that the tensor comes back bit for bit).
+            bitmask like ``bits``, of the ``-0.0`` entries (so that the tensor comes back bit for bit).
     """
 
-    bitmask: Tensor
     values: Tensor
-    shape: tuple[int, ...]
     negative_zeros: Tensor | None = None
+
+    @property
+    def bitmask(self) -> Tensor:
+        """:attr:`bits`: the packed mask of the stored entries."""
+        return self.bits
 
     @property
     def nbytes(self) -> int:
@@ -253,8 +266,8 @@ def split_sparse(tensors: Mapping[str, Tensor], *, signed_zeros: bool = True) ->
         negatives = negative_zeros.get(name)
         out[name] = SparseParts(
             torch.from_numpy(bitmasks[name]).to(t.device),
-            torch.from_numpy(values[name]).view(t.dtype).to(t.device),
             tuple(t.shape),
+            torch.from_numpy(values[name]).view(t.dtype).to(t.device),
             None if negatives is None else torch.from_numpy(negatives).to(t.device),
         )
     return out
@@ -285,32 +298,85 @@ def _check_parts(parts: SparseParts) -> None:
             raise ValueError(f"the {what} has bits set past the tensor's last entry")
 
 
-def _decode_cpu(parts: SparseParts) -> Tensor:
-    bitmask, values, shape = parts.bitmask, parts.values, parts.shape
-    numel = torch.Size(shape).numel()
-    packed = bitmask.numpy()
-    chunks = _chunks(numel)
-    counts = _run([partial(_popcount, packed[start // 8 : packed_size(stop)]) for start, stop in chunks])
-    if sum(counts) != values.numel():
-        raise ValueError(f"the bitmask has {sum(counts)} bits set but there are {values.numel()} values")
-    negatives = None if parts.negative_zeros is None else parts.negative_zeros.numpy()
-    if negatives is not None and np.bitwise_and(packed, negatives).any():
-        raise ValueError("the negative-zeros bitmask marks entries that the bitmask marks as not zero")
-    src = _bits(values)
-    out = np.zeros(numel, dtype=src.dtype)  # calloc: pages are zeroed as the threads first touch them
+def _set_bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """The positions of the ``count`` bits set in ``packed`` (:func:`~lightning_prune.packing.pack_bits` order),
+    ascending, as int64.
 
-    def fill(start: int, stop: int, offset: int, count: int) -> None:
-        packed_slice, target = slice(start // 8, packed_size(stop)), out[start:stop]
-        if negatives is not None and negatives[packed_slice].any():  # -0.0 where set, +0.0 elsewhere
-            sign = unpack_bits(parts.negative_zeros[packed_slice], (stop - start,)).numpy()
-            np.multiply(sign, out.dtype.type(_negative_zero(out)), out=target, casting="unsafe")
-        if count:  # indices, not a boolean mask: numpy's boolean assignment branches on every entry
-            keep = np.flatnonzero(unpack_bits(bitmask[packed_slice], (stop - start,)).numpy().view(np.bool_))
-            target[keep] = src[offset : offset + count]
+    Where at most one bit in ten is set, only the bytes that hold a set bit are unpacked (a third of the bytes at 95%
+    zeros): numpy's ``flatnonzero`` then scans fewer entries, with more ones among them (below 10% ones it takes a
+    slower loop that branches on every entry). Denser bitmasks are unpacked whole.
+    """
+    if count * 10 > packed.size * 8:
+        return np.flatnonzero(np.unpackbits(packed).view(np.bool_))
+    nonzero = np.flatnonzero(packed != 0)
+    bits = np.flatnonzero(np.unpackbits(packed[nonzero]).view(np.bool_))
+    positions = nonzero[bits >> 3]
+    positions <<= 3
+    bits &= 7
+    positions |= bits
+    return positions
 
-    offsets = np.cumsum([0, *counts[:-1]]).tolist()
-    _run([partial(fill, *chunk, o, c) for chunk, o, c in zip(chunks, offsets, counts)])
-    return torch.from_numpy(out).view(values.dtype).reshape(shape)
+
+def _chunk_counts(packed: np.ndarray) -> list[int]:
+    """The bits set in each chunk's bytes of a bitmask (chunks as :func:`_chunks` makes them)."""
+    if not packed.size:
+        return []
+    counts = np.bitwise_count(packed) if hasattr(np, "bitwise_count") else _POPCOUNT[packed]
+    return np.add.reduceat(counts, np.arange(0, packed.size, _CHUNK // 8), dtype=np.int64).tolist()
+
+
+def _allocate(numel: int, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """A flat tensor for a decoded one (of the integer dtype in ``_BITS_DTYPE``), and whether it is zeroed."""
+    nbytes = numel * dtype.itemsize
+    if nbytes < _POPULATED_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+        return torch.empty(numel, dtype=dtype), False
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return torch.from_numpy(np.frombuffer(pages, dtype=_dtype_name(dtype))), True
+
+
+class _CpuDecoder:
+    """Decodes the :class:`SparseParts` of one tensor on the CPU in two steps.
+
+    Creating it checks the parts (which makes temporary arrays); :meth:`start` then allocates the dense tensor and
+    returns it with the jobs (one a chunk, for :func:`_run`) that fill it, each zeroing its chunk and scattering the
+    values into it. :func:`load_sparse` checks every tensor before it allocates any, so that the allocations follow
+    one another as ``torch.load``'s do (temporary arrays between them keep glibc's ``malloc`` from reusing memory
+    that an earlier load freed).
+
+    Raises:
+        ValueError: when the bitmask's bits and the values do not match, or the bitmasks overlap.
+    """
+
+    def __init__(self, parts: SparseParts) -> None:
+        self.parts = parts
+        self.packed = parts.bitmask.numpy()
+        self.counts = _chunk_counts(self.packed)
+        if sum(self.counts) != parts.values.numel():
+            raise ValueError(f"the bitmask has {sum(self.counts)} bits set but there are {parts.values.numel()} values")
+        self.negatives = None if parts.negative_zeros is None else parts.negative_zeros.numpy()
+        if self.negatives is not None and np.bitwise_and(self.packed, self.negatives).any():
+            raise ValueError("the negative-zeros bitmask marks entries that the bitmask marks as not zero")
+
+    def start(self) -> tuple[Tensor, list[Callable[[], None]]]:
+        """The dense tensor (its contents undefined until the jobs have run) and the jobs."""
+        values, shape, packed, negatives = self.parts.values, self.parts.shape, self.packed, self.negatives
+        numel = torch.Size(shape).numel()
+        out, zeroed = _allocate(numel, _BITS_DTYPE[values.dtype])
+        bits, src = out.numpy(), _bits(values)
+
+        def fill(start: int, stop: int, offset: int, count: int) -> None:
+            packed_slice, target = slice(start // 8, packed_size(stop)), bits[start:stop]
+            if negatives is not None and negatives[packed_slice].any():  # -0.0 where set, +0.0 elsewhere
+                sign = np.unpackbits(negatives[packed_slice], count=stop - start)
+                np.multiply(sign, bits.dtype.type(_negative_zero(bits)), out=target, casting="unsafe")
+            elif not zeroed:
+                target.fill(0)
+            if count:  # indices, not a boolean mask: numpy's boolean assignment branches on every entry
+                target[_set_bits(packed[packed_slice], count)] = src[offset : offset + count]
+
+        offsets = np.cumsum([0, *self.counts[:-1]]).tolist()
+        jobs = [partial(fill, *chunk, o, c) for chunk, o, c in zip(_chunks(numel), offsets, self.counts)]
+        return out.view(values.dtype).reshape(shape), jobs
 
 
 def _decode_torch(parts: SparseParts) -> Tensor:
@@ -350,8 +416,12 @@ def join_sparse(parts: SparseParts) -> Tensor:
     device = parts.values.device
     bitmask = parts.bitmask.reshape(-1).to(device)
     negatives = None if parts.negative_zeros is None else parts.negative_zeros.reshape(-1).to(device)
-    parts = SparseParts(bitmask, parts.values, tuple(parts.shape), negatives)
-    return _decode_cpu(parts) if device.type == "cpu" else _decode_torch(parts)
+    parts = SparseParts(bitmask, tuple(parts.shape), parts.values, negatives)
+    if device.type != "cpu":
+        return _decode_torch(parts)
+    out, jobs = _CpuDecoder(parts).start()
+    _run(jobs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
@@ -423,6 +493,9 @@ def save_sparse(
 ) -> SparseFileInfo:
     """Write a model's ``state_dict`` (or a ``state_dict``) to a safetensors file, each tensor dense or sparse.
 
+    The file is written beside ``path`` and renamed over it once it is complete and on disk: a failed write leaves
+    the previous file at ``path`` as it was, and no temporary file.
+
     Args:
         model_or_state_dict: an ``nn.Module`` (its ``state_dict()`` is saved) or a mapping of str to dense tensors
             on any device.
@@ -439,6 +512,7 @@ def save_sparse(
     Raises:
         ValueError: for a value that is not a dense tensor, metadata that is not str to str or uses a reserved key,
             or a key that clashes with the stored name of another tensor's parts (``<key>:bitmask``).
+        OSError: naming ``path``, when the file cannot be written (a missing folder, no permission, a full disk).
 
     Example::
 
@@ -479,7 +553,8 @@ def save_sparse(
         entries.append(entry)
 
     header = {**user_metadata, FORMAT_KEY: FORMAT_VERSION, _TENSORS_KEY: json.dumps(entries)}
-    save_file({n: t for tensors in stored.values() for n, t in tensors.items()}, os.fspath(path), metadata=header)
+    tensors = {n: t for tensors in stored.values() for n, t in tensors.items()}
+    atomic_write(path, partial(save_file, tensors, metadata=header), errors=(SafetensorError,))
     return _info(path, entries, user_metadata)
 
 
@@ -662,26 +737,38 @@ def load_sparse(path: _PathLike, device: str | torch.device = "cpu") -> dict[str
         if FORMAT_KEY not in reader.metadata:
             return {key: reader.tensor(key, device=device) for key in reader.keys}
         entries, _ = _entries(reader)
+        sparse = [e for e in entries if e["format"] == "sparse"]
+        decoders = dict(zip((e["name"] for e in sparse), _run([partial(_read_sparse, reader, e) for e in sparse])))
         out: dict[str, Tensor] = {}
+        on_cpu, jobs = torch.device(device).type == "cpu", []
         for entry in entries:
-            name, fmt, dtype = entry["name"], entry["format"], getattr(torch, entry["dtype"])
-            if fmt == "alias":
+            name = entry["name"]
+            if entry["format"] == "alias":
                 out[name] = out[entry["of"]]
-            elif fmt == "dense":
-                out[name] = reader.tensor(name, dtype, device)
-            else:
-                out[name] = _read_sparse(reader, entry, dtype).to(device)
+            elif entry["format"] == "dense":
+                out[name] = reader.tensor(name, getattr(torch, entry["dtype"]), device)
+            elif on_cpu:  # decoded below, the chunks of all tensors on one set of threads
+                out[name], decode = decoders[name].start()
+                jobs += decode
+            else:  # one at a time, so that at most one dense tensor waits on the CPU
+                out[name], decode = decoders[name].start()
+                _run(decode)
+                out[name] = out[name].to(device)
+        _run(jobs)  # while the file is open: the values are views of its memory map
         return out
 
 
-def _read_sparse(reader: _Reader, entry: dict[str, Any], dtype: torch.dtype) -> Tensor:
-    name = entry["name"]
+def _read_sparse(reader: _Reader, entry: dict[str, Any]) -> _CpuDecoder:
+    """The decoder of a sparse tensor of the file, its parts checked."""
+    name, dtype = entry["name"], getattr(torch, entry["dtype"])
     bitmask, values = reader.tensor(name + _BITMASK, torch.uint8), reader.tensor(name + _VALUES, dtype)
     negatives = reader.tensor(name + _NEGATIVE_ZEROS, torch.uint8) if entry["negative_zeros"] else None
     try:
         if negatives is not None and _popcount(negatives.numpy()) != entry["negative_zeros"]:
             raise ValueError(f"the negative-zeros bitmask does not set {entry['negative_zeros']} bits")
-        return join_sparse(SparseParts(bitmask, values, tuple(entry["shape"]), negatives))
+        parts = SparseParts(bitmask, tuple(entry["shape"]), values, negatives)
+        _check_parts(parts)
+        return _CpuDecoder(parts)
     except ValueError as err:
         raise reader.error(f"has a corrupt sparse tensor {name!r}: {err}") from err
 

@@ -39,7 +39,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,10 +49,10 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.collective import Collective
 from lightning_prune.counting import mask_zeros, remember_pruned_count
-from lightning_prune.packing import pack_bits, unpack_bits
+from lightning_prune.packing import PackedMask
 from lightning_prune.selection import PruningTarget, local_view, shard_offset
 
-__all__ = ["ZERO_KEEPING_OPTIMIZERS", "MaskStore"]
+__all__ = ["ZERO_KEEPING_OPTIMIZERS", "MaskStore", "StoreMasking", "apply_mask_"]
 
 ZERO_KEEPING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -65,6 +66,18 @@ ZERO_KEEPING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adadelta,
     torch.optim.ASGD,
 )
+
+
+def apply_mask_(tensor: Tensor, mask: Tensor) -> Tensor:
+    """Zero ``tensor`` in place where ``mask`` is 0, as ``+0.0`` (``-x * 0`` is ``-0.0``; adding ``+0.0`` turns it
+    into ``+0.0``), and return it.
+
+    Example::
+
+        >>> apply_mask_(torch.tensor([-1.0, 2.0, -3.0]), torch.tensor([0, 1, 0], dtype=torch.uint8)).tolist()
+        [0.0, 2.0, 0.0]
+    """
+    return tensor.mul_(mask).add_(0.0)
 
 
 class _Entry:
@@ -137,6 +150,11 @@ class MaskStore:
         """Narrow ``target``'s mask to ``mask`` (1 = keep), composed with the mask kept already. ``mask`` may be
         the kept mask itself, narrowed in place. The weights change at :meth:`apply`. ``zeros``: the number of
         pruned entries after this, when the caller knows it (saves a count at the next step)."""
+        if mask.dtype not in (torch.uint8, torch.bool):
+            raise TypeError(
+                f"A mask for {target.name!r} must be uint8 or bool (1 = keep), got {mask.dtype}: a method's masks are "
+                "uint8 or bool by contract."
+            )
         entry = self._entries.get(target.name)
         param = local_view(target.tensor)
         if tuple(mask.shape) != tuple(param.shape):
@@ -157,7 +175,7 @@ class MaskStore:
     def replace(self, target: PruningTarget, mask: Tensor) -> None:
         """Make ``mask`` the mask of ``target`` as it is (no composition): for restoring saved masks."""
         self._entries.pop(target.name, None)
-        self.set(target, mask)
+        self.set(target, _as_uint8(mask, mask.device))
 
     @torch.no_grad()
     def apply(self) -> list[str]:
@@ -167,7 +185,7 @@ class MaskStore:
         for name in done:
             entry = self._entries[name]
             param = local_view(entry.param)
-            param.mul_(entry.mask).add_(0.0)  # -x * 0 is -0.0; -0.0 + 0.0 is +0.0
+            apply_mask_(param, entry.mask)
             for optimizer in self._optimizers:
                 for value in optimizer.state.get(entry.param, {}).values():
                     if isinstance(value, Tensor) and value.shape == entry.param.shape and value.is_floating_point():
@@ -254,6 +272,28 @@ class MaskStore:
             out.update(self.pack({name: mask}))
         return out
 
+    def restore(self, targets: Iterable[PruningTarget], saved: Mapping[str, Tensor], mask_zeros: bool) -> None:
+        """Put back whole masks saved in a checkpoint (or taken from the model), by any name of each tensor, and
+        apply them; with ``mask_zeros``, a tensor that has no mask yet gets one of its zeros (a later ``fit`` after
+        the masks were dropped keeps pruned entries pruned).
+
+        Raises:
+            ValueError: for a saved mask of another shape than its tensor.
+        """
+        for t in targets:
+            mask = next((saved[a] for a in t.aliases if a in saved), saved.get(t.name))
+            value = local_view(t.tensor).detach()
+            if mask is not None:
+                if tuple(mask.shape) != tuple(t.tensor.shape):
+                    raise ValueError(
+                        f"The checkpoint's mask for {t.name!r} has shape {tuple(mask.shape)}, but the tensor has "
+                        f"{tuple(t.tensor.shape)}: the checkpoint belongs to another model."
+                    )
+                self.replace(t, self.local_part(mask, t.tensor).to(value.device))
+            elif t not in self and mask_zeros and not bool(value.ne(0).all()):
+                self.replace(t, value.ne(0))
+        self.apply()
+
     @staticmethod
     def local_part(mask: Tensor, tensor: Tensor) -> Tensor:
         """The part of a whole ``mask`` that this process holds of ``tensor`` (all of it unless sharded)."""
@@ -265,19 +305,18 @@ class MaskStore:
 
     @staticmethod
     def pack(masks: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
-        """Whole masks in the form of :meth:`state_dict`."""
-        return {name: {"shape": list(m.shape), "bits": pack_bits(m)} for name, m in masks.items()}
+        """Whole masks in the form of :meth:`state_dict` (each a :class:`~lightning_prune.packing.PackedMask`)."""
+        return {name: PackedMask.of(m).to_state() for name, m in masks.items()}
 
     @staticmethod
     def unpack(state: Mapping[str, Any]) -> dict[str, Tensor]:
         """The ``uint8`` masks of a :meth:`state_dict` (also accepts plain mask tensors, as 0.1 saved them)."""
-        out = {}
-        for name, value in state.items():
-            if isinstance(value, Tensor):
-                out[name] = _as_uint8(value, torch.device("cpu"))
-            else:
-                out[name] = unpack_bits(value["bits"], value["shape"])
-        return out
+        return {
+            name: _as_uint8(value, torch.device("cpu"))
+            if isinstance(value, Tensor)
+            else PackedMask.from_state(value).unpack()
+            for name, value in state.items()
+        }
 
     def clear(self) -> None:
         """Forget every mask (the model keeps its zeros)."""
@@ -288,3 +327,44 @@ def _as_uint8(mask: Tensor, device: torch.device) -> Tensor:
     mask = mask.detach()
     out = mask if mask.dtype == torch.uint8 else mask.ne(0).to(torch.uint8)
     return out.to(device).contiguous()
+
+
+class StoreMasking:
+    """How pruned entries stay zero during training, by default: the store's masks beside plain parameters,
+    gradients masked before every optimizer step (see the module docstring). The other way is torch's own form,
+    :class:`lightning_prune.reparam.TorchFormMasking` (``mask_mode="hook"``); the callback picks one when it is
+    built and calls it at these points."""
+
+    mode = "inplace"
+
+    def check(self, model: nn.Module, targets: Iterable[PruningTarget]) -> None:
+        """Refuse, before training, what this way cannot mask (nothing here)."""
+
+    def start(self, store: MaskStore, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Training starts: keep pruned entries at zero through every step of ``optimizers``."""
+        store.attach(optimizers)
+
+    def before_optimizer_step(self, store: MaskStore, optimizer: torch.optim.Optimizer) -> None:
+        """After backward, before ``optimizer`` steps (and before Lightning clips gradients)."""
+        store.mask_grads(optimizer)
+
+    def before_prune(self, store: MaskStore) -> None:
+        """Before a pruning step reads or changes the weights (the model holds plain parameters then)."""
+
+    def after_prune(self, store: MaskStore) -> None:
+        """After a pruning step applied its masks."""
+
+    def end(self, store: MaskStore) -> None:
+        """Training ends (or stops): plain parameters, no hooks."""
+        store.detach()
+
+    def keep(self, store: MaskStore) -> None:
+        """After training, when the masks are kept (``make_permanent=False``): where this way keeps them (the store)."""
+
+    def checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make a checkpoint's ``state_dict`` hold the model's own keys (it does already here)."""
+
+    @contextmanager
+    def plain(self, store: MaskStore) -> Iterator[None]:
+        """Within the block, the model holds plain parameters (it always does here)."""
+        yield

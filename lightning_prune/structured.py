@@ -23,7 +23,7 @@ from lightning_prune._checks import check_choice, check_int
 from lightning_prune.compaction import compact
 from lightning_prune.counting import count_for
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod
-from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, _check_exclude, neuron_groups
+from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, check_exclude, neuron_groups
 from lightning_prune.seeding import derive_seed, generator
 from lightning_prune.selection import PruningTarget
 
@@ -124,7 +124,7 @@ class NeuronPruning(PruningMethod):
 
     name = "neurons"
     structured = True
-    supports_global = True
+    scopes = ("local", "global")
     compacts = True
     per_tensor = False
 
@@ -138,7 +138,7 @@ class NeuronPruning(PruningMethod):
         normalize: Literal["mean"] | None = "mean",
     ) -> None:
         self.importance = _check_importance(importance)
-        self.exclude = _check_exclude(exclude)
+        self.exclude = check_exclude(exclude)
         self.min_neurons = check_int("min_neurons", min_neurons, minimum=1)
         self.normalize = check_choice("normalize", normalize, ("mean", None))
         self.example_inputs = example_inputs

@@ -8,7 +8,7 @@ tensor the order is the same). :class:`Wanda` collects the statistics through fo
 callback's calibration window, keeping one vector of sums of squares and one row count per tensor, and then
 ranks exactly like the other score methods: per output row (the paper's comparison group), per tensor, or
 across tensors. :func:`wanda_prune` prunes a trained model once, outside training, with the same class, and
-:func:`prune_once` does the same for any method (e.g. one-shot magnitude pruning to compare with).
+:func:`~lightning_prune.prune_once` does the same for any method (e.g. one-shot magnitude pruning to compare with).
 
 Which input a tensor's scores read:
 
@@ -43,18 +43,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune._checks import allowed, check_choice, check_fraction, check_int
+from lightning_prune._checks import allowed, check_choice, check_int
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.counting import count_for
 from lightning_prune.layers import input_dim, matrix_layer, to_out_in
-from lightning_prune.methods import MaskReader, MethodName, NewMask, PruningMethod, ScoreMethod, resolve_method
-from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
-from lightning_prune.store import MaskStore
+from lightning_prune.methods import MaskReader, NewMask, PruningMethod, ScoreMethod
+from lightning_prune.selection import ParameterSpec, PruningTarget
+from lightning_prune.step import prune_once
 
-__all__ = ["Group", "Wanda", "prune_once", "wanda_prune"]
+__all__ = ["Group", "Wanda", "wanda_prune"]
 
 Group = Literal["row", "tensor", "global"]
-Scope = Literal["local", "global"]
 _QKV = ("query", "key", "value")
 _MHA_ARGS = (*_QKV, "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 _SEPARATE = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
@@ -118,6 +117,7 @@ class Wanda(PruningMethod):
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
         self.group: Group = check_choice("group", group, allowed(Group))
         self.name = f"wanda({group})"
+        self.scopes = ("global",) if group == "global" else ("local",)
         self._ranking = ScoreMethod(self.scores, self.name)
         self._plans: dict[str, _Plan | None] = {}
         self._sums: dict[str, Tensor] = {}  # name -> (streams, features) sums of squares
@@ -135,17 +135,10 @@ class Wanda(PruningMethod):
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback; hooks stay in this process
         return {**self.__dict__, "_handles": []}
 
-    @property
-    def supports_global(self) -> bool:
-        return self.group == "global"
-
-    def check_scope(self, scope: str) -> None:
-        if (scope == "global") != (self.group == "global"):
-            need = "scope='global'" if self.group == "global" else "scope='local'"
-            other = "Wanda(group='row') or Wanda(group='tensor')" if scope == "local" else "Wanda(group='global')"
-            raise ValueError(
-                f"{self!r} needs the callback's {need}, got scope={scope!r}; with scope={scope!r} use {other}."
-            )
+    def scope_error(self, scope: str) -> str:
+        need = "scope='global'" if self.group == "global" else "scope='local'"
+        other = "Wanda(group='row') or Wanda(group='tensor')" if scope == "local" else "Wanda(group='global')"
+        return f"{self!r} needs the callback's {need}, got scope={scope!r}; with scope={scope!r} use {other}."
 
     # -- calibration
 
@@ -269,7 +262,6 @@ class Wanda(PruningMethod):
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
-        self.check_scope("local")
         if self.group == "tensor":
             yield from self._ranking.local_masks(targets, sparsities, seed, masks)
             return
@@ -281,7 +273,6 @@ class Wanda(PruningMethod):
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
-        self.check_scope("global")
         yield from self._ranking.global_masks(targets, sparsity, seed, masks)
 
     def _row_mask(self, target: PruningTarget, sparsity: float, current: Tensor | None) -> NewMask | None:
@@ -367,109 +358,6 @@ def _attention_heads(mha: nn.MultiheadAttention, args: tuple, kwargs: Mapping[st
 
 
 # ------------------------------------------------------------------------------------------------ one shot
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    device = next(model.parameters()).device
-    return model(inputs.to(device) if isinstance(inputs, Tensor) else inputs)
-
-
-def prune_once(
-    model: nn.Module,
-    sparsity: float,
-    *,
-    method: PruningMethod | MethodName = "l1_unstructured",
-    scope: Scope = "local",
-    parameters: Sequence[ParameterSpec] | None = None,
-    dataloader: Iterable[Any] | None = None,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    seed: int = 0,
-) -> dict[str, Tensor]:
-    """Prune ``model`` once, in place and without training: one step of ``method`` to ``sparsity``.
-
-    A method that observes activations (``Wanda``) first sees its ``calibration_batches`` batches of
-    ``dataloader``, run through ``forward`` with the model in eval mode and gradients enabled (so that
-    ``nn.TransformerEncoderLayer`` takes its ordinary path, which calls the hooked layers); nothing is
-    trained. The pruned weights are set to zero; nothing else of the model changes.
-
-    Args:
-        model: the trained model (a ``LightningModule`` or any ``nn.Module``).
-        sparsity: the fraction of zeros in [0, 1), of each tensor (``scope="local"``) or of all together.
-        method: as the callback's ``method`` (a name or a :class:`~lightning_prune.methods.PruningMethod`).
-        scope: ``"local"`` or ``"global"``, as the callback's.
-        parameters: as the callback's ``parameters`` (default: every Conv and Linear weight).
-        dataloader: calibration batches (needed by methods that observe activations).
-        forward: ``forward(model, batch)`` runs one batch; default: ``model(batch[0])`` for a tuple or list
-            batch, else ``model(batch)``, on the device of the model's parameters.
-        seed: seeds random methods.
-
-    Returns:
-        ``{qualified name: uint8 mask}`` (1 = kept) of every chosen tensor that was pruned.
-
-    Raises:
-        ValueError: for a bad argument, a method/scope pair that does not go together, or a ``dataloader``
-            missing or shorter than the calibration.
-
-    Example::
-
-        >>> _ = torch.manual_seed(0)
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> masks = prune_once(net, 0.5, scope="global")
-        >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
-        (['0.weight', '2.weight'], 24)
-    """
-    sparsity = check_fraction("sparsity", sparsity)
-    scope = check_choice("scope", scope, allowed(Scope))
-    method = resolve_method(method)
-    method.check_scope(scope)
-    targets = select_parameters(model, parameters, sparsity if scope == "local" else None)
-    if method.calibration_batches:
-        _calibrate(model, method, targets, dataloader, forward or _default_forward)
-    store = MaskStore()
-    try:
-        if scope == "global":
-            decided = method.global_masks(targets, sparsity, seed, store)
-        else:
-            decided = method.local_masks(targets, [t.sparsity for t in targets], seed, store)
-        for new in decided:
-            store.set(new.target, new.mask, new.zeros)
-        store.apply()
-    finally:
-        method.stop_calibration()
-    return {t.name: mask for t, mask in store.items()}
-
-
-def _calibrate(
-    model: nn.Module,
-    method: PruningMethod,
-    targets: Sequence[PruningTarget],
-    dataloader: Iterable[Any] | None,
-    forward: Callable[[nn.Module, Any], Any],
-) -> None:
-    if dataloader is None:
-        raise ValueError(f"`method={method!r}` observes activations: give a `dataloader` of calibration batches.")
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    method.start_calibration(model, targets)
-    try:
-        batches = iter(dataloader)
-        with torch.enable_grad():
-            while not method.calibration_done():
-                batch = next(batches, None)
-                if batch is None:
-                    raise ValueError(
-                        f"`dataloader` ran out before the {method.calibration_batches} calibration batches of "
-                        f"{method!r}; give more batches or a lower `calibration_batches`."
-                    )
-                forward(model, batch)
-        method.finish_calibration(lambda t: t)
-    except BaseException:
-        method.stop_calibration()
-        raise
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def wanda_prune(

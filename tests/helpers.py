@@ -3,6 +3,7 @@ compute expected counts and masks independently of the package (exact rational a
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import struct
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import select_parameters
+from lightning_prune import prune_step
 
 
 class TinyNet(nn.Module):
@@ -128,16 +129,16 @@ def l1_reference(
 
 
 def decide_and_apply(method: Any, targets: Sequence[Any], sparsity: float, scope: str, seed: int, store: Any) -> Any:
-    """One pruning step as the callback takes it: ``method`` decides new masks (every target to ``sparsity``,
-    each alone or all together), ``store`` (a ``MaskStore``) narrows its masks and applies them. Returns it."""
-    if scope == "global":
-        decided = method.global_masks(targets, sparsity, seed, store)
-    else:
-        decided = method.local_masks(targets, [sparsity] * len(targets), seed, store)
-    for new in decided:
-        store.set(new.target, new.mask, new.zeros)
-    store.apply()
+    """One pruning step as the callback takes it (``lightning_prune.prune_step``): every target to ``sparsity``,
+    each alone or all together. Returns the store."""
+    prune_step(method, targets, sparsity, store, scope=scope, seed=seed)
     return store
+
+
+def trainable(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter an optimizer updates: ``<name>_orig`` under torch's pruning, else the parameter itself."""
+    orig = module._parameters.get(name + "_orig")
+    return orig if orig is not None else module._parameters[name]
 
 
 def weight_in_use(module: nn.Module, name: str) -> torch.Tensor:
@@ -186,22 +187,37 @@ class Counts:
         return next(t.zeros for t in self.tensors if t.name == name)
 
 
+def tensors_of(module: nn.Module, parameters: Any = None) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, owner, name)`` of the chosen tensors, found here (not by the package's selection): every
+    Conv/Linear weight, or the names and glob patterns given; in torch's pruning form too (``weight_orig``)."""
+    found = []
+    for module_name, owner in module.named_modules():
+        for pname in list(owner._parameters):
+            name = pname[: -len("_orig")] if pname.endswith("_orig") and hasattr(owner, pname[:-5] + "_mask") else pname
+            qual = f"{module_name}.{name}" if module_name else name
+            if parameters is None:
+                chosen = name == "weight" and isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd))
+            else:
+                chosen = any(fnmatch.fnmatchcase(qual, p) for p in parameters)
+            if chosen:
+                found.append((qual, owner, name))
+    return found
+
+
 def zero_counts(module: nn.Module, parameters: Any = None) -> Counts:
     """Count the zeros of the chosen tensors (default: every Conv/Linear weight) in the weights in use."""
     with torch.no_grad():
         rows = []
-        for t in select_parameters(module, parameters):
-            w = weight_in_use(t.module, t.param)
-            rows.append(Counted(t.name, w.numel(), int((w == 0).sum())))
+        for name, owner, pname in tensors_of(module, parameters):
+            w = weight_in_use(owner, pname)
+            rows.append(Counted(name, w.numel(), int((w == 0).sum())))
     return Counts(tuple(rows))
 
 
 def zero_sets(module: nn.Module, parameters: Any = None) -> dict[str, torch.Tensor]:
     """``{name: weights in use == 0}`` (copies) of the chosen tensors."""
     with torch.no_grad():
-        return {
-            t.name: (weight_in_use(t.module, t.param) == 0).cpu().clone() for t in select_parameters(module, parameters)
-        }
+        return {name: (weight_in_use(owner, p) == 0).cpu().clone() for name, owner, p in tensors_of(module, parameters)}
 
 
 def kept_masks(callback: Any) -> dict[str, torch.Tensor]:

@@ -410,7 +410,7 @@ def test_logged_epoch_value_is_the_last_one_measured_in_the_epoch(tmp_path: Path
 
     class Last(pl.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            w = [t.value().detach() for t in callback.targets]
+            w = [t.tensor.detach() for t in callback.targets]
             last[trainer.current_epoch] = sum(zeros(x) for x in w) / sum(x.numel() for x in w)
 
     logger = CSVLogger(tmp_path, name="", version="")

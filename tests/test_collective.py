@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import smallest_reference
 
 from lightning_prune.collective import Collective
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
@@ -78,9 +79,7 @@ def test_sharded_global_selection_equals_one_process(world: int, ties: bool, pre
         tensors = [t * m for t, m in zip(tensors, masks)]
     live = sum(int(m.sum()) if m is not None else m_t.numel() for m, m_t in zip(masks, tensors))
     k = live // 2
-    expected = list(
-        iter_smallest([(lambda t=t: t) for t in tensors], [None if m is None else m.clone() for m in masks], k)
-    )
+    expected = smallest_reference(tensors, masks, k)  # by sorting, ties in tensor then flat-index order
     got = run_sharded(tensors, masks, k, world, each=False)
     for e, s in zip(expected, got):
         assert torch.equal(e, s)
@@ -91,7 +90,7 @@ def test_sharded_local_selection_equals_one_process() -> None:
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randint(0, 3, (6, 4), generator=g).float(), torch.randint(0, 3, (5, 2), generator=g).float()]
     ks = [10, 3]
-    expected = list(iter_smallest_each([(lambda t=t: t) for t in tensors], [None, None], ks))
+    expected = [smallest_reference([t], [None], k)[0] for t, k in zip(tensors, ks)]  # each alone, by sorting
     got = run_sharded(tensors, [None, None], ks, 2, each=True)
     for e, s in zip(expected, got):
         assert torch.equal(e, s)

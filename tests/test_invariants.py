@@ -11,7 +11,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TinyModule, expected_zeros, kept_masks, make_trainer, random_loader, zero_sets
+from helpers import (
+    TinyModule,
+    expected_zeros,
+    kept_masks,
+    make_trainer,
+    random_loader,
+    tensors_of,
+    weight_in_use,
+    zero_sets,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -35,12 +44,12 @@ class ZerosStayZero(pl.Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             pl_module(X.to(pl_module.device))  # the forward pre-hook (hook mode) recomputes module.weight
-            for t in select_parameters(pl_module):
+            for t in self.pruning.targets:
                 mask = self.pruning.masks.mask(t)
                 if mask is None:
                     continue
                 pruned = mask == 0
-                assert torch.all(t.value()[pruned] == 0), t.name
+                assert torch.all(weight_in_use(t.module, t.param)[pruned] == 0), t.name
                 assert torch.all(getattr(t.module, t.param)[pruned] == 0), t.name
                 if t.name in self.previous:
                     assert torch.all(pruned[self.previous[t.name]]), t.name  # never un-pruned
@@ -134,21 +143,21 @@ class Expected(pl.Callback):
     def _check(self, pl_module: Any, point: float | None, names: list[str]) -> None:
         if point is not None:
             self.target = max(self.target, target_at(self.spec, point, self.final))
-        targets = select_parameters(pl_module, names)
-        zeros = [int((t.value() == 0).sum()) for t in targets]
+        weights = [weight_in_use(owner, p) for _, owner, p in tensors_of(pl_module, names)]
+        zeros = [int((w == 0).sum()) for w in weights]
         self.history.append(sum(zeros))
         assert self.history == sorted(self.history)  # never decreases
         if self.scope == "global":
-            total = sum(t.tensor.numel() for t in targets)
+            total = sum(w.numel() for w in weights)
             assert abs(sum(zeros) - expected_zeros(self.target, total)) <= 1
         elif self.structured:  # whole output rows (dim 0)
-            for t in targets:
-                rows = t.tensor.shape[0]
-                dead = int((t.value().reshape(rows, -1) == 0).all(dim=1).sum())
-                assert abs(dead - expected_zeros(self.target, rows)) <= 1, t.name
+            for w in weights:
+                rows = w.shape[0]
+                dead = int((w.reshape(rows, -1) == 0).all(dim=1).sum())
+                assert abs(dead - expected_zeros(self.target, rows)) <= 1
         else:
-            for t, z in zip(targets, zeros):
-                assert abs(z - expected_zeros(self.target, t.tensor.numel())) <= 1, t.name
+            for w, z in zip(weights, zeros):
+                assert abs(z - expected_zeros(self.target, w.numel())) <= 1
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._check(pl_module, float(trainer.current_epoch), self.names)

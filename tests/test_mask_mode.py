@@ -16,6 +16,7 @@ from helpers import (
     make_trainer,
     random_loader,
     unpack_mask,
+    weight_in_use,
     zero_sets,
 )
 from torch import nn
@@ -103,10 +104,10 @@ def test_mask_mode_parameters_between_steps_and_at_the_end(mask_mode: str) -> No
     trainer.fit(module, random_loader(), random_loader(16))
     assert len(seen) == 8 and all(s == (mask_mode == "hook") for s in seen)  # torch's form only in "hook"
     # make_permanent=False: the masks are kept by the callback in both modes, and on the model in "hook"
-    assert [t.name for t, _ in callback.masks.items()] == [t.name for t in select_parameters(module)]
-    for t in select_parameters(module):
+    assert [t.name for t, _ in callback.masks.items()] == [t.name for t in callback.targets]
+    for t in callback.targets:
         assert hasattr(t.module, "weight_mask") == (mask_mode == "hook"), t.name
-        assert torch.equal(t.value().detach() == 0, callback.masks.mask(t) == 0), t.name
+        assert torch.equal(weight_in_use(t.module, t.param).detach() == 0, callback.masks.mask(t) == 0), t.name
 
 
 def test_mask_mode_rejects_unknown_value() -> None:

@@ -71,7 +71,9 @@ def test_mask_store_narrows_masks_and_zeros_weights_as_positive_zero() -> None:
     store.set(target, first)
     assert store.pending == ["weight"] and bool((net.weight != 0).all())  # weights change at apply()
     assert store.apply() == ["weight"] and store.pending == []
-    store.set(target, second.to(torch.float32))  # any dtype; composed with the kept mask
+    with pytest.raises(TypeError, match="uint8 or bool"):  # the contract of a method's masks
+        store.set(target, second.to(torch.float32))
+    store.set(target, second)  # composed with the kept mask
     store.apply()
     mask = store.mask(target)
     assert mask.dtype == torch.uint8 and torch.equal(mask.bool(), first & second)  # masks only narrow
@@ -81,7 +83,7 @@ def test_mask_store_narrows_masks_and_zeros_weights_as_positive_zero() -> None:
     assert bool((pruned == 0).all()) and not bool(torch.signbit(pruned).any())  # +0.0, never -0.0
     assert torch.equal(net.weight.detach()[mask == 1], -torch.arange(1.0, 33.0).view(4, 8)[mask == 1])
     with pytest.raises(ValueError, match=r"must have the shape \(4, 8\) of the tensor, got \(8, 4\)"):
-        store.set(target, torch.ones(8, 4))
+        store.set(target, torch.ones(8, 4, dtype=torch.uint8))
 
 
 def test_mask_store_apply_zeros_the_optimizer_state_of_pruned_entries() -> None:

@@ -27,6 +27,8 @@ from helpers import (
     l1_reference,
     make_trainer,
     random_loader,
+    tensors_of,
+    trainable,
     unpack_mask,
     weight_in_use,
     zero_counts,
@@ -34,14 +36,8 @@ from helpers import (
 )
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_prune import (
-    AtEpochs,
-    Polynomial,
-    PruningScheduleCallback,
-    convert_on_load,
-    select_parameters,
-    upgrade_state_dict,
-)
+from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback, select_parameters
+from lightning_prune.migration import convert_on_load, upgrade_state_dict
 from lightning_prune.reparam import loaded_masks
 
 HERE = Path(__file__).parent
@@ -281,7 +277,7 @@ def test_v01_checkpoint_loads_into_a_plain_model(tmp_path: Path) -> None:
     state_dict = torch.load(path, weights_only=False)["state_dict"]
     old.eval()
     expected = old(X)
-    old_masks = {t.name: getattr(t.module, t.param + "_mask").clone() for t in select_parameters(old)}
+    old_masks = {name: getattr(owner, p + "_mask").clone() for name, owner, p in tensors_of(old)}
 
     with pytest.raises(RuntimeError, match="Missing key"):  # what plain torch does
         TinyModule().load_state_dict(state_dict, strict=True)
@@ -307,7 +303,7 @@ def test_v01_checkpoint_resumes_through_fit_with_the_callback(tmp_path: Path) ->
     the masks, and the schedule goes on from its place (the second and third halvings), pruned entries staying
     pruned; what this run saves holds the model's own keys."""
     path, old = _v01_checkpoint(tmp_path)
-    old_masks = {t.name: getattr(t.module, t.param + "_mask").to(torch.uint8) for t in select_parameters(old)}
+    old_masks = {name: getattr(owner, p + "_mask").to(torch.uint8) for name, owner, p in tensors_of(old)}
     seen: dict[str, torch.Tensor] = {}
 
     class Probe(pl.Callback):  # placed after the pruning callback: the masks it took from the checkpoint
@@ -469,13 +465,13 @@ def test_l1_ranks_the_weights_in_use_after_they_changed(mask_mode: str) -> None:
             epoch = trainer.current_epoch
             if epoch == 0:
                 return
-            (target,) = select_parameters(pl_module, [name])
+            (target,) = callback.targets
             mask = callback.masks.mask(target)
             new = torch.randn(3, 16, generator=torch.Generator().manual_seed(epoch))
             if mask_mode == "inplace":  # plain weights keep their pruned entries at zero
                 new = new * mask
             with torch.no_grad():
-                target.tensor.copy_(new)
+                trainable(target.module, target.param).copy_(new)
             in_use = weight_in_use(target.module, target.param).detach().clone()
             if mask_mode == "hook":
                 assert not torch.equal(pl_module.model.fc3.weight, in_use)  # torch's attribute is stale

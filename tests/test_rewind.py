@@ -46,7 +46,7 @@ class AfterPruning(pl.Callback):
         targets = select_parameters(pl_module)
         return {
             "saved": None if saved is None else {k: v.clone() for k, v in saved.items()},
-            "effective": {t.name: t.value().detach().clone() for t in targets},
+            "effective": {t.name: t.tensor.detach().clone() for t in targets},
             "masks": kept_masks(self.callback),
             "target_state": [len(optimizer.state.get(t.tensor, {})) for t in targets],
             "bias_state": len(optimizer.state.get(pl_module.model.fc1.bias, {})),

@@ -4,7 +4,7 @@ import torch.nn.utils.prune as prune
 from helpers import TinyModule
 from torch import nn
 
-from lightning_prune import select_parameters, sparsity_report
+from lightning_prune import reparam, select_parameters, sparsity_report
 
 
 def names(targets):
@@ -40,18 +40,21 @@ def test_select_parameters_mapping_by_type_type_name_and_pattern_first_key_wins(
     }
 
 
-def test_select_parameters_keeps_logical_names_of_masked_tensors():
+def test_a_model_in_torch_form_is_read_through_reparam_plain():
     module = TinyModule()
     prune.l1_unstructured(module.model.fc1, "weight", amount=0.5)
-    chosen = select_parameters(module, ["model.fc1.weight"])
     fc1 = module.model.fc1
-    assert names(chosen) == ["model.fc1.weight"] and chosen[0].tensor is fc1.weight_orig
-    assert torch.equal(chosen[0].value(), fc1.weight_orig * fc1.weight_mask)
-    # the weights as the model uses them, never torch's cached attribute, stale until the next forward
     with torch.no_grad():
-        fc1.weight_orig.add_(1.0)
-    assert not torch.equal(fc1.weight, fc1.weight_orig * fc1.weight_mask)  # stale
-    assert torch.equal(chosen[0].value(), fc1.weight_orig * fc1.weight_mask)
+        fc1.weight_orig.add_(1.0)  # torch's cached fc1.weight is stale until the next forward
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with reparam.plain(module) as masks:
+        (chosen,) = select_parameters(module, ["model.fc1.weight"])
+        assert chosen.tensor is fc1.weight and list(masks) == ["model.fc1.weight"]
+        assert torch.equal(chosen.tensor, before["model.fc1.weight_orig"] * before["model.fc1.weight_mask"])
+    after = module.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(fc1.weight, fc1.weight_orig * fc1.weight_mask)  # the cached weight recomputed
+    assert [n for n, _ in fc1.named_parameters()] == ["bias", "weight_orig"]
 
 
 def test_select_parameters_names_a_shared_tensor_once_with_all_its_aliases():

@@ -20,8 +20,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import SparseCheckpointIO, save_dense_checkpoint
-from lightning_prune.sparse_checkpoint import _Pickled, sparse_state_dict
+from lightning_prune import SparseCheckpointIO
+from lightning_prune.sparse_checkpoint import _Pickled, save_dense_checkpoint, sparse_state_dict
 from lightning_prune.sparse_files import SparseParts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,7 +262,7 @@ def test_sparse_checkpoint_tied_weights_and_metadata() -> None:
 
 def test_sparse_checkpoint_corrupt_tensor_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.ckpt"
-    bad = SparseParts(torch.full((2,), 255, dtype=torch.uint8), torch.ones(3), (16,))
+    bad = SparseParts(torch.full((2,), 255, dtype=torch.uint8), (16,), torch.ones(3))
     torch.save({"state_dict": {"w": _Pickled(bad)}}, path)
     with pytest.raises(ValueError, match=rf"{path}: a sparse tensor in the checkpoint is corrupt: .*16 bits set"):
         SparseCheckpointIO().load_checkpoint(path)

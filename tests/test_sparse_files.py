@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import lightning_prune.sparse_files as sparse_files
-from lightning_prune import SparseFileInfo, inspect_sparse, load_sparse, load_sparse_into, save_sparse
+from lightning_prune import inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.packing import pack_bits, packed_size, unpack_bits
-from lightning_prune.sparse_files import SparseParts, join_sparse, split_sparse
+from lightning_prune.sparse_files import SparseFileInfo, SparseParts, join_sparse, split_sparse
 
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -109,6 +109,25 @@ def test_save_sparse_chunks_and_threads(tmp_path: Path, monkeypatch: pytest.Monk
     loaded, info = roundtrip(tmp_path, state)
     assert_bit_identical(loaded, state)
     assert info.formats["t4099"] == info.formats["t1000"] == "sparse"
+
+
+@pytest.mark.parametrize("populated", [False, True], ids=["malloc", "populated"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.88, 0.92, 0.97, 1.0])
+def test_load_sparse_decoders_by_density(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparsity: float, populated: bool
+) -> None:
+    """Chunks (64 entries) with more and with fewer than one nonzero in ten find their entries in two ways; with
+    ``populated``, every tensor is decoded into a populated memory map (as tensors of 32 MiB and more are)."""
+    monkeypatch.setattr(sparse_files, "_CHUNK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if populated:
+        monkeypatch.setattr(sparse_files, "_POPULATED_BYTES", 0)
+    state = {str(dtype): sparse_tensor((37, 29), sparsity, dtype, seed=i) for i, dtype in enumerate(BITS)}
+    loaded, info = roundtrip(tmp_path, state)
+    assert set(info.formats.values()) == {"sparse"}
+    assert_bit_identical(loaded, state)
+    for t in loaded.values():  # plain, writable tensors
+        t.add_(1)
 
 
 def test_save_sparse_tied_weights(tmp_path: Path) -> None:
@@ -440,11 +459,11 @@ def test_save_sparse_bad_arguments(tmp_path: Path, state: Any, metadata: Any, ma
 
 def test_join_sparse_bad_parts() -> None:
     with pytest.raises(ValueError, match="must be 2 uint8 bytes"):
-        join_sparse(SparseParts(torch.zeros(3, dtype=torch.uint8), torch.ones(1), (16,)))
+        join_sparse(SparseParts(torch.zeros(3, dtype=torch.uint8), (16,), torch.ones(1)))
     with pytest.raises(ValueError, match="1-d float16, bfloat16, float32 or float64 tensor of at most 16"):
-        join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), torch.ones(17), (16,)))
+        join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), (16,), torch.ones(17)))
     with pytest.raises(ValueError, match="1-d float16"):
-        join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), torch.ones(1, dtype=torch.int32), (16,)))
+        join_sparse(SparseParts(torch.zeros(2, dtype=torch.uint8), (16,), torch.ones(1, dtype=torch.int32)))
 
 
 def test_load_sparse_tensors_own_their_memory(tmp_path: Path) -> None:

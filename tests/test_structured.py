@@ -21,15 +21,9 @@ from helpers import (
 )
 from torch import nn
 
-from lightning_prune import (
-    MaskStore,
-    NeuronPruning,
-    PruningScheduleCallback,
-    compact,
-    load_compact_state_dict,
-    neuron_groups,
-    resize_to_state_dict,
-)
+from lightning_prune import MaskStore, NeuronPruning, PruningScheduleCallback, compact, load_compact_state_dict
+from lightning_prune.compaction import resize_to_state_dict
+from lightning_prune.neuron_graph import neuron_groups
 from lightning_prune.reparam import install
 from lightning_prune.schedules import AtEpochs
 from lightning_prune.selection import select_parameters

@@ -341,6 +341,7 @@ def test_iter_smallest_each_small_tensors_sorted_match_the_histogram_passes(mask
         if live == 0:
             continue
         k = int(torch.randint(1, live + 1, (1,), generator=g))
-        (sorted_mask,) = iter_smallest_each([lambda: scores], [None if mask is None else mask.clone()], [k])
-        passes = thresholds._iter_smallest([lambda: scores], [mask], k, None, thresholds._Scratch(), False, False)
+        score = scores.clone
+        (sorted_mask,) = iter_smallest_each([score], [None if mask is None else mask.clone()], [k])
+        passes = thresholds._iter_smallest([score], [mask], k, None, thresholds._Scratch(), False, False)
         assert torch.equal(sorted_mask.float(), next(passes).float())

@@ -23,7 +23,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback, Wanda, prune_once, wanda_prune
+from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback, Wanda, prune_once
+from lightning_prune.wanda import wanda_prune
 
 HERE = Path(__file__).parent
 LINEAR_IN = 6
