@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -138,6 +138,8 @@ class NMPruning(PruningMethod):
         n: entries kept per group, ``1 <= n < m``.
         m: group size along the input dimension.
         importance: a function ``tensor -> scores`` of the same shape (higher is kept) replacing the magnitude.
+        scores: a function ``(target, seed) -> scores`` instead, for scores that are not a function of the weights
+            alone (``Wanda(nm=(2, 4))`` passes its activation-aware scores).
 
     Raises:
         ValueError: for ``n``/``m`` that are not integers with ``1 <= n < m`` or an ``importance`` that is not
@@ -154,12 +156,21 @@ class NMPruning(PruningMethod):
 
     takes_sparsity = False
 
-    def __init__(self, n: int = 2, m: int = 4, importance: ImportanceFn | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        importance: ImportanceFn | None = None,
+        *,
+        scores: Callable[[PruningTarget, int], Tensor] | None = None,
+    ) -> None:
         self.n, self.m = check_nm(n, m)
         if importance is not None and not callable(importance):
             raise ValueError(f"`importance` must be a function tensor -> scores, got {importance!r}.")
+        if scores is not None and (importance is not None or not callable(scores)):
+            raise ValueError("`scores` is a function (target, seed) -> scores and replaces `importance`; give one.")
         self.importance = importance
-        self._scores = MagnitudeScores(importance)
+        self._scores = scores if scores is not None else MagnitudeScores(importance)
         self.name = f"nm({self.n}:{self.m})"
 
     def __repr__(self) -> str:

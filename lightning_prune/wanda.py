@@ -48,6 +48,7 @@ from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.counting import count_for
 from lightning_prune.layers import input_dim, matrix_layer, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod, ScoreMethod
+from lightning_prune.nm import NMPruning, check_nm
 from lightning_prune.selection import ParameterSpec, PruningTarget
 from lightning_prune.step import prune_once
 
@@ -97,6 +98,10 @@ class Wanda(PruningMethod):
             share), ``"tensor"`` (each tensor to its target) or ``"global"`` (one ranking across all tensors).
             ``"row"`` and ``"tensor"`` need the callback's ``scope="local"``, ``"global"`` needs
             ``scope="global"``.
+        nm: ``(n, m)`` such as ``(2, 4)``: instead of a sparsity, the N:M pattern of
+            :class:`~lightning_prune.NMPruning` (``n`` kept of every ``m`` consecutive weights along the input
+            dimension) chosen by these scores, as the paper's 2:4 and 4:8 results; the method then takes no
+            ``sparsity`` (give the callback a schedule of when).
 
     Raises:
         ValueError: for a ``calibration_batches`` that is not an integer >= 1 or an unknown ``group`` (here),
@@ -113,12 +118,17 @@ class Wanda(PruningMethod):
         Wanda(calibration_batches=4, group='row')
     """
 
-    def __init__(self, calibration_batches: int = 8, group: Group = "row") -> None:
+    def __init__(self, calibration_batches: int = 8, group: Group = "row", nm: tuple[int, int] | None = None) -> None:
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
         self.group: Group = check_choice("group", group, allowed(Group))
-        self.name = f"wanda({group})"
+        self.nm = None if nm is None else check_nm(*_pair("nm", nm))
+        if self.nm is not None and group != "row":
+            raise ValueError(f"`nm` keeps n of every m weights of each row; it needs group='row', got {group!r}.")
+        self.name = f"wanda({group})" if self.nm is None else f"wanda({self.nm[0]}:{self.nm[1]})"
         self.scopes = ("global",) if group == "global" else ("local",)
+        self.takes_sparsity = self.nm is None
         self._ranking = ScoreMethod(self.scores, self.name)
+        self._pattern = None if self.nm is None else NMPruning(*self.nm, scores=self.scores)
         self._plans: dict[str, _Plan | None] = {}
         self._sums: dict[str, Tensor] = {}  # name -> (streams, features) sums of squares
         self._rows: dict[str, Tensor] = {}  # name -> (streams,) rows summed
@@ -130,7 +140,15 @@ class Wanda(PruningMethod):
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Wanda(calibration_batches={self.calibration_batches}, group={self.group!r})"
+        nm = "" if self.nm is None else f", nm={self.nm}"
+        return f"Wanda(calibration_batches={self.calibration_batches}, group={self.group!r}{nm})"
+
+    def masked(self, targets: Sequence[PruningTarget]) -> list[PruningTarget]:
+        return list(targets) if self._pattern is None else self._pattern.masked(targets)
+
+    def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
+        if self._pattern is not None:
+            self._pattern.setup(pl_module, targets)
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback; hooks stay in this process
         return {**self.__dict__, "_handles": []}
@@ -262,6 +280,9 @@ class Wanda(PruningMethod):
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
+        if self._pattern is not None:  # n:m: each group of m inputs keeps its n highest scores
+            yield from self._pattern.local_masks(targets, sparsities, seed, masks)
+            return
         if self.group == "tensor":
             yield from self._ranking.local_masks(targets, sparsities, seed, masks)
             return
@@ -303,6 +324,12 @@ class Wanda(PruningMethod):
         else:
             zeros = rows * k
         return NewMask(target, to_out_in(mask.view(shape), layout), zeros)
+
+
+def _pair(name: str, value: object) -> tuple[Any, Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"`{name}` must be a pair (n, m) such as (2, 4), got {value!r}.")
+    return value[0], value[1]
 
 
 def _plan(root: nn.Module, target: PruningTarget, attention: Mapping[int, nn.MultiheadAttention]) -> _Plan | None:

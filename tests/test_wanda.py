@@ -508,3 +508,30 @@ def test_vit_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
     _ddp_worker(Path(sys.argv[2]))
+
+
+def test_wanda_nm_keeps_the_two_highest_wanda_scores_of_every_four_inputs() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    batches = [torch.randn(6, 8) for _ in range(3)]
+    before = [net[0].weight.detach().clone(), net[2].weight.detach().clone()]
+    with torch.no_grad():  # the inputs each layer sees, computed here
+        x0 = torch.cat(batches)
+        x2 = torch.tanh(x0 @ before[0].t() + net[0].bias)
+    method = Wanda(calibration_batches=3, nm=(2, 4))
+    assert (method.takes_sparsity, method.name) == (False, "wanda(2:4)")
+    masks = prune_once(net, 0.0, method=method, dataloader=batches)
+    for w, x, name in ((before[0], x0, "0.weight"), (before[1], x2, "2.weight")):
+        scores = w.abs() * x.pow(2).mean(0).sqrt()  # |W_ij| * ||X_j|| / sqrt(rows)
+        for i in range(w.shape[0]):
+            for g in range(0, w.shape[1], 4):
+                best = sorted(range(4), key=lambda j: -float(scores[i, g + j]))[:2]
+                assert {j for j in range(4) if masks[name][i, g + j]} == set(best), (name, i, g)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"nm": (2, 4), "group": "tensor"}, "needs group='row'"), ({"nm": 4}, "pair")]
+)
+def test_wanda_nm_refuses_bad_input(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Wanda(**kwargs)
