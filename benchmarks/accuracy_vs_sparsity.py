@@ -1,6 +1,6 @@
 """Accuracy against sparsity: LeNet on MNIST, this callback against Lightning's ``ModelPruning``.
 
-Every run trains the same LeNet (``examples/lenet_mnist.py``) from the same seed-determined
+Every run trains the same LeNet (``examples/mnist.py``) from the same seed-determined
 initialization, on the same batches, with the same optimizer, batch size and number of epochs; only the
 pruning callback differs:
 
@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
 from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
+from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import PruningScheduleCallback, sparsity_report  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-    from examples.lenet_mnist import LitLeNet, MNISTDataModule
+    from examples.mnist import LitLeNet, MNISTDataModule
 
 
 def training_parser(doc: str, *, name: str, targets: Sequence[float], ramp_end: int) -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def quiet_lightning(threads: int) -> None:
 def load_mnist(args: argparse.Namespace) -> MNISTDataModule | None:
     """MNIST from ``args.data_dir`` (never downloaded) in batches of ``args.batch_size``, set up for fitting;
     ``None`` after printing an error to stderr when the files are not there."""
-    from examples.lenet_mnist import MNISTDataModule, MNISTNotFoundError
+    from examples.mnist import MNISTDataModule, MNISTNotFoundError
 
     data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
     try:
@@ -114,7 +114,7 @@ def fit_and_test(
     again), the fit wall time in seconds and the test metrics."""
     import pytorch_lightning as pl
 
-    from examples.lenet_mnist import LitLeNet
+    from examples.mnist import LitLeNet
 
     pl.seed_everything(seed, verbose=False)
     data.seed = seed

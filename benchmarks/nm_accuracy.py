@@ -1,7 +1,7 @@
 """2:4 sparsity on LeNet's Linear layers: test accuracy against the dense model, on MNIST.
 
-Every run trains the example's LeNet (``examples/lenet_mnist.py``: Adam, lr 2e-3, batch 128, 5 epochs) from the
-same seed-determined initialization, on the same batches; only the pruning differs:
+Every run trains the LeNet of ``examples/mnist.py`` (the example's budget: Adam, lr 2e-3, batch 128, 5 epochs) from
+the same seed-determined initialization, on the same batches; only the pruning differs:
 
 * ``dense``: no pruning, the baseline;
 * ``nm-2:4``: :class:`~lightning_prune.NMPruning` ``(n=2, m=4)`` on ``fc1``, ``fc2`` and ``fc3`` (inputs 400, 120
@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import fit_and_test, machine, quiet_lightning, run_and_record  # noqa: E402
-from examples.lenet_mnist import MNISTDataModule, MNISTNotFoundError  # noqa: E402
+from examples.mnist import MNISTDataModule, MNISTNotFoundError  # noqa: E402
 from lightning_prune import NMPruning, OneShot, PruningScheduleCallback, sparsity_report  # noqa: E402
 
 LINEAR = ["model.fc1.weight", "model.fc2.weight", "model.fc3.weight"]

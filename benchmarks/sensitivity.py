@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.accuracy_vs_sparsity import build_parser as budget_parser  # noqa: E402
 from benchmarks.common import fit_and_test, prepare, write_results  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from examples.lenet_sensitivity import analyze_lenet  # noqa: E402
+from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import (  # noqa: E402
     PruningScheduleCallback,
     sparsity_report,  # noqa: E402

@@ -1,6 +1,6 @@
 """Neuron/channel pruning on LeNet/MNIST: accuracy, size, MACs and CPU latency of the compact model.
 
-Every run trains the LeNet of ``examples/lenet_mnist.py`` with the same budget as
+Every run trains the LeNet of ``examples/mnist.py`` with the same budget as
 ``benchmarks/accuracy_vs_sparsity.py`` (5 epochs, batch 128, Adam 2e-3, a cubic ``Polynomial`` ramp from
 epoch 1 to epoch 3 pruning every 50 optimizer steps, then fine-tuning). The pruning callback runs
 :class:`~lightning_prune.NeuronPruning` (L2 importance of each neuron's row and its columns in the next
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
-from examples.lenet_mnist import LeNet, MNISTDataModule  # noqa: E402
+from examples.mnist import LeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.report import count_macs  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402

@@ -1,6 +1,6 @@
 """Cost of training with masks in place: one optimizer step, masked versus dense, side by side.
 
-Models: the LeNet of ``examples/lenet_mnist.py``, a larger MLP (784-2048-2048-10, 5.8 M weights) and a
+Models: the LeNet of ``examples/mnist.py``, a larger MLP (784-2048-2048-10, 5.8 M weights) and a
 transformer encoder (the 28 rows of an image as 28 tokens, width 256, 4 layers of 4 heads, 3.2 M weights;
 every Linear and attention ``out_proj`` pruned), on a fixed random batch of ``--batch`` MNIST-shaped images
 (the data do not change the arithmetic). An
@@ -75,7 +75,7 @@ class Encoder(nn.Module):
 
 def build_model(name: str) -> nn.Module:
     if name == "lenet":
-        from examples.lenet_mnist import LeNet
+        from examples.mnist import LeNet
 
         return LeNet()
     if name == "encoder":

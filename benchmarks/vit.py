@@ -141,7 +141,7 @@ class LitViT(pl.LightningModule):
 def load_data(args: argparse.Namespace) -> tuple[TensorDataset, TensorDataset] | None:
     """The fixed training subset (the first ``--train-size`` images of a fixed permutation of the training
     split, the same for every run) and the test set; ``None`` after an error message when MNIST is missing."""
-    from examples.lenet_mnist import MNISTDataModule, MNISTNotFoundError
+    from examples.mnist import MNISTDataModule, MNISTNotFoundError
 
     data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, quick=args.smoke, download=False)
     try:

@@ -5,7 +5,7 @@ Run it from the repository root (needs the ``cli`` extra: ``pip install 'lightni
     python examples/lenet_mnist_cli.py fit --config examples/configs/gradual.yaml --data.data_dir /path/to/data
     python examples/lenet_mnist_cli.py fit --config examples/configs/local.yaml --print_config
 
-The model (``LitLeNet``) and the data (``MNISTDataModule``) are those of ``examples/lenet_mnist.py``. Every
+The model (``LitLeNet``) and the data (``MNISTDataModule``) are those of ``examples/mnist.py``. Every
 argument of :class:`~lightning_prune.PruningScheduleCallback` sits under the ``pruning:`` key: ``sparsity``
 (a number, or a mapping whose keys are module type names such as ``Conv2d`` or name patterns such as
 ``model.fc*``), ``method`` (a built-in name, or the import path of a ``BasePruningMethod`` subclass),
@@ -25,7 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `examples.*` importable from any directory
 
-from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
+from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import PruningScheduleCallback  # noqa: E402
 
 __all__ = ["LeNetCLI", "main"]

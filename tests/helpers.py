@@ -81,6 +81,20 @@ except ImportError:  # pragma: no cover
     LightningTinyModule = None
 
 
+def ramp(epoch: int) -> float:
+    """A plain-function schedule (module level: a stable import path, the same in every process)."""
+    return min(0.6, 0.2 * epoch)
+
+
+def zeros(t: torch.Tensor) -> int:
+    return int((t.detach() == 0).sum())
+
+
+def weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's ``weight`` parameters by name."""
+    return {n: p for n, p in module.named_parameters() if n.endswith("weight")}
+
+
 def random_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 10, 10, generator=g)

@@ -1,5 +1,9 @@
 import csv
 import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -15,12 +19,16 @@ from helpers import (
     random_loader,
     smallest_reference,
     unpack_mask,
+    weights,
     zero_counts,
+    zeros,
 )
 from torch import nn
 
 from lightning_prune import PruningScheduleCallback
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ALL = [f"model.{n}.weight" for n in ("conv1", "conv2", "fc1", "fc2", "fc3")]
 SIZES = {
@@ -493,3 +501,72 @@ def test_importance_function_in_global_scope():
     _, rec, _ = fit(cb, max_epochs=1, limit_train_batches=1)
     report = rec.at_epoch[0]
     assert zeros_of(report, "model.fc1.weight") == expected_zeros(0.3, TOTAL) == report.zeros
+
+
+def test_state_key_of_a_function_schedule_is_the_same_in_every_process() -> None:
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from helpers import ramp; "
+        "from lightning_prune import PruningScheduleCallback as C; print(C(schedule=ramp).state_key)"
+    )
+    keys = {
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(keys) == 1 and "0x" not in keys.pop()
+
+
+def test_per_layer_mapping_with_a_method_that_takes_no_amount_is_refused() -> None:
+    from examples.custom_methods import EveryOther
+
+    with pytest.raises(ValueError, match=r"`sparsity` has no effect with `method=EveryOther`.*per-layer mapping"):
+        PruningScheduleCallback(sparsity={nn.Linear: 0.5}, method=EveryOther)
+
+
+def test_per_layer_mapping_with_a_multi_step_schedule_and_initial_sparsity() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    schedule = Polynomial(start_epoch=1, end_epoch=3, power=1, initial_sparsity=0.2)
+    callback = PruningScheduleCallback({nn.Conv2d: 0.4, "model.fc*": 0.8}, schedule=schedule, verbose=False)
+    seen: dict[int, dict[str, int]] = {}
+
+    class At(pl.Callback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            seen[trainer.current_epoch] = {n: zeros(w) for n, w in weights(pl_module).items()}
+
+    make_trainer([callback, At()], max_epochs=4).fit(module, random_loader())
+    for name, w in weights(module).items():
+        final = 0.4 if "conv" in name else 0.8
+        n = w.numel()
+        # epoch 1: the initial 0.2; epoch 2: halfway from 0.2 to the final; epoch 3 on: the final target
+        assert [seen[e][name] for e in range(4)] == [
+            0,
+            expected_zeros(0.2, n),
+            expected_zeros(final + (0.2 - final) * 0.5, n),
+            expected_zeros(final, n),
+        ], name
+
+
+def test_log_per_tensor_false_logs_only_the_overall_figures() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    callback = PruningScheduleCallback(0.5, log_per_tensor=False, verbose=False)
+    trainer = make_trainer([callback], max_epochs=1)
+    trainer.fit(module, random_loader())
+    keys = {k for k in trainer.callback_metrics if k.startswith("pruning")}
+    assert keys == {"pruning/sparsity", "pruning/target"}
+    total = sum(w.numel() for w in weights(module).values())
+    assert float(trainer.callback_metrics["pruning/sparsity"]) == pytest.approx(
+        sum(zeros(w) for w in weights(module).values()) / total
+    )
+
+
+def test_last_report_holds_the_figures_measured_after_the_latest_step() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    callback = PruningScheduleCallback(0.7, scope="global", schedule=AtEpochs([0, 1]), verbose=False)
+    assert callback.last_report is None
+    make_trainer([callback], max_epochs=2).fit(module, random_loader())
+    report = callback.last_report
+    assert report is not None
+    assert report.zeros == sum(zeros(w) for w in weights(module).values())
+    assert report.zeros == expected_zeros(0.7, report.numel)

@@ -14,8 +14,8 @@ from helpers import write_tiny_mnist, zero_counts  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
 from examples.custom_methods import EveryOther  # noqa: E402
-from examples.lenet_mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from examples.lenet_mnist_cli import main  # noqa: E402
+from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import PruningScheduleCallback  # noqa: E402
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial  # noqa: E402
 

@@ -21,6 +21,7 @@ import torch
 from helpers import TinyModule
 
 from lightning_prune import PruningScheduleCallback
+from lightning_prune.distributed import check_strategy
 
 HERE = Path(__file__).parent
 TIMEOUT_S = 240
@@ -123,3 +124,16 @@ def test_callback_refuses_fsdp_on_cuda_before_first_batch() -> None:
     with pytest.raises(ValueError, match="does not support `strategy=FSDPStrategy`"):
         trainer.fit(module, random_loader())
     assert trainer.global_step == 0
+
+
+def test_check_strategy_refuses_sharded_strategies_of_both_packages() -> None:
+    import lightning.pytorch.strategies as lps
+    import pytorch_lightning.strategies as pls
+
+    for package in (pls, lps):
+        check_strategy(package.DDPStrategy())
+        for name in ("DeepSpeedStrategy", "FSDPStrategy"):
+            cls = getattr(package, name)
+            strategy = cls.__new__(cls)  # no process group or DeepSpeed needed to be refused
+            with pytest.raises(ValueError, match=f"does not support `strategy={name}`"):
+                check_strategy(strategy)

@@ -1,25 +1,22 @@
-"""The LeNet/MNIST example end to end, on a tiny MNIST-format dataset written here (never the real one)."""
+"""The LeNet/MNIST example (examples/lenet_mnist.py) end to end, and its model and data (examples/mnist.py), on a tiny
+MNIST-format dataset written here (never the real one)."""
 
 import argparse
 import json
+import logging
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import expected_zeros, write_tiny_mnist
 
-from examples.lenet_mnist import (
-    LeNet,
-    LitLeNet,
-    MNISTDataModule,
-    build_callback,
-    build_parser,
-    main,
-)
-from lightning_prune import load_sparse
+from examples.lenet_mnist import build_callback, build_parser, main
+from examples.mnist import LeNet, LitLeNet, MNISTDataModule, run_settings, show_progress
+from lightning_prune import load_sparse, sparsity_report
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +69,11 @@ def test_example_quick_run_writes_summary_and_a_strictly_reloadable_model(tmp_pa
     assert (out / "last.ckpt").exists()
     metrics = (out / "metrics.csv").read_text()
     assert "test_acc" in metrics and "pruning/sparsity" in metrics
+    # printed: the library's report of the saved model, then what the report does not hold
     printed = capsys.readouterr().out
-    assert "test accuracy" in printed and "compression ratio" in printed
+    assert str(sparsity_report(model, example_inputs=torch.zeros(1, 1, 28, 28))) in printed
+    assert f"test accuracy: {accuracy:.2%} on 60 images" in printed
+    assert f"{out / 'lenet_pruned.safetensors'} {summary['file_bytes_sparse']:,} bytes" in printed
 
 
 def test_example_missing_data_exits_with_a_message_not_a_traceback(tmp_path):
@@ -131,6 +131,8 @@ def test_example_build_callback_maps_cli_flags(flags, schedule):
         (["--start-epoch", "3", "--end-epoch", "2"], r"`start_epoch` must be before `end_epoch`"),
         (["--epochs", "0"], r"--epochs must be at least 1, got 0"),
         (["--scope", "both"], r"invalid choice: 'both'"),
+        (["--lr", "0"], r"`lr` must be a positive number, got 0"),
+        (["--batch-size", "0"], r"`batch_size` must be a positive integer, got 0"),
     ],
 )
 def test_example_cli_rejects_bad_flags_with_a_message(flags, match, capsys):
@@ -165,15 +167,27 @@ def test_example_parser_lists_the_documented_flags():
 
 
 def test_example_shows_progress_on_a_terminal_only(monkeypatch):
-    from examples.lenet_mnist import show_progress
-
-    args = build_parser().parse_args([])
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    assert show_progress(args)
-    assert not show_progress(build_parser().parse_args(["--quiet"]))
+    assert show_progress(quiet=False)
+    assert not show_progress(quiet=True)
     monkeypatch.setenv("CI", "true")
-    assert not show_progress(args)
+    assert not show_progress(quiet=False)
     monkeypatch.delenv("CI")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    assert not show_progress(args)
+    assert not show_progress(quiet=False)
+
+
+def test_example_run_settings_restore_loggers_warnings_and_threads():
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric")
+    levels = [logging.getLogger(name).level for name in names]
+    filters, threads = list(warnings.filters), torch.get_num_threads()
+    with run_settings(threads=1):
+        assert [logging.getLogger(name).level for name in names] == [logging.WARNING] * 3
+        assert torch.get_num_threads() == 1
+        ignored = {f[1].pattern for f in warnings.filters[:3] if f[0] == "ignore"}
+        assert ignored == {".*does not have many workers.*", ".*is smaller than the logging interval.*", ".*LeafSpec.*"}
+    assert [logging.getLogger(name).level for name in names] == levels
+    assert warnings.filters == filters and torch.get_num_threads() == threads
+    with run_settings(verbose=True):
+        assert [logging.getLogger(name).level for name in names] == levels and warnings.filters == filters

@@ -26,11 +26,13 @@ from helpers import (
     kept_masks,
     l1_reference,
     make_trainer,
+    ramp,
     random_loader,
     tensors_of,
     trainable,
     unpack_mask,
     weight_in_use,
+    weights,
     zero_counts,
     zero_sets,
 )
@@ -533,3 +535,24 @@ def test_sigkill_mid_epoch_then_same_command_reaches_final_sparsity(tmp_path: Pa
     assert list(final["keys"]) == list(reference["keys"]) == PLAIN_KEYS
     for file in tmp_path.glob("*.ckpt"):
         assert sorted(torch.load(file, weights_only=False)["state_dict"]) == OWN_KEYS, file.name
+
+
+def test_resume_with_a_function_schedule_keeps_its_progress_and_masks(tmp_path: Path) -> None:
+    def run(epochs: int, ckpt_path: str | None = None) -> tuple[PruningScheduleCallback, TinyModule]:
+        pl.seed_everything(0, verbose=False)
+        callback = PruningScheduleCallback(schedule=ramp, verbose=False, make_permanent=False)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / str(epochs), save_last=True)
+        module = TinyModule()
+        trainer = make_trainer([callback, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+        trainer.fit(module, random_loader(), ckpt_path=ckpt_path)
+        return callback, module
+
+    full_cb, full = run(4)
+    run(2)
+    resumed_cb, resumed = run(4, str(tmp_path / "2" / "last.ckpt"))
+    assert resumed_cb._steps == full_cb._steps == 3
+    for name, w in weights(full).items():
+        assert torch.equal(w, weights(resumed)[name]), name
+    for target in full_cb.targets:
+        assert torch.equal(full_cb.masks.mask(target), resumed_cb.masks.mask(target))
+        assert int((target.tensor == 0).sum()) == expected_zeros(0.6, target.tensor.numel())

@@ -1,6 +1,11 @@
-import pytest
+from typing import Any
 
-from lightning_prune.schedules import AtEpochs, FunctionSchedule, OneShot, Polynomial, as_schedule
+import pytest
+import pytorch_lightning as pl
+from helpers import TinyModule, expected_zeros, make_trainer, random_loader, zeros
+
+from lightning_prune import PruningScheduleCallback
+from lightning_prune.schedules import AtEpochs, FunctionSchedule, OneShot, Polynomial, Schedule, as_schedule
 
 
 def test_oneshot_prunes_at_its_epoch_only():
@@ -87,3 +92,30 @@ def test_schedule_repr_names_arguments():
     assert repr(OneShot(epoch=2)) == "OneShot(epoch=2)"
     assert repr(AtEpochs([1, 3])) == "AtEpochs(epochs=[1, 3], targets=None)"
     assert repr(AtEpochs({1: 0.3, 2: 0.6})) == "AtEpochs(epochs=[1, 2], targets=[0.3, 0.6])"
+
+
+class EveryEpochTenth(Schedule):
+    """A user schedule: 0.1 more of the final target at each epoch, up to it."""
+
+    def sparsity(self, epoch: float, final: float) -> float:
+        return min(final, final * 0.25 * int(min(epoch, 4)))
+
+    @property
+    def last_epoch(self) -> int:
+        return 4
+
+
+def test_a_user_schedule_subclass_drives_the_callback() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    callback = PruningScheduleCallback(0.8, schedule=EveryEpochTenth(), verbose=False)
+    seen = {}
+
+    class At(pl.Callback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            w = pl_module.model.fc1.weight
+            seen[trainer.current_epoch] = zeros(w)
+
+    make_trainer([callback, At()], max_epochs=5).fit(module, random_loader())
+    n = module.model.fc1.weight.numel()
+    assert seen == {e: expected_zeros(0.8 * 0.25 * e, n) for e in range(5)}

@@ -2,6 +2,7 @@ import csv
 import io
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.regression import MeanSquaredError
 
-from lightning_prune import PruningScheduleCallback, select_parameters
+from lightning_prune import NeuronPruning, PruningScheduleCallback, select_parameters
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity, sensitivity_analysis, suggest_sparsity
 
 SPARSITIES = (0.3, 0.6, 0.9)
@@ -206,29 +207,30 @@ def test_sensitivity_bad_arguments_raise_clear_errors(call, match):
     assert_bit_identical(before, module)
 
 
-def test_example_sensitivity_flag_writes_plot_table_and_suggestion(tmp_path, capsys):
+def test_example_sensitivity_program_writes_plot_table_and_suggestion(tmp_path, capsys):
     import json
 
     pytest.importorskip("matplotlib")
 
     from helpers import write_tiny_mnist
 
-    from examples.lenet_mnist import main
+    from examples.lenet_sensitivity import main
+    from examples.mnist import LeNet
 
     data_dir = write_tiny_mnist(tmp_path / "data")
     out = tmp_path / "run"
     args = ["--data-dir", str(data_dir), "--no-download", "--quick", "--epochs", "1", "--sparsity", "0.8"]
-    assert main([*args, "--sensitivity", "--output", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["sparsity"] == 0.0  # the analysed model is the trained dense one
+    assert main([*args, "--output", str(out)]) == 0
     suggested = json.loads((out / "sensitivity_suggested.json").read_text())["sparsity"]
-    assert suggested == summary["sensitivity"]["suggested"]
-    numels = {f"model.{name}": total for name, (_, total) in summary["weights_per_tensor"].items()}
+    numels = {f"model.{name}": p.numel() for name, p in LeNet().named_parameters() if name.endswith("weight")}
+    assert sorted(suggested) == sorted(numels)
     assert sum(s * numels[n] for n, s in suggested.items()) / sum(numels.values()) == pytest.approx(0.8, abs=1e-5)
     rows = list(csv.DictReader((out / "sensitivity_accuracy.csv").open()))
     assert len(rows) == 1 + 5 * 13
+    assert len(list(csv.DictReader((out / "sensitivity_loss.csv").open()))) == 1 + 5 * 13
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
-    assert "model.fc1.weight" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model.fc1.weight" in printed and str(out / "sensitivity_suggested.json") in printed
 
 
 @pytest.mark.cuda
@@ -247,3 +249,33 @@ def test_sensitivity_analysis_through_trainer_on_cuda_leaves_model_in_place():
     )
     for name in on_cpu.names:
         assert on_gpu.metrics[name] == pytest.approx(on_cpu.metrics[name], rel=1e-3)
+
+
+def test_sensitivity_analysis_refuses_neuron_pruning_with_the_reason() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    with pytest.raises(ValueError, match=r"neurons\(l2\).*across coupled tensors"):
+        sensitivity_analysis(net, data, lambda p, t: 0.0, method=NeuronPruning(example_inputs=torch.randn(1, 4)))
+
+
+class TinyData(pl.LightningDataModule):
+    def setup(self, stage: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(32, 1, 10, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8)
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured", "ln_structured", "random_structured"])
+def test_sensitivity_analysis_with_a_datamodule_and_each_method(method: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    table = sensitivity_analysis(
+        module, TinyData(), "val_loss", sparsities=(0.5, 0.9), parameters=["model.fc1.weight"], method=method
+    )
+    assert table.names == ("model.fc1.weight",) and len(table.metrics["model.fc1.weight"]) == 2
+    assert table.metrics["model.fc1.weight"] != (table.baseline, table.baseline)  # pruning changed the loss
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
