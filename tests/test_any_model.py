@@ -522,6 +522,7 @@ torch.save({"out": a, "zeros": int((net.inp.weight == 0).sum())}, out_path)
 """
 
 
+@pytest.mark.slow  # a plain class loads each checkpoint in a subprocess
 @pytest.mark.parametrize("mask_mode", ["inplace", "hook"])
 def test_checkpoints_load_strictly_into_a_plain_class_without_this_package(tmp_path: Path, mask_mode: str) -> None:
     pl.seed_everything(0, verbose=False)

@@ -503,6 +503,7 @@ def test_importance_function_in_global_scope():
     assert zeros_of(report, "model.fc1.weight") == expected_zeros(0.3, TOTAL) == report.zeros
 
 
+@pytest.mark.slow  # a subprocess or a whole benchmark: over ten seconds
 def test_state_key_of_a_function_schedule_is_the_same_in_every_process() -> None:
     code = (
         "import sys; sys.path.insert(0, 'tests'); from helpers import ramp; "

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lightning_prune
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lightning_prune"
 
 
+@pytest.mark.slow  # a subprocess or a whole benchmark: over ten seconds
 def test_import_adds_no_heavy_or_second_lightning_package() -> None:
     code = (
         "import sys, torch, pytorch_lightning\n"

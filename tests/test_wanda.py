@@ -490,6 +490,7 @@ def test_wanda_ddp_every_rank_draws_the_same_masks(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
+@pytest.mark.slow  # a subprocess or a whole benchmark: over ten seconds
 def test_vit_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     from benchmarks import vit
 
