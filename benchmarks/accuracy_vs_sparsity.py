@@ -20,18 +20,19 @@ Usage (from the repository root)::
 
     python benchmarks/accuracy_vs_sparsity.py --data-dir /path/to/data
     python benchmarks/accuracy_vs_sparsity.py --data-dir DIR --seeds 0 --targets 0 0.95 --methods callback
+    python benchmarks/accuracy_vs_sparsity.py --data-dir DIR --smoke   # every row on a tiny budget (seconds)
 
 Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--resume`` skips runs
-already there), ``<name>.png`` and ``<name>.md`` (the mean ± std table, also printed).
+already there), ``<name>.png`` and ``<name>.md`` (the mean ± std table, also printed). ``--smoke`` runs
+every method, dense and one target (0.5) for one seed, 2 epochs on at most 512 training images, into
+``--out-dir`` or a new temporary folder (never ``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from pytorch_lightning.callbacks import ModelPruning  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Columns, aggregate, fit_and_test, prepare, training_parser, write_results  # noqa: E402
 from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import PruningScheduleCallback, sparsity_report  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
@@ -61,6 +64,18 @@ FIELDS = (
     "params_nonzero",
     "macs_nonzero",
 )
+COLUMNS = Columns(
+    FIELDS,
+    floats=("target", "sparsity", "test_acc", "fit_seconds", "compression_ratio", "theoretical_speedup"),
+    ints=("seed", "epochs", "params_nonzero", "macs_nonzero"),
+)
+MEANS = {  # figure of the table -> its column, averaged over seeds
+    "sparsity": "sparsity",
+    "compression": "compression_ratio",
+    "speedup": "theoretical_speedup",
+    "seconds": "fit_seconds",
+}
+EXAMPLE = torch.zeros(1, 1, 28, 28)
 
 
 def per_step_amount(target: float, steps: int) -> float:
@@ -103,7 +118,7 @@ def run_one(method: str, target: float, seed: int, args: argparse.Namespace, dat
         return [pruning] if pruning is not None else []
 
     module, _, fit_seconds, test = fit_and_test(seed, args, data, callbacks)
-    size = sparsity_report(module.model).to_dict()
+    size = sparsity_report(module.model, example_inputs=EXAMPLE).to_dict()  # with the size figures
     return {
         "method": method,
         "target": target,
@@ -120,57 +135,22 @@ def run_one(method: str, target: float, seed: int, args: argparse.Namespace, dat
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in ("target", "sparsity", "test_acc", "fit_seconds", "compression_ratio", "theoretical_speedup"):
-            row[key] = float(row[key])
-        for key in ("seed", "epochs", "params_nonzero", "macs_nonzero"):
-            row[key] = int(row[key])
-    return rows
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["method"], row["target"])].append(row)
-    out = {}
-    for key, group in sorted(groups.items()):
-        acc = [100 * r["test_acc"] for r in group]
-        out[key] = {
-            "n": len(group),
-            "acc": _mean_std(acc),
-            "sparsity": statistics.fmean(r["sparsity"] for r in group),
-            "compression": statistics.fmean(r["compression_ratio"] for r in group),
-            "speedup": statistics.fmean(r["theoretical_speedup"] for r in group),
-            "seconds": statistics.fmean(r["fit_seconds"] for r in group),
-        }
-    return out
+    """The rows of a CSV this script wrote, with their types (empty when there is no file)."""
+    return common.read_rows(path, COLUMNS)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table: one line per (method, target), accuracy as mean ± std over seeds (in points)."""
-    stats = aggregate(rows)
-    dense = next((v for (m, _), v in stats.items() if m == "dense"), None)
     lines = [
         "| method | target | measured sparsity | test acc. % (mean ± std) | vs dense (points) | seeds "
         "| compression | theor. speed-up | fit s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"dense": 0, **{m: i + 1 for i, m in enumerate(METHODS)}}
-    for (method, target), v in sorted(stats.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
-        mean, std = v["acc"]
-        delta = f"{mean - dense['acc'][0]:+.2f}" if dense is not None else "n/a"
-        lines.append(
-            f"| {method} | {target:g} | {v['sparsity']:.4f} | {mean:.2f} ± {std:.2f} | {delta} | {v['n']} "
-            f"| {v['compression']:.1f}x | {v['speedup']:.2f}x | {v['seconds']:.0f} |"
-        )
+    lines += common.accuracy_lines(
+        aggregate(rows, MEANS),
+        ("dense", *METHODS),
+        lambda v: f"{v['compression']:.1f}x | {v['speedup']:.2f}x | {v['seconds']:.0f}",
+    )
     return "\n".join(lines)
 
 
@@ -183,7 +163,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = aggregate(rows)
+    stats = aggregate(rows, MEANS)
     dense = next((v for (m, _), v in stats.items() if m == "dense"), None)
     styles = {"callback": ("C0", "o"), "modelpruning": ("C3", "s"), "modelpruning-nolth": ("C1", "^")}
     labels = {
@@ -244,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CSV",
         help="train nothing: combine these CSVs (e.g. one per seed, run in parallel) into <name>.csv/.png/.md",
     )
+    p.add_argument("--smoke", action="store_true", help="every method on a tiny budget: 1 seed, target 0.5, 2 epochs")
     return p
 
 
@@ -278,10 +259,11 @@ def merge(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 <= args.ramp_start < args.ramp_end <= args.epochs:
-        raise SystemExit(f"need 0 <= --ramp-start < --ramp-end <= --epochs, got {args.ramp_start}, {args.ramp_end}")
-    if any(not 0 <= t < 1 for t in args.targets):
-        raise SystemExit(f"--targets must be in [0, 1), got {args.targets}")
+    if args.smoke:
+        common.smoke_training(args, targets=[0.0, 0.5])
+        args.methods = list(METHODS)
+    common.resolve_out_dir(args, args.name)
+    common.check_budget(args)
     if args.merge:
         return merge(args)
     prepared = prepare(args)
@@ -289,23 +271,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     data, out = prepared
     csv_path = out / f"{args.name}.csv"
-    rows = read_rows(csv_path) if args.resume else []
-    done = {(r["method"], r["target"], r["seed"]) for r in rows}
     runs = []  # seed by seed, so that an interrupted run leaves complete curves for the seeds done
     for seed in args.seeds:
         runs += [("dense", 0.0, seed)] if 0.0 in args.targets else []
         runs += [(m, t, seed) for t in args.targets if t > 0 for m in args.methods]
-    wall = run_and_record(
+    rows, wall = common.run_resumable(
         csv_path,
-        FIELDS,
+        COLUMNS,
         runs,
-        done,
-        rows,
         lambda method, target, seed: run_one(method, target, seed, args, data),
         lambda key, row: (
             f"{key[0]:<19} target={key[1]:<5g} seed={key[2]} sparsity={row['sparsity']:.4f} "
             f"test_acc={100 * row['test_acc']:.2f}% fit={row['fit_seconds']:.0f}s"
         ),
+        resume=args.resume,
     )
     setup = describe(args)
     table = write_outputs(rows, out, args.name, setup, f"wall time of this invocation: {wall:.0f} s")

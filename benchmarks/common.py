@@ -1,5 +1,6 @@
-"""Pieces shared by the benchmark scripts: quiet Lightning set-up, MNIST loading, one LeNet fit and test, and
-a one-line description of the machine.
+"""Pieces shared by the benchmark scripts: quiet Lightning set-up, MNIST loading, one LeNet fit and test, a
+one-line description of the machine, the resumable CSV of runs and its mean ± std table figures, and the
+``--smoke`` mode's output folder.
 
 Lightning and the example are imported inside the functions that need them, so that the micro-benchmarks
 (``prune_step.py``, ``train_overhead.py``) that only use :func:`machine` do not load them.
@@ -12,16 +13,21 @@ import csv
 import logging
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT_DIR_HELP = "folder of the results files (none given: benchmarks/results/; with --smoke: a new temporary folder)"
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -47,10 +53,33 @@ def training_parser(doc: str, *, name: str, targets: Sequence[float], ramp_end: 
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy small machine)")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--name", default=name, help="file name stem of the CSV and the table")
     p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     return p
+
+
+def resolve_out_dir(args: argparse.Namespace, name: str) -> None:
+    """Set ``args.out_dir`` where no ``--out-dir`` was given (``None``): ``benchmarks/results/``, or with
+    ``--smoke`` a new temporary folder, so that a smoke run never writes over the committed results."""
+    if args.out_dir is None:
+        args.out_dir = tempfile.mkdtemp(prefix=f"{name}-smoke-") if args.smoke else str(RESULTS)
+
+
+def smoke_training(args: argparse.Namespace, targets: Sequence[float]) -> None:
+    """The tiny budget of a LeNet benchmark's ``--smoke`` run: the first seed, ``targets``, 2 epochs of batches
+    of 16, the ramp from epoch 0 to 1 with a step every optimizer step (:func:`load_mnist` reads at most 512
+    training and 256 test images)."""
+    args.seeds, args.targets, args.epochs, args.batch_size = args.seeds[:1], list(targets), 2, 16
+    args.ramp_start, args.ramp_end, args.every_n_steps = 0, 1, 1
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """Exit with a message unless ``0 <= --ramp-start < --ramp-end <= --epochs`` and every target is in [0, 1)."""
+    if not 0 <= args.ramp_start < args.ramp_end <= args.epochs:
+        raise SystemExit(f"need 0 <= --ramp-start < --ramp-end <= --epochs, got {args.ramp_start}, {args.ramp_end}")
+    if any(not 0 <= t < 1 for t in args.targets):
+        raise SystemExit(f"--targets must be in [0, 1), got {args.targets}")
 
 
 def quiet_lightning(threads: int) -> None:
@@ -64,11 +93,13 @@ def quiet_lightning(threads: int) -> None:
 
 
 def load_mnist(args: argparse.Namespace) -> MNISTDataModule | None:
-    """MNIST from ``args.data_dir`` (never downloaded) in batches of ``args.batch_size``, set up for fitting;
-    ``None`` after printing an error to stderr when the files are not there."""
+    """MNIST from ``args.data_dir`` (never downloaded) in batches of ``args.batch_size``, set up for fitting, in
+    the data module's ``quick`` mode (at most 512 training images) when ``args.smoke``; ``None`` after printing an
+    error to stderr when the files are not there."""
     from examples.mnist import MNISTDataModule, MNISTNotFoundError
 
-    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
+    quick = bool(getattr(args, "smoke", False))
+    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, quick=quick, download=False)
     try:
         data.setup("fit")
     except MNISTNotFoundError as missing:
@@ -180,6 +211,90 @@ def run_and_record(
             rows.append(row)
             print(f"[{i + 1}/{len(runs)} {time.perf_counter() - start:6.0f}s] {describe(key, row)}", flush=True)
     return time.perf_counter() - start
+
+
+class Columns(NamedTuple):
+    """The columns of a benchmark's CSV: their names in order, those that hold floats and integers (the others
+    hold strings), and those that name a run (the key of :func:`run_resumable`)."""
+
+    names: tuple[str, ...]
+    floats: tuple[str, ...] = ()
+    ints: tuple[str, ...] = ()
+    key: tuple[str, ...] = ("method", "target", "seed")
+
+
+def read_rows(path: Path, columns: Columns) -> list[dict[str, Any]]:
+    """The rows of a CSV a benchmark wrote, with the floats and integers of ``columns`` converted; ``[]`` when
+    there is no file."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.update({key: float(row[key]) for key in columns.floats})
+        row.update({key: int(row[key]) for key in columns.ints})
+    return rows
+
+
+def run_resumable(
+    csv_path: Path,
+    columns: Columns,
+    runs: Sequence[tuple],
+    run: Callable[..., dict[str, Any]],
+    describe: Callable[[tuple, dict[str, Any]], str],
+    *,
+    resume: bool,
+) -> tuple[list[dict[str, Any]], float]:
+    """:func:`run_and_record` into ``csv_path``; with ``resume``, after the rows already there (read with
+    :func:`read_rows`), skipping the runs whose key (``columns.key``) they hold. Returns all the rows and the
+    wall time in seconds."""
+    rows = read_rows(csv_path, columns) if resume else []
+    done = {tuple(row[key] for key in columns.key) for row in rows}
+    return rows, run_and_record(csv_path, columns.names, runs, done, rows, run, describe)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: Sequence[dict[str, Any]], means: Mapping[str, str]) -> dict[tuple[str, float], dict[str, Any]]:
+    """The rows grouped by ``(method, target)``, in sorted order: for each group, its size ``n``, ``acc`` (the
+    mean and standard deviation of ``test_acc`` in percent) and the mean of each column of ``means`` (figure
+    name -> column)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["target"])].append(row)
+    return {
+        key: {
+            "n": len(group),
+            "acc": mean_std([100 * r["test_acc"] for r in group]),
+            **{name: statistics.fmean(r[column] for r in group) for name, column in means.items()},
+        }
+        for key, group in sorted(groups.items())
+    }
+
+
+def accuracy_lines(
+    stats: Mapping[tuple[str, float], dict[str, Any]],
+    order: Sequence[str],
+    extra: Callable[[dict[str, Any]], str],
+    labels: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Markdown lines of :func:`aggregate`'s figures, one per ``(method, target)``, by target, then by method in
+    ``order`` (others last): the method (its label in ``labels``), the target, the measured sparsity, the test
+    accuracy as mean ± std, its gap to the dense mean in points, the seeds, then the cells ``extra(figures)``."""
+    dense = stats.get(("dense", 0.0))
+    rank = {method: i for i, method in enumerate(order)}
+    lines = []
+    for (method, target), v in sorted(stats.items(), key=lambda kv: (kv[0][1], rank.get(kv[0][0], len(order)))):
+        mean, std = v["acc"]
+        delta = f"{mean - dense['acc'][0]:+.2f}" if dense is not None else "n/a"
+        name = (labels or {}).get(method, method)
+        lines.append(
+            f"| {name} | {target:g} | {v['sparsity']:.4f} | {mean:.2f} ± {std:.2f} | {delta} | {v['n']} | {extra(v)} |"
+        )
+    return lines
 
 
 NOTES_HEADING = "## Procedure and notes"

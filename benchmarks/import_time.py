@@ -9,6 +9,9 @@ Usage (from the repository root)::
 
     python benchmarks/import_time.py --rounds 7
     python benchmarks/import_time.py --smoke          # two rounds
+
+Exits with status 1 when the median misses the goal or a heavy package appears; with ``--smoke`` only for a
+heavy package (two rounds on a loaded machine say nothing about the time).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def one_round() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--smoke", action="store_true", help="two rounds")
+    parser.add_argument("--smoke", action="store_true", help="two rounds; the time goal does not set the exit status")
     args = parser.parse_args(argv)
     rounds = [one_round() for _ in range(2 if args.smoke else args.rounds)]
     seconds = [r["seconds"] for r in rounds]
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if median <= GOAL_S else 'missed'}")  # fmt: skip
     print(f"packages it added: {', '.join(added)}")
     print(f"heavy packages among them ({', '.join(HEAVY)}): {', '.join(heavy) or 'none'}")
-    return 0 if median <= GOAL_S and not heavy else 1
+    return 0 if (median <= GOAL_S or args.smoke) and not heavy else 1
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ Usage (from the repository root)::
 
     python benchmarks/lm.py                 # the whole table, 3 seeds, about an hour on 2 idle CPUs
     python benchmarks/lm.py --smoke         # every row on a tiny model and budget (well under two minutes)
+    python benchmarks/lm.py --smoke --latency --train-file T --valid-file V --out-dir DIR --cache-dir DIR
 
 Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--resume`` skips those there) and
 ``<name>.md`` (the table, paired differences, goals, the command and the machine), and prints the table.
+``--smoke`` writes into ``--out-dir`` or, when none is given, a new temporary folder (never
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from benchmarks.common import machine, quiet_lightning, run_and_record, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    OUT_DIR_HELP,
+    machine,
+    quiet_lightning,
+    resolve_out_dir,
+    run_and_record,
+    write_results,
+)
 from lightning_prune import (  # noqa: E402
     NMPruning,
     Polynomial,
@@ -449,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", type=int, default=64, help="bytes generated in the latency test")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "lm"), help="the dense models, one per seed")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--name", default="lm")
     p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     p.add_argument("--smoke", action="store_true", help="every row on a tiny model and budget")
@@ -469,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         apply_smoke(args)
+    resolve_out_dir(args, args.name)
     if args.continue_epochs < 2:
         raise SystemExit("--continue-epochs must be at least 2 (a ramp, then training at the final sparsity)")
     quiet_lightning(args.threads)

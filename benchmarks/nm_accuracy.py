@@ -16,10 +16,12 @@ Sparsity and the 2:4 check are measured on the final weights (:func:`lightning_p
 Usage (from the repository root)::
 
     python benchmarks/nm_accuracy.py --data-dir ../shared/data
-    python benchmarks/nm_accuracy.py --data-dir DIR --quick       # a smoke test: 512 images, 2 epochs
+    python benchmarks/nm_accuracy.py --data-dir DIR --smoke       # every row, 1 seed, 512 images, 2 epochs
 
 Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--resume`` skips runs already
-there) and ``<name>.md`` (the mean ± std table with the command and the machine, also printed).
+there) and ``<name>.md`` (the mean ± std table with the command and the machine, also printed). ``--smoke``
+(alias ``--quick``) writes into ``--out-dir`` or, when none is given, a new temporary folder (never
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import fit_and_test, machine, quiet_lightning, run_and_record  # noqa: E402
-from examples.mnist import MNISTDataModule, MNISTNotFoundError  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    OUT_DIR_HELP,
+    fit_and_test,
+    load_mnist,
+    machine,
+    quiet_lightning,
+    resolve_out_dir,
+    run_and_record,
+)
+from examples.mnist import MNISTDataModule  # noqa: E402
 from lightning_prune import NMPruning, OneShot, PruningScheduleCallback, sparsity_report  # noqa: E402
 
 LINEAR = ["model.fc1.weight", "model.fc2.weight", "model.fc3.weight"]
@@ -134,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy small machine)")
-    p.add_argument("--quick", action="store_true", help="smoke test: 512 training images, 2 epochs")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--smoke", "--quick", action="store_true", help="every row on 512 training images, 1 seed, 2 epochs")
+    p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--name", default="nm_accuracy", help="file name stem of the CSV and the table")
     p.add_argument("--resume", action="store_true", help="keep the rows of an existing CSV and skip those runs")
     return p
@@ -144,16 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.quick:
-        args.epochs = 2
+    if args.smoke:
+        args.seeds, args.methods, args.epochs = args.seeds[:1], list(METHODS), 2
+    resolve_out_dir(args, args.name)
     if not 0 <= args.prune_epoch < args.epochs:
         raise SystemExit(f"need 0 <= --prune-epoch < --epochs, got {args.prune_epoch} and {args.epochs}")
     quiet_lightning(args.threads)
-    data = MNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, quick=args.quick, download=False)
-    try:
-        data.setup("fit")
-    except MNISTNotFoundError as missing:
-        print(f"error: {missing}", file=sys.stderr)
+    data = load_mnist(args)  # at most 512 training images with --smoke
+    if data is None:
         return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

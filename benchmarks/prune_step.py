@@ -44,6 +44,10 @@ Usage (from the repository root)::
 
     python benchmarks/prune_step.py                   # the full-size run (needs about 6 GB free)
     python benchmarks/prune_step.py --layers 4 --width 512 --rounds 2
+    python benchmarks/prune_step.py --smoke           # every step and check on 2 x Linear(64, 64), 1 round
+
+``--smoke`` measures the peak memory of two steps only (:data:`SMOKE_MEMORY`: torch's global step and our
+global incremental ``hook`` step), to keep to two subprocesses. The script prints its table and writes no file.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ STEPS = (
     "ours_local_incr",
     "ours_local_hook_incr",
 )
+SMOKE_MEMORY = ("torch_global", "ours_global_hook_incr")
 LABELS = {
     "torch_global": "global, torch `global_unstructured`",
     "ours_global": "global, lightning_prune",
@@ -255,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--default-malloc", action="store_true", help="measure memory with glibc's default (dynamic) mmap threshold"
     )
+    p.add_argument("--smoke", action="store_true", help="a tiny model (2 x 64 x 64), 1 round, 2 memory subprocesses")
     p.add_argument("--measure-memory", choices=STEPS, help=argparse.SUPPRESS)
     return p
 
@@ -262,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.smoke:  # also in the memory subprocesses, which get the same arguments
+        args.layers, args.width, args.rounds = 2, 64, 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_memory:
@@ -318,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         del model, snapshot
         gc.collect()
         base_argv = [a for a in argv if a != "--no-memory"]
-        for name in STEPS:
+        for name in SMOKE_MEMORY if args.smoke else STEPS:
             memory[name] = memory_in_subprocess(name, base_argv)
             print(f"memory {name}: peak extra {mib(memory[name]['peak_extra'])}", flush=True)
 
@@ -336,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mem, mem_ratio, kept = "not measured", "", ""
         if name in memory:
             mem, kept = mib(memory[name]["peak_extra"]), mib(memory[name]["kept"])
-            if name != ref:
+            if name != ref and memory.get(ref, {}).get("peak_extra"):  # a tiny step may add no resident page
                 mem_ratio = f"{memory[name]['peak_extra'] / memory[ref]['peak_extra']:.2f}x"
         print(f"| {LABELS[name]} | {med[name]:.2f} s | {speed} | {mem} | {mem_ratio} | {kept} |")
     print(f"\nall checks passed: {checks_ok}")

@@ -17,9 +17,12 @@ The budget (epochs, ramp, step interval, optimizer, learning rate, batch size) d
 ``benchmarks/accuracy_vs_sparsity.py`` (read from its parser). Usage (from the repository root)::
 
     python benchmarks/sensitivity.py --data-dir /path/to/data --seeds 0 --targets 0.9 0.95 0.98
+    python benchmarks/sensitivity.py --data-dir DIR --smoke     # every step and kind on a tiny budget (seconds)
 
 Writes ``<out-dir>/sensitivity.csv`` (one row per run), ``sensitivity.md`` (the mean table), and per seed
-``sensitivity_seed<k>/`` (the analysis tables, ``sensitivity.png``, the suggestions).
+``sensitivity_seed<k>/`` (the analysis tables, ``sensitivity.png``, the suggestions). ``--smoke`` runs the
+analysis and every kind at one target (0.5) for one seed, 2 epochs on at most 512 training images, into
+``--out-dir`` or a new temporary folder (never ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy_vs_sparsity import build_parser as budget_parser  # noqa: E402
-from benchmarks.common import fit_and_test, prepare, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    OUT_DIR_HELP,
+    fit_and_test,
+    prepare,
+    resolve_out_dir,
+    smoke_training,
+    write_results,
+)
 from examples.lenet_sensitivity import analyze_lenet  # noqa: E402
 from examples.mnist import LitLeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import (  # noqa: E402
@@ -117,13 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=budget.lr)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=budget.lr_schedule)
     p.add_argument("--threads", type=int, default=budget.threads)
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--append", action="store_true", help="keep the rows already in sensitivity.csv (more seeds)")
+    p.add_argument("--smoke", action="store_true", help="every kind on a tiny budget: 1 seed, target 0.5, 2 epochs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        smoke_training(args, targets=[0.5])
+        args.kinds = list(KINDS)
+    resolve_out_dir(args, "sensitivity")
     if any(not 0 < t < 1 for t in args.targets):
         raise SystemExit(f"--targets must be in (0, 1), got {args.targets}")
     prepared = prepare(args)

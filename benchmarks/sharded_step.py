@@ -25,6 +25,9 @@ Usage (from the repository root)::
 
     python benchmarks/sharded_step.py                     # the full-size run (about 3 GB of memory)
     python benchmarks/sharded_step.py --layers 4 --width 256 --rounds 2
+    python benchmarks/sharded_step.py --smoke           # both runs and the check on 2 x Linear(64, 64), 1 round
+
+The script prints its table and writes no file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import os
+import queue as queues
 import socket
 import statistics
 import sys
@@ -66,7 +70,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="a tiny model (2 x 64 x 64), 1 round, --processes processes")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.width, args.rounds = 2, 64, 1
+    return args
 
 
 def run_step(model: torch.nn.Module, args: argparse.Namespace, group: Collective | None) -> MaskStore:
@@ -135,6 +143,21 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         dist.destroy_process_group()
 
 
+def collect(procs: list[Any], queue: Any) -> dict[int, Any] | None:
+    """Each process's result from ``queue``; ``None`` (the others stopped) as soon as one exits without its result."""
+    results: dict[int, Any] = {}
+    while len(results) < len(procs):
+        try:
+            rank, result = queue.get(timeout=1.0)
+            results[rank] = result
+        except queues.Empty:
+            if any(proc.exitcode not in (None, 0) for proc in procs):
+                for proc in procs:
+                    proc.terminate()
+                return None
+    return results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,9 +166,9 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    print(machine(args.threads), flush=True)
-    mib = 1 << 20
     torch.set_num_threads(args.threads)
+    print(machine(), flush=True)
+    mib = 1 << 20
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     model = build_model(args.layers, args.width, args.seed)
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -160,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     procs = [ctx.Process(target=worker, args=(r, args, port, queue)) for r in range(args.processes)]
     for proc in procs:
         proc.start()
-    results = dict(queue.get() for _ in procs)
+    results = collect(procs, queue)
     for proc in procs:
         proc.join()
+    if results is None:
+        codes = [proc.exitcode for proc in procs]
+        print(f"error: a process of the sharded run failed (exit codes {codes})", file=sys.stderr)
+        return 1
     same = all(results[r]["fingerprint"] == single["fingerprint"] for r in results)
 
     print(

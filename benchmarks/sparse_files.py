@@ -31,6 +31,9 @@ Usage (from the repository root)::
     python benchmarks/sparse_files.py --threads 2            # the full-size run (about 2 GB of memory)
     python benchmarks/sparse_files.py --layers 2 --width 1024 --repeats 1
     python benchmarks/sparse_files.py --width 2048 2896 4096 --sparsities 0.95 --signed-zero-sparsities 0.95
+    python benchmarks/sparse_files.py --smoke      # every kind of row on tiny tensors (Linear(100, 100), 2 x 64 x 64)
+
+The script prints its table; the files are written in a temporary folder and removed.
 """
 
 from __future__ import annotations
@@ -70,7 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (the table shows the median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (save_sparse/load_sparse use as many)")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="every kind of row on tiny tensors, 1 round")
+    args = p.parse_args(argv)
+    args.linear = 100 if args.smoke else 1000  # the one-layer model's in and out features
+    if args.smoke:
+        args.sparsities, args.signed_zero_sparsities = [0.0, 0.9], [0.9]
+        args.layers, args.width, args.repeats = 2, [64], 1
+    return args
 
 
 def build(shapes: list[tuple[int, int]], seed: int = 0) -> dict[str, Tensor]:
@@ -181,7 +190,7 @@ def row(model: str, label: str, zeros: float, r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {"linear 1000x1000": [(1000, 1000)]}
+    models = {f"linear {args.linear}x{args.linear}": [(args.linear, args.linear)]}
     models.update({f"stack {args.layers}x{w}x{w}": [(w, w)] * args.layers for w in args.width})
     print(f"# Sparse files: save_sparse/load_sparse versus torch.save/torch.load, {args.repeats} rounds (median)")
     print(f"machine: {machine()}\n")

@@ -32,6 +32,7 @@ Usage (from the repository root)::
 
 Writes ``<out-dir>/<name>.md`` (the command, the machine, the load average before and after, the tables and the
 goals checked against them; a hand-written section from ``## Procedure and notes`` on is kept), also printed.
+``--smoke`` writes it only where ``--out-dir`` is given (never ``benchmarks/results/`` by default).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from lightning_prune import prune_once, to_sparse_inference  # noqa: E402
 from lightning_prune._sparse_layers import SparseLinear  # noqa: E402
 from lightning_prune.inference import inference_report  # noqa: E402
@@ -88,12 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=32, help="GPT-2: prompt tokens of the generation row")
     p.add_argument("--new-tokens", type=int, default=32, help="GPT-2: tokens generated (greedy)")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1 round, min_speedup 0: checks every row runs")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="'' writes no file")
+    p.add_argument(
+        "--out-dir", default=None, help="'' writes no file (none given: benchmarks/results/; with --smoke: no file)"
+    )
     p.add_argument("--name", default="sparse_inference", help="file name stem of the results")
     args = p.parse_args(argv)
     args.threads = args.threads or ([1] if args.smoke else [1, 2])
+    if args.out_dir is None:
+        args.out_dir = "" if args.smoke else str(RESULTS)
     if args.smoke:  # every layer that can be sparse is (min_speedup 0), so that every row checks the sparse path
-        args.repeats, args.convert_repeats, args.out_dir, args.min_speedup = 1, 1, "", 0.0
+        args.repeats, args.convert_repeats, args.min_speedup = 1, 1, 0.0
         args.context, args.prompt, args.new_tokens = 8, 4, 4
     return args
 

@@ -21,21 +21,24 @@ Usage (from the repository root)::
 
     python benchmarks/structured.py --data-dir /path/to/data
     python benchmarks/structured.py --data-dir DIR --seeds 0 --targets 0.5 --epochs 2
+    python benchmarks/structured.py --data-dir DIR --smoke      # every row and timing on a tiny budget (seconds)
 
 Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--resume`` skips runs already
-there) and ``<name>.md`` (the table, also printed).
+there) and ``<name>.md`` (the table, also printed). ``--smoke`` runs dense and both scopes at 0.5 for one seed,
+2 epochs on at most 512 training images, with a few timed calls, into ``--out-dir`` or a new temporary folder
+(never ``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import fit_and_test, prepare, run_and_record, training_parser, write_results  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Columns, fit_and_test, mean_std, prepare, training_parser, write_results  # noqa: E402
 from examples.mnist import LeNet, MNISTDataModule  # noqa: E402
 from lightning_prune import NeuronPruning, PruningScheduleCallback, compact  # noqa: E402
 from lightning_prune.report import count_macs  # noqa: E402
@@ -71,6 +75,12 @@ FIELDS = (
     "ms_b256",
     "fit_seconds",
     "epochs",
+)
+COLUMNS = Columns(
+    FIELDS,
+    floats=("target", "test_acc_masked", "test_acc", "ms_b1_dense", "ms_b1", "ms_b256_dense", "ms_b256", "fit_seconds"),
+    ints=("seed", "neurons_kept", "params", "file_bytes", "macs", "epochs"),
+    key=("scope", "target", "seed"),
 )
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
@@ -245,17 +255,13 @@ def run_one(scope: str, target: float, seed: int, args: argparse.Namespace, data
     }
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one line per (scope, target); accuracy mean ± std over seeds, sizes and latency medians."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["scope"], float(r["target"]))].append(r)
     dense = groups.get(("dense", 0.0))
-    dense_acc = _mean_std([100 * float(r["test_acc"]) for r in dense])[0] if dense else None
+    dense_acc = mean_std([100 * float(r["test_acc"]) for r in dense])[0] if dense else None
     dense_macs = int(dense[0]["macs"]) if dense else None
     lines = [
         "| model | neurons removed | widths conv1-conv2-fc1-fc2 | test acc. % (mean ± std) | vs dense (points) "
@@ -264,7 +270,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (scope, target), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        mean, std = _mean_std([100 * float(r["test_acc"]) for r in g])
+        mean, std = mean_std([100 * float(r["test_acc"]) for r in g])
         delta = f"{mean - dense_acc:+.2f}" if dense_acc is not None else "n/a"
         med = {
             k: statistics.median(float(r[k]) for r in g) for k in ("ms_b1_dense", "ms_b1", "ms_b256_dense", "ms_b256")
@@ -287,6 +293,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def progress(key: tuple[str, float, int], row: dict[str, Any]) -> str:
+    """The progress line of one run."""
+    return (
+        f"{key[0]:<6} target={key[1]:<4g} seed={key[2]} widths={row['widths']} acc={100 * row['test_acc']:.2f}% "
+        f"(masked {100 * row['test_acc_masked']:.2f}%, max|diff|={row['max_abs_diff']}) "
+        f"b256 {row['ms_b256_dense']:.2f}/{row['ms_b256']:.2f} ms fit={row['fit_seconds']:.0f}s"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = training_parser(__doc__, name="structured", targets=[0.0, 0.25, 0.5, 0.75], ramp_end=3)
     p.add_argument("--scopes", nargs="+", choices=("local", "global"), default=["local"])
@@ -295,15 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats-b256", type=int, default=100, help="timed calls at batch 256 (median)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the existing CSV")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (needs a C++ compiler)")
+    p.add_argument("--smoke", action="store_true", help="every row on a tiny budget: 1 seed, target 0.5, 2 epochs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 <= args.ramp_start < args.ramp_end <= args.epochs:
-        raise SystemExit(f"need 0 <= --ramp-start < --ramp-end <= --epochs, got {args.ramp_start}, {args.ramp_end}")
-    if any(not 0 <= t < 1 for t in args.targets):
-        raise SystemExit(f"--targets must be in [0, 1), got {args.targets}")
+    if args.smoke:
+        common.smoke_training(args, targets=[0.0, 0.5])
+        args.scopes, args.repeats_b1, args.repeats_b256 = ["local", "global"], 3, 2
+    common.resolve_out_dir(args, args.name)
+    common.check_budget(args)
     prepared = prepare(args)
     if prepared is None:
         return 2
@@ -313,24 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs += [(sc, t, s) for t in args.targets if t > 0 for sc in args.scopes for s in args.seeds]
     if args.table_only:
         args.resume, runs = True, []
-    rows: list[dict[str, Any]] = []
-    if args.resume and csv_path.exists():
-        with csv_path.open() as f:
-            rows = list(csv.DictReader(f))
-    done = {(r["scope"], float(r["target"]), int(r["seed"])) for r in rows}
-    wall = run_and_record(
-        csv_path,
-        FIELDS,
-        runs,
-        done,
-        rows,
-        lambda scope, target, seed: run_one(scope, target, seed, args, data),
-        lambda key, row: (
-            f"{key[0]:<6} target={key[1]:<4g} seed={key[2]} widths={row['widths']} acc={100 * row['test_acc']:.2f}% "
-            f"(masked {100 * row['test_acc_masked']:.2f}%, max|diff|={row['max_abs_diff']}) "
-            f"b256 {row['ms_b256_dense']:.2f}/{row['ms_b256']:.2f} ms fit={row['fit_seconds']:.0f}s"
-        ),
-    )
+    run = partial(run_one, args=args, data=data)
+    rows, wall = common.run_resumable(csv_path, COLUMNS, runs, run, progress, resume=args.resume)
     setup = (
         f"LeNet/MNIST, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr={args.lr}, "
         f"NeuronPruning({args.importance}), Polynomial ramp epochs {args.ramp_start}->{args.ramp_end} every "

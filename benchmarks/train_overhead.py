@@ -31,6 +31,9 @@ Usage (from the repository root)::
 
     python benchmarks/train_overhead.py
     python benchmarks/train_overhead.py --models lenet --rounds 3 --steps 10
+    python benchmarks/train_overhead.py --smoke        # every model and mask mode, batch 8, one timed step each
+
+The script prints its table and writes no file.
 """
 
 from __future__ import annotations
@@ -169,11 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="every model and mask mode: batch 8, 1 round of 1 step")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.models, args.batch, args.rounds, args.steps, args.warmup = ["lenet", "mlp", "encoder"], 8, 1, 1, 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")

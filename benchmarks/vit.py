@@ -36,6 +36,9 @@ Usage (from the repository root)::
     python benchmarks/vit.py --data-dir ../shared/data         # the full budget: 3 seeds, ~3 h on 2 CPUs
     python benchmarks/vit.py --data-dir DIR --smoke            # every row on a tiny budget (seconds)
 
+``--smoke`` writes into ``--out-dir`` or, when none is given, a new temporary folder (never
+``benchmarks/results/``).
+
 The defaults are the rows that say something at the full budget: dense, global L1 and Wanda on the schedule at
 70/90/95%, and ``ModelPruning`` at ``--modelpruning-targets``; the one-shot rows run when named in ``--methods``.
 
@@ -46,13 +49,11 @@ Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--r
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
 import textwrap
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -70,7 +71,8 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from benchmarks.common import machine, quiet_lightning, run_and_record, training_parser, write_results  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Columns, aggregate, machine, quiet_lightning, training_parser, write_results  # noqa: E402
 from lightning_prune import Polynomial, PruningScheduleCallback, Wanda, prune_once, sparsity_report  # noqa: E402
 from lightning_prune.wanda import wanda_prune as wanda_once  # noqa: E402
 
@@ -79,6 +81,8 @@ SCHEDULED = ("l1-schedule", "wanda-schedule", "modelpruning")
 ONESHOT = ("oneshot-l1", "oneshot-l1-local", "oneshot-wanda", "oneshot-wanda-tensor", "oneshot-wanda-global")
 METHODS = ("dense", *SCHEDULED, *ONESHOT)
 FIELDS = ("method", "target", "sparsity", "seed", "test_acc", "seconds", "epochs", "train_size")
+COLUMNS = Columns(FIELDS, floats=("target", "sparsity", "test_acc", "seconds"), ints=("seed", "epochs", "train_size"))
+MEANS = {"sparsity": "sparsity", "seconds": "seconds"}  # figure of the table -> its column, averaged over seeds
 LABELS = {
     "dense": "dense",
     "l1-schedule": "global L1, our schedule",
@@ -317,52 +321,17 @@ def modelpruning_out_proj_failure() -> str:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in ("target", "sparsity", "test_acc", "seconds"):
-            row[key] = float(row[key])
-        for key in ("seed", "epochs", "train_size"):
-            row[key] = int(row[key])
-    return rows
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["method"], row["target"])].append(row)
-    return {
-        key: {
-            "n": len(group),
-            "acc": _mean_std([100 * r["test_acc"] for r in group]),
-            "sparsity": statistics.fmean(r["sparsity"] for r in group),
-            "seconds": statistics.fmean(r["seconds"] for r in group),
-        }
-        for key, group in groups.items()
-    }
+    """The rows of a CSV this script wrote, with their types (empty when there is no file)."""
+    return common.read_rows(path, COLUMNS)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per (method, target): test accuracy mean ± std over seeds, in points, and the gap to dense."""
-    stats = aggregate(rows)
-    dense = stats.get(("dense", 0.0))
     lines = [
         "| method | target | measured sparsity | test acc. % (mean ± std) | vs dense (points) | seeds | s/run |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (method, target), v in sorted(stats.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        mean, std = v["acc"]
-        delta = f"{mean - dense['acc'][0]:+.2f}" if dense is not None else "n/a"
-        lines.append(
-            f"| {LABELS[method]} | {target:g} | {v['sparsity']:.4f} | {mean:.2f} ± {std:.2f} | {delta} | {v['n']} "
-            f"| {v['seconds']:.0f} |"
-        )
+    lines += common.accuracy_lines(aggregate(rows, MEANS), METHODS, lambda v: f"{v['seconds']:.0f}", LABELS)
     return "\n".join(lines)
 
 
@@ -372,7 +341,7 @@ GOALS = {0.9: 0.5, 0.95: 1.0}
 
 def goals(rows: Sequence[dict[str, Any]]) -> str:
     """The goals (pruning while training within :data:`GOALS` of dense), stated from the figures: met or not."""
-    stats = aggregate(rows)
+    stats = aggregate(rows, MEANS)
     dense = stats.get(("dense", 0.0))
     lines = []
     for target, allowed in GOALS.items():
@@ -431,7 +400,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = aggregate(rows)
+    stats = aggregate(rows, MEANS)
     dense = stats.get(("dense", 0.0))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=False)
     for ax, methods, name in ((axes[0], SCHEDULED, "while training"), (axes[1], ONESHOT, "one shot, no fine-tuning")):
@@ -496,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         apply_smoke(args)
+    common.resolve_out_dir(args, args.name)  # with --smoke and no --out-dir: a temporary folder
     if not 0 <= args.ramp_start < args.ramp_end <= args.epochs:
         raise SystemExit(f"need 0 <= --ramp-start < --ramp-end <= --epochs, got {args.ramp_start}, {args.ramp_end}")
     if any(not 0 <= t < 1 for t in args.targets):
@@ -508,8 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{args.name}.csv"
-    rows = read_rows(csv_path) if args.resume else []
-    done = {(r["method"], r["target"], r["seed"]) for r in rows}
     runs = []  # seed by seed: an interrupted run leaves complete seeds
     for seed in args.seeds:
         runs += [("dense", 0.0, seed)] if "dense" in args.methods else []
@@ -521,17 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in args.methods
             if m in SCHEDULED and (m != "modelpruning" or t in args.modelpruning_targets)
         ]
-    wall = run_and_record(
+    rows, wall = common.run_resumable(
         csv_path,
-        FIELDS,
+        COLUMNS,
         runs,
-        done,
-        rows,
         Runner(args, train, test),
         lambda key, row: (
             f"{key[0]:<16} target={key[1]:<4g} seed={key[2]} sparsity={row['sparsity']:.4f} "
             f"test_acc={100 * row['test_acc']:.2f}% {row['seconds']:.0f}s"
         ),
+        resume=args.resume,
     )
     failure = modelpruning_out_proj_failure() if "modelpruning" in args.methods else "not run"
     setup = describe(args, len(train), len(test))

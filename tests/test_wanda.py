@@ -18,7 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import expected_zeros, make_trainer, write_tiny_mnist
+from helpers import expected_zeros, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -488,23 +488,6 @@ def test_wanda_ddp_every_rank_draws_the_same_masks(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-
-
-@pytest.mark.slow  # a subprocess or a whole benchmark: over ten seconds
-def test_vit_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    from benchmarks import vit
-
-    data = write_tiny_mnist(tmp_path / "data", n_train=96, n_test=32)
-    out = tmp_path / "out"
-    assert vit.main(["--data-dir", str(data), "--out-dir", str(out), "--quick"]) == 0
-    rows = vit.read_rows(out / "vit.csv")
-    methods = {r["method"] for r in rows}
-    assert methods == set(vit.METHODS)
-    for row in rows:
-        if row["method"] != "dense":
-            assert row["sparsity"] > 0, row
-    assert (out / "vit.png").stat().st_size > 0
-    assert "| method |" in (out / "vit.md").read_text()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
