@@ -151,13 +151,14 @@ class SparsityReport:
 
     def __str__(self) -> str:
         nm = () if self.nm is None else (f"{self.nm[0]}:{self.nm[1]}",)
+        goal = ("target",) if any(t.target is not None for t in self.tensors) else ()  # a column only when known
         flag = {True: "yes", False: "no", None: "-"}
-        rows = [("tensor", "shape", "zeros", "sparsity", "target", *nm)]
+        rows = [("tensor", "shape", "zeros", "sparsity", *goal, *nm)]
         for t in self.tensors:
-            target = "" if t.target is None else f"{t.target:.4f}"
-            row = (t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", target)
+            target = ("" if t.target is None else f"{t.target:.4f}",) if goal else ()
+            row = (t.name, "x".join(map(str, t.shape)), f"{t.zeros}/{t.numel}", f"{t.sparsity:.4f}", *target)
             rows.append(row + ((flag[t.nm],) if nm else ()))
-        rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", "", *("" for _ in nm)))
+        rows.append(("total", "", f"{self.zeros}/{self.numel}", f"{self.sparsity:.4f}", *("" for _ in goal + nm)))
         lines = format_table(rows)
         if self.size is not None:
             z = self.size

@@ -447,7 +447,7 @@ def _ddp_worker(out: Path) -> None:
 
     replaced = []
     agree = callback_module.agree_masks
-    callback_module.agree_masks = lambda *args: replaced.append(agree(*args)) or replaced[-1]
+    callback_module.agree_masks = lambda *args, **kwargs: replaced.append(agree(*args, **kwargs)) or replaced[-1]
     pl.seed_everything(0, verbose=False)
     module = Mlp()
     method = LocalSums(2, group="global")
