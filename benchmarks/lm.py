@@ -212,6 +212,8 @@ class Runner:
         self.args = args
         self.train_data, self.valid = read_bytes(Path(args.train_file)), read_bytes(Path(args.valid_file))
         self._dense: dict[int, tuple[dict[str, Tensor], float]] = {}
+        self.latency_path = Path(args.out_dir) / f"{args.name}_latency.md"  # kept for a --resume that skips it
+        self.latency = self.latency_path.read_text() if args.resume and self.latency_path.exists() else ""
 
     def _key(self, seed: int) -> str:
         a = self.args
@@ -286,6 +288,7 @@ class Runner:
             ):
                 prompt = self.valid[: min(32, args.context - args.generate)]  # the start of the validation text
                 self.latency = generation_latency(model, prompt, args)
+                self.latency_path.write_text(self.latency)
         return {
             "method": method,
             "target": target,
@@ -498,7 +501,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs += [("nm-magnitude", 0.5, seed), ("nm-wanda", 0.5, seed)]
         runs += [(m, t, seed) for t in args.gradual_targets for m in ("gradual-l1-global", "gradual-wanda-row")]
     runs = [r for r in runs if r[0] in args.methods]
-    runner.latency = ""
     wall = run_and_record(
         csv_path, FIELDS, runs, done, rows, runner,
         lambda key, row: (
