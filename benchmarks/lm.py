@@ -14,12 +14,16 @@ from it:
 
 * one shot, no fine-tuning (:func:`lightning_prune.prune_once`), at each ``--oneshot-targets``: ``magnitude-local``
   (each tensor), ``magnitude-global`` (one threshold), ``wanda-row`` (Wanda per output row, as the paper, from
-  ``--calibration-batches`` training batches), and at 50% by construction ``nm-magnitude`` (2:4, magnitude) and
-  ``nm-wanda`` (2:4 by Wanda's scores, ``Wanda(nm=(2, 4))``);
+  ``--calibration-batches`` training batches), its controls ``wanda-tensor`` and ``wanda-global`` (Wanda's scores
+  ranked as magnitude's are: the same groups, so only the activations differ), and at 50% by construction
+  ``nm-magnitude`` (2:4, magnitude) and ``nm-wanda`` (2:4 by Wanda's scores, ``Wanda(nm=(2, 4))``);
 * gradual, during ``--continue-epochs`` x ``--steps-per-epoch`` more training steps with
   :class:`~lightning_prune.PruningScheduleCallback` (a cubic ramp over all but the last epoch, a step every
   ``--every-n-steps``), at each ``--gradual-targets``: ``gradual-l1-global`` and ``gradual-wanda-row``, against
   ``dense-continued``, the dense model trained for the same steps.
+
+The results end with the dense model's activation spread: per matrix, how far its input features' RMS (what
+Wanda multiplies ``|W|`` by) spreads, and how much of Wanda's per-row mask differs from magnitude's per-row mask.
 
 With ``--latency``, the seed's ``gradual-l1-global`` model at the highest gradual target is also timed generating
 ``--generate`` bytes greedily (KV cache), dense against :func:`lightning_prune.to_sparse_inference` (each layer
@@ -81,7 +85,9 @@ from lightning_prune import (  # noqa: E402
 from lightning_prune.inference import inference_report  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "text"
-ONESHOT = ("magnitude-local", "magnitude-global", "wanda-row", "nm-magnitude", "nm-wanda")
+ONESHOT = (
+    "magnitude-local", "magnitude-global", "wanda-row", "wanda-tensor", "wanda-global", "nm-magnitude", "nm-wanda"
+)  # fmt: skip
 GRADUAL = ("dense-continued", "gradual-l1-global", "gradual-wanda-row")
 METHODS = ("dense", *ONESHOT, *GRADUAL)
 FIELDS = ("method", "target", "seed", "sparsity", "bpb", "seconds", "steps")
@@ -90,6 +96,8 @@ LABELS = {
     "magnitude-local": "one shot, magnitude per tensor",
     "magnitude-global": "one shot, magnitude global",
     "wanda-row": "one shot, Wanda per output row",
+    "wanda-tensor": "one shot, Wanda per tensor",
+    "wanda-global": "one shot, Wanda global",
     "nm-magnitude": "one shot, 2:4 by magnitude",
     "nm-wanda": "one shot, 2:4 by Wanda's scores",
     "dense-continued": "dense, trained on for the same steps",
@@ -267,6 +275,12 @@ class Runner:
                 prune_once(model, target, scope="global")
             elif method == "wanda-row":
                 prune_once(model, target, method=Wanda(args.calibration_batches), dataloader=calibration)
+            elif method == "wanda-tensor":
+                wanda = Wanda(args.calibration_batches, group="tensor")
+                prune_once(model, target, method=wanda, dataloader=calibration)
+            elif method == "wanda-global":
+                wanda = Wanda(args.calibration_batches, group="global")
+                prune_once(model, target, method=wanda, dataloader=calibration, scope="global")
             elif method == "nm-magnitude":
                 prune_once(model, 0.0, method=NMPruning(2, 4))
             else:
@@ -341,6 +355,49 @@ def generation_latency(model: nn.Module, prompt: Tensor, args: argparse.Namespac
             f"| {chosen} of {total} |"
         )
     torch.set_num_threads(args.threads)
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def activation_spread(model: nn.Module, calibration: Sequence[Tensor], sparsity: float = 0.5) -> str:
+    """Why Wanda may not beat magnitude: per matrix of the blocks, the spread of its input features' RMS over the
+    calibration batches (the ``sqrt(mean x^2)`` that Wanda multiplies ``|W|`` by) and the share of the pruned
+    entries on which Wanda per row and magnitude per row disagree at ``sparsity``. Features of uniform RMS make
+    Wanda's per-row ranking magnitude's."""
+    layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}  # GPT-2: (in, out)
+    squares: dict[str, Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def observe(name: str, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        squares[name] = squares.get(name, 0) + x.pow(2).sum(0)
+        rows[name] = rows.get(name, 0) + x.shape[0]
+
+    hooks = [m.register_forward_pre_hook(lambda mod, i, n=name: observe(n, mod, i)) for name, m in layers.items()]
+    model.eval()
+    try:
+        for batch in calibration:
+            model(input_ids=batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    lines = [
+        "| matrix | max / median input RMS | inputs > 6x median RMS | pruned entries where Wanda and magnitude "
+        f"(both per row, {sparsity:.0%}) differ |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in layers.items():
+        rms = (squares[name] / rows[name]).sqrt().float()
+        weight = m.weight.detach().t()  # (out, in): a row per output, as Wanda ranks it
+        k = round(sparsity * weight.shape[1])
+        by_magnitude = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, weight.abs().argsort(1)[:, :k], True)
+        by_wanda = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, (weight.abs() * rms).argsort(1)[:, :k], True)
+        differ = (by_magnitude & ~by_wanda).sum().item() / by_magnitude.sum().item()
+        median = rms.median()
+        lines.append(
+            f"| {name.removeprefix('transformer.')} | {rms.max() / median:.1f} | {int((rms > 6 * median).sum())} of "
+            f"{rms.numel()} | {differ:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -495,9 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[tuple[str, float, int]] = []
     for seed in args.seeds:  # seed by seed: an interrupted run leaves complete seeds
         runs += [("dense", 0.0, seed), ("dense-continued", 0.0, seed)]
-        runs += [
-            (m, t, seed) for m in ("magnitude-local", "magnitude-global", "wanda-row") for t in args.oneshot_targets
-        ]
+        runs += [(m, t, seed) for m in ONESHOT[:5] for t in args.oneshot_targets]
         runs += [("nm-magnitude", 0.5, seed), ("nm-wanda", 0.5, seed)]
         runs += [(m, t, seed) for t in args.gradual_targets for m in ("gradual-l1-global", "gradual-wanda-row")]
     runs = [r for r in runs if r[0] in args.methods]
@@ -513,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for a, b in (
         ("wanda-row", "magnitude-local"),
         ("wanda-row", "magnitude-global"),
+        ("wanda-tensor", "magnitude-local"),
+        ("wanda-global", "magnitude-global"),
         ("nm-wanda", "nm-magnitude"),
         ("gradual-wanda-row", "gradual-l1-global"),
     ):
@@ -528,6 +585,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| A | B | per seed and target | mean |\n|---|---|---|---:|\n" + "\n".join(paired_lines) + "\n\n"
         f"Goals:\n\n{goals(rows)}\n"
     )
+    if "wanda-row" in args.methods:
+        seed = args.seeds[0]
+        text += (
+            f"\nThe dense model's activations (seed {seed}, the {args.calibration_batches} one-shot calibration "
+            f"batches): the spread of each matrix's input features, which is all that Wanda adds to magnitude "
+            f"within a row:\n\n{activation_spread(runner.model(seed), runner.calibration(seed))}\n"
+        )
     if runner.latency:
         text += (
             f"\nGeneration of {args.generate} bytes (greedy, KV cache), seed {args.seeds[0]}, gradual global L1 at "

@@ -206,6 +206,8 @@ def check_lm(run: Run) -> None:
     text = run.text("lm.md")
     assert "| one shot, 2:4 by Wanda's scores | 0.5 | 0.5000 |" in text
     assert "Generation of 4 bytes" in text and "| threads | dense (s) |" in text  # --latency
+    spread = [line for line in text.splitlines() if line.startswith("| h.")]  # the activation table, a row a matrix
+    assert len(spread) == 8 and all(float(line.split("|")[2]) >= 1.0 for line in spread), spread
 
 
 def check_sparse_inference(run: Run) -> None:
