@@ -3,9 +3,9 @@ matrix, on a gradual schedule while training and in one shot after it.
 
 Model: torchvision's ``VisionTransformer(image_size=28, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64,
 mlp_dim=128, num_classes=10)`` with a 1-channel patch embedding (torchvision's expects 3 channels), trained from
-scratch with AdamW (linear warm-up, then cosine decay to zero) on the MNIST training images (``--train-size`` of
-the 60,000, a fixed subset when fewer), the same images and batch order for every run of a seed; tested on the
-10,000 test images.
+scratch with AdamW (linear warm-up, then cosine decay to zero, or with ``--lr-schedule constant`` the same rate
+to the end) on the MNIST training images (``--train-size`` of the 60,000, a fixed subset when fewer), the same
+images and batch order for every run of a seed; tested on the 10,000 test images.
 
 Pruned: the 16 weight matrices of the attention and MLP blocks, ``in_proj_weight``, ``out_proj.weight`` and both
 MLP ``Linear`` weights of each of the 4 layers (:data:`PARAMETERS`; the patch embedding, the class token, the
@@ -111,11 +111,14 @@ def make_vit() -> VisionTransformer:
 
 
 class LitViT(pl.LightningModule):
-    """The ViT with cross-entropy, AdamW and a per-step linear warm-up then cosine decay to zero."""
+    """The ViT with cross-entropy, AdamW and a per-step linear warm-up, then cosine decay to zero or (``"constant"``)
+    the same rate to the end."""
 
-    def __init__(self, lr: float = 2e-3, weight_decay: float = 0.05, warmup: float = 0.1) -> None:
+    def __init__(
+        self, lr: float = 2e-3, weight_decay: float = 0.05, warmup: float = 0.1, lr_schedule: str = "cosine"
+    ) -> None:
         super().__init__()
-        self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
+        self.lr, self.weight_decay, self.warmup, self.lr_schedule = lr, weight_decay, warmup, lr_schedule
         self.model = make_vit()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,6 +136,8 @@ class LitViT(pl.LightningModule):
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if self.lr_schedule == "constant":
+                return 1.0
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -230,7 +235,7 @@ def callbacks_for(method: str, target: float, args: argparse.Namespace, module: 
 
 def fit(seed: int, args: argparse.Namespace, train: TensorDataset, callbacks: Callable[[LitViT], list[Any]]) -> LitViT:
     pl.seed_everything(seed, verbose=False)
-    module = LitViT(lr=args.lr)
+    module = LitViT(lr=args.lr, lr_schedule=args.lr_schedule)
     trainer = pl.Trainer(
         max_epochs=args.epochs, callbacks=callbacks(module), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -264,7 +269,7 @@ class Runner:
             module = None
         elif method in ONESHOT:
             state = self.dense(seed)[0]
-            module = LitViT(lr=args.lr)
+            module = LitViT(lr=args.lr, lr_schedule=args.lr_schedule)
             module.load_state_dict(state)
             start = time.perf_counter()
             if method.startswith("oneshot-wanda"):
@@ -433,6 +438,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = training_parser(__doc__, name="vit", targets=[0.0, 0.7, 0.9, 0.95], ramp_end=4)
     p.set_defaults(epochs=5, lr=1e-3, every_n_steps=50, threads=2, batch_size=128)
+    p.add_argument(
+        "--lr-schedule", choices=("cosine", "constant"), default="cosine", help="after the warm-up: decay to 0, or not"
+    )
     p.add_argument("--train-size", type=int, default=60000, help="training images (a fixed subset when < 60,000)")
     p.add_argument("--calibration-batches", type=int, default=8, help="Wanda's window before each scheduled step")
     p.add_argument("--oneshot-batches", type=int, default=8, help="Wanda's calibration batches in one shot")
@@ -453,8 +461,8 @@ def apply_smoke(args: argparse.Namespace) -> None:
 def describe(args: argparse.Namespace, n_train: int, n_test: int) -> str:
     return (
         f"ViT (patch 4, width 64, depth 4, 4 heads, MLP 128) on MNIST: {n_train} training images, "
-        f"{args.epochs} epochs, "
-        f"batch {args.batch_size}, AdamW lr={args.lr} (warm-up 10%, cosine), ramp epochs {args.ramp_start}->"
+        f"{args.epochs} epochs, batch {args.batch_size}, AdamW lr={args.lr} (warm-up 10%, {args.lr_schedule}), "
+        f"ramp epochs {args.ramp_start}->"
         f"{args.ramp_end} every {args.every_n_steps} steps, Wanda windows {args.calibration_batches} batches "
         f"(one shot: {args.oneshot_batches}), seeds {args.seeds}; {n_test} test images"
     )
