@@ -79,15 +79,16 @@ from lightning_prune import (  # noqa: E402
     PruningScheduleCallback,
     Wanda,
     prune_once,
+    select_parameters,
     sparsity_report,
     to_sparse_inference,
 )
 from lightning_prune.inference import inference_report  # noqa: E402
+from lightning_prune.layers import to_out_in  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "text"
-ONESHOT = (
-    "magnitude-local", "magnitude-global", "wanda-row", "wanda-tensor", "wanda-global", "nm-magnitude", "nm-wanda"
-)  # fmt: skip
+RANKED = ("magnitude-local", "magnitude-global", "wanda-row", "wanda-tensor", "wanda-global")  # at each target
+ONESHOT = (*RANKED, "nm-magnitude", "nm-wanda")
 GRADUAL = ("dense-continued", "gradual-l1-global", "gradual-wanda-row")
 METHODS = ("dense", *ONESHOT, *GRADUAL)
 FIELDS = ("method", "target", "seed", "sparsity", "bpb", "seconds", "steps")
@@ -364,7 +365,8 @@ def activation_spread(model: nn.Module, calibration: Sequence[Tensor], sparsity:
     calibration batches (the ``sqrt(mean x^2)`` that Wanda multiplies ``|W|`` by) and the share of the pruned
     entries on which Wanda per row and magnitude per row disagree at ``sparsity``. Features of uniform RMS make
     Wanda's per-row ranking magnitude's."""
-    layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}  # GPT-2: (in, out)
+    targets = {t.name.removesuffix(".weight"): t for t in select_parameters(model)}  # the matrices pruned
+    layers = {name: model.get_submodule(name) for name in targets}
     squares: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -386,9 +388,9 @@ def activation_spread(model: nn.Module, calibration: Sequence[Tensor], sparsity:
         f"(both per row, {sparsity:.0%}) differ |",
         "|---|---:|---:|---:|",
     ]
-    for name, m in layers.items():
+    for name, target in targets.items():
         rms = (squares[name] / rows[name]).sqrt().float()
-        weight = m.weight.detach().t()  # (out, in): a row per output, as Wanda ranks it
+        weight = to_out_in(target.tensor.detach(), target.layout)  # (out, in): a row per output, as Wanda ranks
         k = round(sparsity * weight.shape[1])
         by_magnitude = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, weight.abs().argsort(1)[:, :k], True)
         by_wanda = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, (weight.abs() * rms).argsort(1)[:, :k], True)
@@ -552,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[tuple[str, float, int]] = []
     for seed in args.seeds:  # seed by seed: an interrupted run leaves complete seeds
         runs += [("dense", 0.0, seed), ("dense-continued", 0.0, seed)]
-        runs += [(m, t, seed) for m in ONESHOT[:5] for t in args.oneshot_targets]
+        runs += [(m, t, seed) for m in RANKED for t in args.oneshot_targets]
         runs += [("nm-magnitude", 0.5, seed), ("nm-wanda", 0.5, seed)]
         runs += [(m, t, seed) for t in args.gradual_targets for m in ("gradual-l1-global", "gradual-wanda-row")]
     runs = [r for r in runs if r[0] in args.methods]
