@@ -35,6 +35,7 @@ from lightning_prune.selection import (
     PruningTarget,
     SelectionSummary,
     SparsitySpec,
+    check_exclude,
     describe_selection,
     select_parameters,
 )
@@ -71,6 +72,8 @@ class PruningScheduleCallback(CallbackBase):
             ``Linear``, ``Conv*d``, Hugging Face's ``Conv1D``, attention's ``in_proj_weight``, ...), leaving out
             embedding tables and tensors tied to them, positional parameters, norms and biases unless named.
             What was chosen and left out is printed when ``fit`` starts (``verbose``) and kept in :attr:`selection`.
+        exclude: names or glob patterns taken out of the selection after ``parameters`` or the default
+            (``["model.conv1.*", "model.lm_head.*"]``: keep a first layer or an untied head dense).
         method: ``"l1_unstructured"`` (default), ``"random_unstructured"``, ``"ln_structured"``,
             ``"random_structured"``, a ``torch.nn.utils.prune.BasePruningMethod`` subclass (driven with exact
             integer amounts when its constructor takes ``amount``, else applied as it is at each step), or a
@@ -112,6 +115,7 @@ class PruningScheduleCallback(CallbackBase):
         sparsity: SparsitySpec = None,
         *,
         parameters: Sequence[ParameterSpec] | None = None,
+        exclude: Sequence[str] = (),
         method: MethodName | type[prune.BasePruningMethod] | PruningMethod = "l1_unstructured",
         scope: Scope = "local",
         schedule: ScheduleLike | None = None,
@@ -138,6 +142,7 @@ class PruningScheduleCallback(CallbackBase):
             )
         self.sparsity = resolve_sparsity(sparsity, self.schedule, self.method.name, self.method.takes_sparsity, scope)
         self.parameters = parameters
+        self.exclude = check_exclude(exclude)
         self.make_permanent = make_permanent
         self.compact = compact
         self.verbose = verbose
@@ -166,6 +171,7 @@ class PruningScheduleCallback(CallbackBase):
             method=self.method.name,
             scope=self.scope,
             schedule=repr(self.schedule),
+            **({"exclude": repr(self.exclude)} if self.exclude else {}),
         )
 
     # ------------------------------------------------------------------ hooks
@@ -179,7 +185,8 @@ class PruningScheduleCallback(CallbackBase):
         if self._store.group is not None:
             check_sharding(self.method, self.mask_mode, self.rewind is not None)
         self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
-        self._targets = select_parameters(pl_module, self.parameters, self.sparsity if self.scope == "local" else None)
+        local = self.sparsity if self.scope == "local" else None
+        self._targets = select_parameters(pl_module, self.parameters, local, self.exclude)
         self._plan = self._plan_for(self._targets)
         self._selection = describe_selection(pl_module, self._targets)
         if self.verbose:

@@ -12,7 +12,20 @@ A weight's *layout* says which dimension is which:
   ``in_proj_weight`` and ``q/k/v_proj_weight``, the input and hidden weights of ``nn.RNN/LSTM/GRU``;
 * ``"in_out"``: ``weight[j, i, ...]``: Hugging Face's ``Conv1D`` (GPT-2 and its descendants, ``y = x @ W``),
   recognised by its class path without importing ``transformers``, and ``nn.ConvTranspose1d/2d/3d``
-  (``(in, out / groups, *kernel)``).
+  (``(in, out / groups, *kernel)``);
+* ``"experts_out_in"`` and ``"experts_in_out"``: a *stack* of matrices, ``weight[e]`` being expert ``e``'s matrix in
+  the ``"out_in"`` or ``"in_out"`` layout: the fused expert tensors of Mixture-of-Experts models, such as
+  ``gate_up_proj`` ``(experts, 2 x intermediate, hidden)`` and ``down_proj`` ``(experts, hidden, intermediate)`` of
+  Mixtral, Qwen3-MoE, DeepSeek-V3 or OLMoE in ``transformers`` 5, or GPT-OSS's ``(experts, in, out)`` tensors. A
+  tensor in a stacked layout holds ``weight.shape[0]`` matrices: local targets, ``ln_structured``, N:M and Wanda
+  treat each expert as its own matrix (:func:`matrices`).
+
+``transformers`` marks its expert modules (``@use_experts_implementation``: ``num_experts`` and ``is_transposed``
+attributes); every parameter of such a module with ``num_experts`` matrices of two dimensions is an expert tensor,
+``"experts_in_out"`` when the module says ``is_transposed``. Other fused expert layers are declared with
+:func:`register_matrix_layer` and a stacked layout. A Mixture-of-Experts *router* (the ``gate`` beside ``experts``,
+or a module whose class name says ``Router``) scores experts rather than transforming features: it is left out of
+the default selection (:func:`is_router`), and pruned like any matrix when named in ``parameters``.
 
 Attention's ``out_proj`` is an ``nn.Linear`` (``NonDynamicallyQuantizableLinear``), so it is in the table through
 ``nn.Linear``. Embeddings (``nn.Embedding``, ``nn.EmbeddingBag``) look tokens up rather than multiply, and are not
@@ -54,18 +67,25 @@ from lightning_prune._checks import allowed, check_choice
 
 __all__ = [
     "EMBEDDING_TYPES",
+    "STACKED_LAYOUTS",
     "Layout",
     "MatrixLayer",
     "MatrixLayerHandle",
     "input_dim",
     "is_embedding",
+    "is_router",
+    "is_stacked",
+    "layout_of",
+    "matrices",
     "matrix_layer",
+    "matrix_layout",
     "output_dim",
     "register_matrix_layer",
     "to_out_in",
 ]
 
-Layout = Literal["out_in", "in_out"]
+Layout = Literal["out_in", "in_out", "experts_out_in", "experts_in_out"]
+STACKED_LAYOUTS: tuple[Layout, ...] = ("experts_out_in", "experts_in_out")
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -77,7 +97,7 @@ class MatrixLayer:
         kind: a module class (its subclasses match too), or a class path ``"package.module.ClassName"`` matched
             against the names of a module's classes (so that a library need not be imported to be known).
         weights: the parameter names (or :mod:`fnmatch` patterns: ``"weight_ih_l*"``) that are matrices.
-        layout: ``"out_in"`` or ``"in_out"`` (see the module docstring).
+        layout: ``"out_in"``, ``"in_out"``, or a stacked layout (see the module docstring).
     """
 
     kind: type | str
@@ -137,8 +157,9 @@ def register_matrix_layer(
     Args:
         kind: the module class (subclasses match too), or its class path ``"package.module.ClassName"``.
         weights: the parameter name, or several names or :mod:`fnmatch` patterns.
-        layout: ``"out_in"`` (``weight[out, in, ...]``, as ``nn.Linear``) or ``"in_out"`` (``weight[in, out]``,
-            as Hugging Face's ``Conv1D``).
+        layout: ``"out_in"`` (``weight[out, in, ...]``, as ``nn.Linear``), ``"in_out"`` (``weight[in, out]``,
+            as Hugging Face's ``Conv1D``), or ``"experts_out_in"`` / ``"experts_in_out"`` for a fused tensor of
+            one matrix per expert (``weight[e]`` in the ``"out_in"`` / ``"in_out"`` layout).
 
     Returns:
         A handle whose ``remove()`` undoes the registration.
@@ -166,7 +187,64 @@ def matrix_layer(module: nn.Module, param: str) -> MatrixLayer | None:
     for entry in (*reversed(_REGISTERED), *_BUILTIN):
         if entry.matches(module):
             return entry if entry.takes(param) else None
-    return None
+    return _experts_entry(module, param)
+
+
+def _experts_entry(module: nn.Module, param: str) -> MatrixLayer | None:
+    """A ``transformers`` experts module's fused tensor (``@use_experts_implementation`` sets ``num_experts`` and
+    ``is_transposed``): ``num_experts`` matrices of two dimensions each."""
+    experts, transposed = getattr(module, "num_experts", None), getattr(module, "is_transposed", None)
+    tensor = module._parameters.get(param)
+    if not isinstance(experts, int) or not isinstance(transposed, bool) or tensor is None:
+        return None
+    if tensor.dim() != 3 or tensor.shape[0] != experts:
+        return None
+    return MatrixLayer(type(module), (param,), "experts_in_out" if transposed else "experts_out_in")
+
+
+def layout_of(module: nn.Module, param: str) -> Layout | None:
+    """The layout of ``param`` of ``module`` when it is a matrix weight, else ``None``."""
+    entry = matrix_layer(module, param)
+    return None if entry is None else entry.layout
+
+
+def is_stacked(layout: Layout | None) -> bool:
+    """Whether ``layout`` holds one matrix per entry of its first dimension (a fused experts tensor)."""
+    return layout in STACKED_LAYOUTS
+
+
+def matrix_layout(layout: Layout | None) -> Layout | None:
+    """The layout of each matrix of a tensor in ``layout``: ``"out_in"`` for ``"experts_out_in"``, ``"in_out"``
+    for ``"experts_in_out"``, ``layout`` itself otherwise."""
+    if layout == "experts_out_in":
+        return "out_in"
+    if layout == "experts_in_out":
+        return "in_out"
+    return layout
+
+
+def matrices(tensor: Tensor, layout: Layout | None) -> list[Tensor]:
+    """The matrices ``tensor`` holds, as views: one per expert for a stacked layout, else ``[tensor]``. Each is
+    in :func:`matrix_layout` ``(layout)``; narrowing a view in place narrows ``tensor``.
+
+    Example::
+
+        >>> import torch
+        >>> [m.shape for m in matrices(torch.zeros(2, 3, 4), "experts_out_in")]
+        [torch.Size([3, 4]), torch.Size([3, 4])]
+        >>> len(matrices(torch.zeros(3, 4), "out_in"))
+        1
+    """
+    return list(tensor.unbind(0)) if is_stacked(layout) else [tensor]
+
+
+def is_router(module_name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """Whether ``module`` is a Mixture-of-Experts router: its class name says ``Router``, or it is the ``gate``
+    (``router``, ``shared_expert_gate``) of a block that holds ``experts``."""
+    if "router" in type(module).__name__.lower():
+        return True
+    last = module_name.rpartition(".")[2]
+    return parent is not None and hasattr(parent, "experts") and last in ("gate", "router", "shared_expert_gate")
 
 
 def is_embedding(module: nn.Module, param: str) -> bool:
@@ -176,23 +254,30 @@ def is_embedding(module: nn.Module, param: str) -> bool:
 
 def input_dim(layout: Layout | None) -> int:
     """The dimension of a weight that indexes input features: 1 for ``"out_in"`` (and unknown layouts), 0 for
-    ``"in_out"``."""
-    return 0 if layout == "in_out" else 1
+    ``"in_out"``, 2 for ``"experts_out_in"``, 1 for ``"experts_in_out"``."""
+    return {"in_out": 0, "experts_out_in": 2, "experts_in_out": 1}.get(layout or "", 1)
 
 
 def output_dim(layout: Layout | None) -> int:
-    """The dimension of a weight that indexes output features: 0 for ``"out_in"``, 1 for ``"in_out"``."""
-    return 1 if layout == "in_out" else 0
+    """The dimension of a weight that indexes output features: 0 for ``"out_in"``, 1 for ``"in_out"``, 1 for
+    ``"experts_out_in"``, 2 for ``"experts_in_out"``."""
+    return {"in_out": 1, "experts_out_in": 1, "experts_in_out": 2}.get(layout or "", 0)
 
 
 def to_out_in(tensor: Tensor, layout: Layout | None) -> Tensor:
-    """A view of ``tensor`` in the ``(out, in, ...)`` layout (the tensor itself unless it is ``"in_out"``). The
-    same call turns an ``(out, in, ...)`` tensor back into ``layout``.
+    """A view of ``tensor`` in the ``(out, in, ...)`` layout (``(experts, out, in)`` for a stacked layout; the
+    tensor itself unless it is stored in-before-out). The same call turns such a tensor back into ``layout``.
 
     Example::
 
         >>> import torch
         >>> to_out_in(torch.zeros(3, 5), "in_out").shape, to_out_in(torch.zeros(3, 5), "out_in").shape
         (torch.Size([5, 3]), torch.Size([3, 5]))
+        >>> to_out_in(torch.zeros(2, 3, 5), "experts_in_out").shape
+        torch.Size([2, 5, 3])
     """
-    return tensor.transpose(0, 1) if layout == "in_out" and tensor.dim() >= 2 else tensor
+    if layout == "in_out" and tensor.dim() >= 2:
+        return tensor.transpose(0, 1)
+    if layout == "experts_in_out" and tensor.dim() >= 3:
+        return tensor.transpose(1, 2)
+    return tensor

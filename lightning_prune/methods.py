@@ -30,11 +30,12 @@ from typing import Any, Literal, NamedTuple, Protocol, get_args
 import torch
 import torch.nn.utils.prune as prune
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_prune._checks import allowed, check_choice
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for, mask_zeros
-from lightning_prune.layers import to_out_in
+from lightning_prune.layers import is_stacked, matrices, matrix_layout, to_out_in
 from lightning_prune.seeding import derive_seed, uniform
 from lightning_prune.selection import PruningTarget, local_view, shard_offset
 from lightning_prune.thresholds import iter_smallest, iter_smallest_each
@@ -237,7 +238,13 @@ class ScoreMethod(PruningMethod):
     ) -> Iterator[NewMask]:
         group = masks.group
         chosen, fns, ks, pruned = [], [], [], []
-        for i, (t, s, already) in enumerate(zip(targets, sparsities, masks.pruned_counts(targets))):
+        counts = masks.pruned_counts(targets)
+        for i, (t, s, already) in enumerate(zip(targets, sparsities, counts)):
+            if is_stacked(t.layout):  # one target per expert's matrix
+                new = self._stacked_mask(t, s if s is not None else 0.0, derive_seed(seed, i), masks.mask(t))
+                if new is not None:
+                    yield new
+                continue
             k = count_for(s if s is not None else 0.0, t.tensor.numel()) - already
             if k > 0:
                 chosen.append(t)
@@ -257,6 +264,26 @@ class ScoreMethod(PruningMethod):
         for t, mask, k, already in zip(chosen, new, ks, pruned):
             # exactly k more: the next step need not count them (a shard's own count is not known here)
             yield NewMask(t, _binary(mask), None if group is not None else already + k)
+
+    def _stacked_mask(self, t: PruningTarget, sparsity: float, seed: int, current: Tensor | None) -> NewMask | None:
+        """Each matrix of a stacked tensor (each expert) to its own cumulative target, exactly. The experts this
+        process holds are whole (FSDP2 shards the expert dimension), so no count crosses processes."""
+        scores = self._scores(t, seed)
+        mask = torch.ones_like(scores, dtype=torch.uint8) if current is None else current
+        views, ks, pruned = [], [], []
+        for score, part in zip(matrices(scores, t.layout), matrices(mask, t.layout)):
+            already = mask_zeros(part)
+            k = count_for(sparsity, part.numel()) - already
+            if k > 0:
+                views.append((score, part))
+                ks.append(k)
+                pruned.append(already)
+        if not views:
+            return None
+        fns = [_returning(score) for score, _ in views]
+        for _ in iter_smallest_each(fns, [part for _, part in views], ks, pruned, inplace=True):
+            pass  # each view is narrowed in place
+        return NewMask(t, mask, None if isinstance(t.tensor, DTensor) else mask_zeros(mask))
 
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader
@@ -312,6 +339,10 @@ def _random_scores(target: PruningTarget, seed: int) -> Tensor:
     local = local_view(tensor)
     index = torch.arange(local.numel(), dtype=torch.int64, device=local.device).add_(shard_offset(tensor))
     return uniform(seed, index).view(local.shape)
+
+
+def _returning(values: Tensor) -> Callable[[], Tensor]:
+    return lambda: values
 
 
 def _binary(mask: Tensor) -> Tensor:
@@ -374,19 +405,26 @@ class TorchMethod(PruningMethod):
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
     ) -> Iterator[NewMask]:
-        # the method sees every weight as (out, in, ...): `dim=0` means output units, whatever the layout
+        # the method sees every weight as (out, in, ...): `dim=0` means output units, whatever the layout; a
+        # stacked tensor (experts) is one matrix per expert, each to its own target
         with _seeded(seed, targets):
             for t, s in zip(targets, sparsities):
                 current = masks.mask(t)
                 current = torch.ones_like(t.tensor, dtype=torch.uint8) if current is None else current
-                current = to_out_in(current, t.layout)
-                amount = None
-                if self.takes_sparsity:
-                    amount = self._count(t, s if s is not None else 0.0, current)
-                    if amount <= 0:
-                        continue
-                mask = self._compute(to_out_in(self._scores(t), t.layout), current, t.param, amount)
-                yield NewMask(t, to_out_in(mask, t.layout))
+                layout = matrix_layout(t.layout)
+                parts, changed = [], False
+                for score, part in zip(matrices(self._scores(t), t.layout), matrices(current, t.layout)):
+                    part = to_out_in(part, layout)
+                    amount = None
+                    if self.takes_sparsity:
+                        amount = self._count(t, s if s is not None else 0.0, part)
+                        if amount <= 0:
+                            parts.append(_binary(to_out_in(part, layout)))
+                            continue
+                    parts.append(to_out_in(self._compute(to_out_in(score, layout), part, t.param, amount), layout))
+                    changed = True
+                if changed:
+                    yield NewMask(t, torch.stack(parts) if is_stacked(t.layout) else parts[0])
 
     def global_masks(
         self, targets: Sequence[PruningTarget], sparsity: float | None, seed: int, masks: MaskReader

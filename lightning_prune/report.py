@@ -14,7 +14,7 @@ from lightning_prune import reparam
 from lightning_prune._table import format_table
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
-from lightning_prune.layers import input_dim, matrix_layer, output_dim
+from lightning_prune.layers import input_dim, is_stacked, layout_of, matrix_layer, output_dim
 from lightning_prune.nm import check_nm, nm_satisfied
 from lightning_prune.selection import (
     ParameterSpec,
@@ -195,9 +195,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 
     ``dense`` counts every weight of every matrix layer that runs (:mod:`lightning_prune.layers`: ``Conv*d``,
     transposed too, ``Linear``, Hugging Face's ``Conv1D``, ``MultiheadAttention``'s projections and layers you
-    registered) once for each position it is applied at; ``nonzero`` only the weights that are not zero, the
-    work left to an ideal sparse kernel (Blalock et al., 2020). Biases, normalization, activations, pooling, the
-    attention products (which have no weights) and recurrent layers are not counted. ``example_inputs``: a
+    registered) once for each position it is applied at, and each expert of a Mixture-of-Experts layer's fused
+    tensors once for each token routed to it (top-k of E experts per token); ``nonzero`` only the weights that
+    are not zero, the work left to an ideal sparse kernel (Blalock et al., 2020). Biases, normalization,
+    activations, pooling, the attention products (which have no weights) and recurrent layers are not counted. ``example_inputs``: a
     tensor, a tuple of positional inputs or a dict of keyword inputs.
 
     Example::
@@ -227,6 +228,17 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
                 positions = output.numel() // weight.shape[output_dim(entry.layout)]
             add(weight, positions)
 
+    def experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # each token meets the experts its router chose (top-k of E), not all of them
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        for pname in matrix_weight_names(module):
+            weight, entry = getattr(module, pname), matrix_layer(module, pname)
+            if entry is None or not is_stacked(entry.layout) or not isinstance(index, Tensor):
+                continue
+            routed = torch.bincount(index.reshape(-1).long(), minlength=weight.shape[0])[: weight.shape[0]]
+            for tokens, matrix in zip(routed.tolist(), weight.unbind(0)):
+                add(matrix, tokens)
+
     def attention(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         names = ("query", "key", "value")
         q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
@@ -245,6 +257,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
             handles.append(m.register_forward_hook(attention, with_kwargs=True))
         elif isinstance(m, nn.RNNBase) or id(m) in inside_attention:
             continue  # attention's out_proj is counted by the attention's own hook
+        elif any(is_stacked(layout_of(m, n)) for n in matrix_weight_names(m)):
+            handles.append(m.register_forward_hook(experts, with_kwargs=True))
         elif matrix_weight_names(m):
             handles.append(m.register_forward_hook(matrix))
     try:

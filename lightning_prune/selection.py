@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from lightning_prune._checks import check_fraction
 from lightning_prune._lightning import rank_zero_warn
-from lightning_prune.layers import Layout, is_embedding, matrix_layer
+from lightning_prune.layers import Layout, is_embedding, is_router, matrix_layer
 
 __all__ = [
     "ParameterSpec",
@@ -267,7 +268,14 @@ def _default_candidates(model: nn.Module) -> tuple[list[PruningTarget], dict[str
     chosen: dict[str, PruningTarget] = {}
     left_out: dict[str, str] = {}
     parametrized: list[str] = []
-    for module_name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for module_name, module in modules.items():
+        parent = modules.get(module_name.rpartition(".")[0]) if module_name else None
+        if is_router(module_name, module, parent):
+            for pname, tensor in module.named_parameters(recurse=False):
+                if tensor.dim() >= 2:
+                    left_out.setdefault(by_alias[_qualify(module_name, pname)].name, "router")
+            continue
         for pname in matrix_weight_names(module):
             if not _computed(module, pname):
                 t = by_alias[_qualify(module_name, pname)]
@@ -305,6 +313,7 @@ def select_parameters(
     model: nn.Module,
     parameters: Sequence[ParameterSpec] | None = None,
     sparsity: SparsitySpec = None,
+    exclude: Sequence[str] = (),
 ) -> list[PruningTarget]:
     """Resolve a selection of tensors, each with its own final target when ``sparsity`` is per layer.
 
@@ -321,14 +330,25 @@ def select_parameters(
             module names (``"model.fc*"``). A tensor takes the value of the *first* key that matches it.
             With ``parameters=None``, the candidates are the default ones that some key matches (list
             biases in ``parameters`` to prune them). Patterns follow :mod:`fnmatch` (``*`` spans dots).
+        exclude: qualified names or glob patterns (over any alias of a tensor, or its module's name) taken out
+            of the selection after ``parameters`` (or the default) is resolved: ``["model.conv1.*", "lm_head.*"]``
+            keeps a first layer or an untied head dense. Each entry must match a chosen tensor.
 
     Returns:
         The chosen tensors, in the model's order, each at most once.
 
     Raises:
         ValueError: for a name, pattern or key that matches nothing, a tensor that is not floating point,
-            a target outside [0, 1), a tensor that no mapping key covers, or an empty selection.
+            a target outside [0, 1), a tensor that no mapping key covers, an ``exclude`` entry that matches no
+            chosen tensor, or an empty selection.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> [t.name for t in select_parameters(net, exclude=["0.*", "3"])]
+        ['2.weight']
     """
+    exclude = check_exclude(exclude)
     left_out: dict[str, str] = {}
     if isinstance(sparsity, Mapping):
         if not sparsity:
@@ -370,6 +390,7 @@ def select_parameters(
         else:
             candidates = _resolve_specs(model, parameters)
         targets = [t.with_sparsity(value) for t in candidates]
+    targets = _excluded(targets, exclude)
 
     if not targets:
         why = f" (left out: {_listed(left_out)})" if left_out else ""
@@ -385,10 +406,55 @@ def select_parameters(
     return targets
 
 
-def _listed(reasons: Mapping[str, str], limit: int = 6) -> str:
-    items = [f"{name} ({why})" for name, why in reasons.items()]
-    more = f", and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+def check_exclude(exclude: object) -> tuple[str, ...]:
+    """``exclude`` as a tuple of names or patterns; a ``ValueError`` for anything else."""
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence):
+        raise ValueError(f"`exclude` must be a list of names or glob patterns, got {exclude!r}.")
+    for entry in exclude:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"`exclude` entries must be names or glob patterns, got {entry!r}.")
+    return tuple(exclude)
+
+
+def _excluded(targets: list[PruningTarget], exclude: Sequence[str]) -> list[PruningTarget]:
+    """``targets`` without those an ``exclude`` entry matches (a qualified name of the tensor or of its module)."""
+
+    def hit(pattern: str, t: PruningTarget) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for a in t.aliases for n in (a, a.rpartition(".")[0]))
+
+    for pattern in exclude:
+        if not any(hit(pattern, t) for t in targets):
+            chosen = ", ".join(t.name for t in targets[:6])
+            raise ValueError(f"`exclude` entry {pattern!r} matches no chosen tensor (chosen: {chosen}, ...).")
+    return [t for t in targets if not any(hit(p, t) for p in exclude)]
+
+
+def _listed(reasons: Mapping[str, str]) -> str:
+    """Every name with its reason, names that differ only in layer indices grouped as one pattern
+    (``model.layers.*.mlp.gate.weight (router, 4 tensors)``)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, why in reasons.items():
+        groups.setdefault((re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name), why), []).append(name)
+    return ", ".join(
+        f"{pattern} ({why}, {len(names)} tensors)" if len(names) > 1 else f"{names[0]} ({why})"
+        for (pattern, why), names in groups.items()
+    )
+
+
+_POSITIONAL = re.compile(r"(^|[._])(pos|position|positional|cls|class|dist)(_|\.|$)|(pos|position)_?emb|cls_token")
+
+
+def _why_left_out(model: nn.Module, t: PruningTarget, defaults: Mapping[str, str]) -> str:
+    why = _embedding_tie(model, t) or defaults.get(t.name)
+    if why is not None:
+        return why
+    if t.layout is not None:
+        return "not chosen (`parameters` / `exclude`)"
+    if _POSITIONAL.search(t.name):
+        return "positional"
+    if t.name.endswith("bias"):
+        return "bias, not a matrix"
+    return "not a matrix layer's weight"
 
 
 def _amount(n: int) -> str:
@@ -408,10 +474,12 @@ class SelectionSummary:
         chosen_numel: their entries.
         model_numel: every parameter entry of the model (biases and normalization included, tied tensors once).
         left_out: ``{name: reason}`` of the model's matrix-like tensors (two or more dimensions) that are not
-            chosen: embedding tables and tensors tied to them, layers whose weight an unknown parametrization
-            computes, matrix weights not named in ``parameters``, and tensors that are no known matrix layer's
-            weight (positional embeddings, class tokens, layers of your own: see
-            :func:`~lightning_prune.layers.register_matrix_layer`).
+            chosen, each with its reason: ``"embedding"`` (and ``"embedding, tied to ..."`` for the tensors tied to
+            one), ``"router"`` (a Mixture-of-Experts router), layers whose weight an unknown parametrization
+            computes, ``"not chosen (`parameters` / `exclude`)"`` for matrix weights left out by the arguments,
+            ``"positional"`` (positional embeddings, class tokens) and ``"not a matrix layer's weight"`` (layers of
+            your own: see :func:`~lightning_prune.layers.register_matrix_layer`). ``str()`` lists every one of
+            them, names that differ only in their layer index grouped as one pattern.
     """
 
     chosen: tuple[str, ...]
@@ -449,10 +517,7 @@ def describe_selection(model: nn.Module, targets: Sequence[PruningTarget]) -> Se
         numel += t.tensor.numel()
         if t.name in chosen or t.tensor.dim() < 2:
             continue
-        why = _embedding_tie(model, t) or defaults_left_out.get(t.name)
-        if why is None:
-            why = "not in `parameters`" if t.layout is not None else "not a known matrix layer's weight"
-        left_out[t.name] = why
+        left_out[t.name] = _why_left_out(model, t, defaults_left_out)
     return SelectionSummary(
         chosen=tuple(t.name for t in targets),
         chosen_numel=sum(t.tensor.numel() for t in targets),

@@ -41,6 +41,7 @@ from lightning_prune._checks import check_fraction
 from lightning_prune.calibration import calibrate, default_forward
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for
+from lightning_prune.layers import is_stacked
 from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scope, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.selection import ParameterSpec, PruningTarget, local_view, select_parameters
@@ -87,6 +88,7 @@ def check_reachable(
     if method.structured:
         return
     due = _per_target(targets, sparsity)
+    sizes = [n // t.tensor.shape[0] if is_stacked(t.layout) else n for t, n in zip(targets, sizes)]  # per expert
     empty = [(t.name, s, n) for t, s, n in zip(targets, due, sizes) if s is not None and count_for(s, n) >= n]
     if empty:
         raise PruningError(
@@ -174,6 +176,7 @@ def prune_once(
     method: PruningMethod | MethodName = "l1_unstructured",
     scope: Scope = "local",
     parameters: Sequence[ParameterSpec] | None = None,
+    exclude: Sequence[str] = (),
     dataloader: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     seed: int = 0,
@@ -191,7 +194,8 @@ def prune_once(
             (ignored by methods that take none, such as N:M).
         method: as the callback's ``method`` (a name or a :class:`~lightning_prune.methods.PruningMethod`).
         scope: ``"local"`` or ``"global"``, as the callback's.
-        parameters: as the callback's ``parameters`` (default: every matrix weight but embeddings).
+        parameters: as the callback's ``parameters`` (default: every matrix weight but embeddings and routers).
+        exclude: names or glob patterns left dense, as the callback's ``exclude``.
         dataloader: calibration batches (needed by methods that observe activations).
         forward: ``forward(model, batch)`` runs one batch; default: ``model(batch[0])`` for a tuple or list
             batch, else ``model(batch)``, on the device of the model's parameters.
@@ -215,7 +219,7 @@ def prune_once(
     sparsity = check_fraction("sparsity", sparsity)
     method = resolve_method(method)
     scope = check_scope(method, scope)
-    targets = select_parameters(model, parameters)
+    targets = select_parameters(model, parameters, exclude=exclude)
     window = None
     if method.calibration_batches:
         window = calibrate(model, method, method.masked(targets), dataloader, forward or default_forward)

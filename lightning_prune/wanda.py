@@ -46,7 +46,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune._checks import allowed, check_choice, check_int
 from lightning_prune._lightning import rank_zero_warn
 from lightning_prune.counting import count_for
-from lightning_prune.layers import input_dim, matrix_layer, to_out_in
+from lightning_prune.layers import input_dim, is_stacked, matrix_layer, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod, ScoreMethod
 from lightning_prune.nm import NMPruning, check_nm
 from lightning_prune.selection import ParameterSpec, PruningTarget
@@ -65,8 +65,9 @@ class _Plan:
     """How one tensor's input statistics are observed.
 
     ``kind``: ``"linear"`` (the module's input, last dimension), ``"conv"`` (input channels), ``"qkv"`` (an
-    attention's query/key/value inputs, one stream each, selected by ``streams``) or ``"heads"`` (the attention
-    output before ``out_proj``). ``module`` is the module hooked; ``features`` the input width of each stream.
+    attention's query/key/value inputs, one stream each, selected by ``streams``), ``"heads"`` (the attention
+    output before ``out_proj``) or ``"experts"`` (a fused experts tensor: one stream per expert, each the inputs
+    of the tokens routed to it). ``module`` is the module hooked; ``features`` the input width of each stream.
     """
 
     kind: str
@@ -205,7 +206,11 @@ class Wanda(PruningMethod):
                 self._scales[name] = None
                 continue
             rows = self._rows[name]
-            if bool((rows == 0).any()):
+            idle = [e for e, n in enumerate(rows.tolist()) if n == 0]
+            if plan.kind == "experts" and 0 < len(idle) < len(rows):
+                self._scales[name] = self._expert_scale(name, idle)
+                continue
+            if idle:
                 self._fallback(name, "its layer did not run with gradients enabled in the calibration window")
                 self._scales[name] = None
                 continue
@@ -213,6 +218,20 @@ class Wanda(PruningMethod):
             if not bool(torch.isfinite(scale).all()):
                 raise ValueError(f"Wanda: the inputs of {name!r} hold NaN or infinite values; no tensor was pruned.")
             self._scales[name] = scale
+
+    def _expert_scale(self, name: str, idle: Sequence[int]) -> Tensor:
+        """The scales of a fused experts tensor some of whose experts saw no token: those experts are scored by
+        magnitude (a constant scale, the mean of the others', so that their weights rank in the same range)."""
+        rows = self._rows[name]
+        scale = (self._sums[name] / rows.clamp(min=1).unsqueeze(1)).sqrt()
+        seen = rows > 0
+        scale[~seen] = scale[seen].mean()
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"Wanda: the inputs of {name!r} hold NaN or infinite values; no tensor was pruned.")
+        self._fallback(
+            name, f"experts {list(idle)} saw no token in the calibration window (those experts by magnitude)", key=name
+        )
+        return scale
 
     def stop_calibration(self) -> None:
         for handle in self._handles:
@@ -244,6 +263,9 @@ class Wanda(PruningMethod):
         elif plan.kind == "qkv":
             bound = {**dict(zip(_MHA_ARGS, args)), **kwargs}
             inputs = [bound[_QKV[s]] for s in plan.streams]
+        elif plan.kind == "experts":
+            self._accumulate_experts(name, plan, module, args, kwargs)
+            return
         else:
             inputs = [args[0] if args else kwargs["input"]]
         dim = -1
@@ -260,9 +282,27 @@ class Wanda(PruningMethod):
             self._rows[name][stream] += x.shape[0]
         self._observed = True
 
-    def _fallback(self, name: str, why: str) -> None:
-        if name not in self._warned:
-            self._warned.add(name)
+    def _accumulate_experts(
+        self, name: str, plan: _Plan, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> None:
+        """Sums of squares per expert, of the inputs of the tokens the router sent to it."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        param = name.rpartition(".")[2]
+        for expert, x in _routed_inputs(module, param, hidden.detach(), index, plan.features):
+            if x is None:
+                del self._sums[name], self._rows[name]
+                self._plans[name] = None
+                self._fallback(name, "its experts' inputs could not be computed from the module's forward")
+                return
+            self._sums[name][expert] += x.float().square().sum(0).to(self._sums[name].dtype)
+            self._rows[name][expert] += x.shape[0]
+        self._observed = True
+
+    def _fallback(self, name: str, why: str, key: str | None = None) -> None:
+        key = name if key is None else f"{key}:experts"
+        if key not in self._warned:
+            self._warned.add(key)
             rank_zero_warn(f"Wanda scores {name!r} by magnitude alone: {why}.")
 
     # -- scores and selection
@@ -301,7 +341,7 @@ class Wanda(PruningMethod):
         ``round(sparsity * row length)`` zeros: its lowest live scores."""
         layout = target.layout
         shape = to_out_in(target.tensor, layout).shape
-        rows = shape[0] if len(shape) > 1 else 1
+        rows = shape[0] * shape[1] if is_stacked(layout) else shape[0] if len(shape) > 1 else 1  # experts: each row
         length = target.tensor.numel() // rows
         k = count_for(sparsity, length)
         if k >= length and length > 0:
@@ -346,6 +386,9 @@ def _plan(root: nn.Module, target: PruningTarget, attention: Mapping[int, nn.Mul
         entry = matrix_layer(module, param)
         if entry is None:
             continue
+        if is_stacked(entry.layout) and len(shape) == 3:  # one stream per expert: the tokens routed to it
+            dim = input_dim(entry.layout)
+            return _Plan("experts", module, shape[dim], tuple(range(shape[0])), dim=dim)
         if id(module) in attention:
             return _Plan("heads", attention[id(module)], shape[1])
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -362,6 +405,8 @@ def _broadcast(scale: Tensor, plan: _Plan, weights: Tensor) -> Tensor:
         groups = plan.module.groups
         per_group = scale[0].view(groups, -1).repeat_interleave(weights.shape[0] // groups, dim=0)
         return per_group.view(*per_group.shape, *([1] * (weights.dim() - 2)))
+    if plan.kind == "experts":  # (experts, features) against (experts, out, in) or (experts, in, out)
+        return scale.unsqueeze(1) if plan.dim == 2 else scale.unsqueeze(2)
     if len(plan.streams) > 1:  # in_proj_weight: each third of the rows reads its own input
         return scale.repeat_interleave(weights.shape[0] // len(plan.streams), dim=0)
     return scale[0].unsqueeze(1) if plan.dim == 0 else scale[0]
@@ -382,6 +427,39 @@ def _attention_heads(mha: nn.MultiheadAttention, args: tuple, kwargs: Mapping[st
         k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight, is_causal=bool(bound.get("is_causal")),
     )  # fmt: skip
     return heads
+
+
+def _routed_inputs(
+    experts: nn.Module, param: str, hidden: Tensor, index: Any, features: int
+) -> Iterator[tuple[int, Tensor | None]]:
+    """``(expert, inputs of param's matrix for that expert's tokens)`` for each expert that saw a token, or one
+    ``(0, None)`` when they cannot be computed. A ``transformers`` experts module: ``param`` reads the hidden
+    states when its input width is theirs, else the gated intermediate (``gate_up_proj`` or ``up_proj`` applied
+    to the expert's tokens, then ``_apply_gate``/``act_fn``, as the module's forward does)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    count = getattr(experts, "num_experts", None)
+    if not isinstance(index, Tensor) or not isinstance(count, int) or index.shape[0] != hidden.shape[0]:
+        yield 0, None
+        return
+    routed = (index.reshape(index.shape[0], -1).unsqueeze(-1) == torch.arange(count, device=index.device)).any(1)
+    first = next((n for n in ("gate_up_proj", "up_proj") if isinstance(getattr(experts, n, None), Tensor)), None)
+    for expert in routed.any(0).nonzero().flatten().tolist():
+        x = hidden[routed[:, expert]]
+        if x.shape[-1] != features:
+            x = _intermediate(experts, first, expert, x) if first is not None and first != param else None
+        yield expert, x if x is not None and x.shape[-1] == features else None
+
+
+def _intermediate(experts: nn.Module, first: str, expert: int, x: Tensor) -> Tensor:
+    """The input of an expert's second matrix: its first matrix applied to ``x`` and gated as the module does."""
+    weight = getattr(experts, first)[expert]
+    out = x @ weight if getattr(experts, "is_transposed", False) else F.linear(x, weight)
+    bias = getattr(experts, f"{first}_bias", None)
+    if isinstance(bias, Tensor):
+        out = out + bias[expert]
+    if first == "gate_up_proj" and hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(out)
+    return experts.act_fn(out)
 
 
 # ------------------------------------------------------------------------------------------------ one shot

@@ -35,17 +35,34 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 7), nn.ReLU(), nn.Linear(7, 3))
 
 
-class MLP(pl.LightningModule):
-    def __init__(self) -> None:
+class Experts(nn.Module):
+    """A fused Mixture-of-Experts tensor as transformers 5 stores it (``num_experts``, ``is_transposed``): each
+    token goes through every expert (the mean), which is all pruning needs."""
+
+    def __init__(self, experts: int, n_in: int, n_out: int) -> None:
         super().__init__()
-        self.model = mlp()
+        self.num_experts, self.is_transposed = experts, False
+        self.proj = nn.Parameter(torch.randn(experts, n_out, n_in) / n_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ni,eoi->no", x, self.proj) / self.num_experts
+
+
+def moe_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), Experts(4, 12, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, experts: bool = False) -> None:
+        super().__init__()
+        self.model = moe_mlp() if experts else mlp()
 
     def configure_model(self) -> None:
         if self.device_mesh is None:  # one process: nothing to shard
             return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.model:
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, (nn.Linear, Experts)):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
@@ -66,6 +83,8 @@ CASES: dict[str, dict[str, Any]] = {
     "neurons": {"sparsity": 0.5, "method": NeuronPruning(example_inputs=torch.randn(1, 16))},
     "hook": {"sparsity": 0.5, "mask_mode": "hook"},
     "rewind": {"sparsity": 0.5, "rewind": Rewind()},
+    "experts-local": {"sparsity": 0.5},  # each expert's matrix to 0.5, the experts sharded across processes
+    "experts-random": {"sparsity": 0.5, "method": "random_unstructured"},
 }
 
 
@@ -85,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0, verbose=False)
-    module = MLP()
+    module = MLP(experts=args.case.startswith("experts"))
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(64, 16, generator=g), torch.randint(0, 3, (64,), generator=g)), 8)
     kwargs = dict(CASES.get(args.case, {"sparsity": 0.5}))

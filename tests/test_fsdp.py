@@ -37,6 +37,21 @@ def launch(case: str, out: Path, *args: str, tag: str = "", devices: int = 2) ->
     return {"ranks": results, "output": output.decode()}
 
 
+@pytest.mark.parametrize("case", ["experts-local", "experts-random"])
+def test_sharded_experts_prune_each_expert_as_one_process(tmp_path: Path, case: str) -> None:
+    sharded = launch(case, tmp_path)["ranks"]
+    single = launch(case, tmp_path, tag="single", devices=1)["ranks"][0]
+    assert sharded[0]["error"] is None
+    experts = single["masks"]["model.2.proj"]
+    assert experts.shape == (4, 10, 12)
+    for e in range(4):  # each expert's matrix to its own target, exactly
+        assert int((experts[e] == 0).sum()) == expected_zeros(0.5, 120), e
+    for name, mask in single["masks"].items():
+        assert torch.equal(sharded[0]["masks"][name], mask), name
+        assert torch.equal(sharded[1]["masks"][name], mask), name
+        assert torch.equal(sharded[0]["weights"][name] == 0, mask == 0), name
+
+
 @pytest.mark.parametrize("case", ["global-oneshot", "random-oneshot", "importance-oneshot"])
 def test_sharded_step_draws_the_masks_of_one_process_entry_for_entry(tmp_path: Path, case: str) -> None:
     sharded = launch(case, tmp_path)["ranks"]

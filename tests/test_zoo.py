@@ -76,6 +76,24 @@ def _t5() -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)
 
 
+def _mixtral() -> nn.Module:
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=SEQ,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(config)
+
+
+def _qwen3_moe() -> nn.Module:
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
 VISION: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
@@ -91,7 +109,10 @@ TEXT: dict[str, Callable[[], nn.Module]] = {
     "llama_tied": _llama(True),
     "llama_untied": _llama(False),
     "t5": _t5,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
 }
+MOE = ("mixtral", "qwen3_moe")
 BUILDERS = {**VISION, **TEXT}
 
 
@@ -146,8 +167,12 @@ def _expected_matrices(model: nn.Module) -> set[str]:
     tables = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     found: dict[int, str] = {}
     for name, m in model.named_modules():
+        if type(m).__name__.endswith("Router") or (name.endswith(".gate") and "Moe" in type(m).__name__):
+            continue  # a Mixture-of-Experts router scores experts: left out
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or type(m).__name__ == "Conv1D":
             names = ["weight"]
+        elif type(m).__name__.endswith("Experts"):  # fused (experts, out, in) tensors
+            names = ["gate_up_proj", "down_proj"]
         elif isinstance(m, nn.MultiheadAttention):
             names = ["in_proj_weight"] if m.in_proj_weight is not None else ["q_proj_weight", "k_proj_weight"]
             names += [] if m.in_proj_weight is not None else ["v_proj_weight"]
@@ -217,6 +242,9 @@ def test_zoo_default_selection_prunes_every_matrix_weight(name: str, scope: str,
     pruned = {n: int((m == 0).sum()) for n, m in counts.masks.items()}
     if scope == "local":
         assert all(abs(pruned[n] - expected_zeros(0.5, sizes[n])) <= 1 for n in chosen)
+        for n in chosen & {t.name for t in callback.targets if t.tensor.dim() == 3}:  # each expert to the target
+            per_expert = counts.masks[n].flatten(1)
+            assert ((per_expert == 0).sum(1) == expected_zeros(0.5, per_expert.shape[1])).all(), n
     else:
         assert sum(pruned.values()) == expected_zeros(0.5, sum(sizes.values()))
         assert all(pruned[n] > 0 for n in chosen)
@@ -229,6 +257,11 @@ def test_zoo_default_selection_prunes_every_matrix_weight(name: str, scope: str,
     assert all(after[n] <= embeddings_before[n] for n in after)
     assert _ties(module) == ties_before
     left = dict(callback.selection.left_out)
+    if name in MOE:  # routers left out, named as routers, and untouched
+        routers = {n for n, why in left.items() if why == "router"}
+        assert routers == {f"model.model.layers.{i}.mlp.gate.weight" for i in range(2)}
+        assert all(int((weights[r] == 0).sum()) == 0 for r in routers)
+        assert any(t.tensor.dim() == 3 for t in callback.targets)
     params = dict(module.named_parameters(remove_duplicate=False))
     for tie in ties_before:  # a tied table is reported with what it is tied to (a tied bias is no matrix)
         assert params[tie[0]].dim() < 2 or any(n in left and "tied to" in left[n] for n in tie)
@@ -251,17 +284,18 @@ def _rows(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight.t() if layout == "in_out" else weight
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_tied"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_tied", "mixtral", "qwen3_moe"])
 def test_zoo_wanda_keeps_half_of_every_output_row(name: str) -> None:
     callback = PruningScheduleCallback(sparsity=0.5, method=Wanda(calibration_batches=1), verbose=False)
     module, _, counts = _fit(name, callback, steps=3)
     assert {t.name for t in callback.targets} == _expected_matrices(module)
     for t in callback.targets:
         rows = _rows(counts.masks[t.name], "in_out" if "Conv1D" in type(t.module).__name__ else "out_in")
+        rows = rows.reshape(-1, rows.shape[-1])  # an experts tensor (experts, out, in): every expert's rows
         assert bool(((rows == 0).sum(1) == rows.shape[1] // 2).all()), t.name
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_untied"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_untied", "mixtral"])
 def test_zoo_two_four_along_the_input_dimension(name: str) -> None:
     from lightning_prune.schedules import OneShot
 
@@ -271,7 +305,7 @@ def test_zoo_two_four_along_the_input_dimension(name: str) -> None:
     for t in callback.targets:
         # the input dimension, written out here: dim 0 of a Conv1D weight, dim 1 of a Linear weight
         by_input = weights[t.name].detach().t() if type(t.module).__name__ == "Conv1D" else weights[t.name].detach()
-        groups = by_input.reshape(by_input.shape[0], -1, 4)
+        groups = by_input.reshape(-1, by_input.shape[-1] // 4, 4)  # experts (E, out, in): the last dim is input
         assert bool(((groups != 0).sum(-1) <= 2).all()), t.name
         assert int((counts.masks[t.name] == 0).sum()) == t.tensor.numel() // 2
 
