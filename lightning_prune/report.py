@@ -198,8 +198,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     registered) once for each position it is applied at, and each expert of a Mixture-of-Experts layer's fused
     tensors once for each token routed to it (top-k of E experts per token); ``nonzero`` only the weights that
     are not zero, the work left to an ideal sparse kernel (Blalock et al., 2020). Biases, normalization,
-    activations, pooling, the attention products (which have no weights) and recurrent layers are not counted. ``example_inputs``: a
-    tensor, a tuple of positional inputs or a dict of keyword inputs.
+    activations, pooling, the attention products (which have no weights) and recurrent layers are not counted.
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs.
 
     Example::
 
