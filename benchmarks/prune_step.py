@@ -77,6 +77,7 @@ from lightning_prune import prune_step, reparam  # noqa: E402
 from lightning_prune.counting import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
+from lightning_prune.step import due_for  # noqa: E402
 from lightning_prune.store import MaskStore, StoreMasking  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -139,7 +140,8 @@ def make_step(name: str, sparsity: float, seed: int, store: MaskStore | None) ->
 
     def ours(model: nn.Module) -> None:
         masking.before_prune(store)
-        prune_step(method, select_parameters(model), sparsity, store, scope=scope, seed=seed)
+        targets = select_parameters(model)
+        prune_step(method, targets, due_for(resolve_method(method), targets, sparsity, scope), store, seed=seed)
         masking.after_prune(store)
 
     return ours

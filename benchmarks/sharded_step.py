@@ -55,7 +55,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.prune_step import _M_MMAP_THRESHOLD, build_model, read_status  # noqa: E402
-from lightning_prune import prune_step  # noqa: E402
+from lightning_prune import Global, prune_step  # noqa: E402
 from lightning_prune.collective import Collective  # noqa: E402
 from lightning_prune.selection import local_view, select_parameters  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
@@ -80,7 +80,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run_step(model: torch.nn.Module, args: argparse.Namespace, group: Collective | None) -> MaskStore:
     targets = select_parameters(model)
     store = MaskStore(group)
-    prune_step("l1_unstructured", targets, args.sparsity, store, scope="global")
+    prune_step("l1_unstructured", targets, Global(args.sparsity), store)
     return store
 
 

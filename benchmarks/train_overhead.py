@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune import prune_step, reparam  # noqa: E402
+from lightning_prune import Global, prune_step, reparam  # noqa: E402
 from lightning_prune.selection import select_parameters  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
 
@@ -103,7 +103,7 @@ class Variant:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         if kind != "dense":
             targets = select_parameters(model)
-            prune_step("l1_unstructured", targets, sparsity, self.store, scope="global")
+            prune_step("l1_unstructured", targets, Global(sparsity), self.store)
             if kind == "hook":
                 reparam.install(self.store.items())
             else:

@@ -7,8 +7,8 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
 * how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, and for your own
   :class:`PruningMethod` and :class:`NewMask`;
 * which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
-* one step, outside training: :func:`prune_step` (with a :class:`MaskStore`), :func:`prune_once`,
-  :class:`PruningError`;
+* one step, outside training: :func:`prune_step` (with a :class:`MaskStore` and what is due: :class:`Local`,
+  :class:`Global` or :class:`Trigger`), :func:`prune_once`, :class:`PruningError`;
 * what it gave: :func:`sparsity_report`, :func:`sensitivity_analysis`, :func:`suggest_sparsity`,
   :func:`plot_sensitivity`;
 * smaller and faster models: :func:`save_sparse`, :func:`load_sparse`, :func:`load_sparse_into`,
@@ -40,12 +40,15 @@ from lightning_prune.sparse_files import inspect_sparse, load_sparse, load_spars
 from lightning_prune.step import PruningError, prune_once, prune_step
 from lightning_prune.store import MaskStore
 from lightning_prune.structured import NeuronPruning
+from lightning_prune.targets import Global, Local, Trigger
 from lightning_prune.wanda import Wanda
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AtEpochs",
+    "Global",
+    "Local",
     "MaskStore",
     "NMPruning",
     "NeuronPruning",
@@ -58,6 +61,7 @@ __all__ = [
     "Rewind",
     "Schedule",
     "SparseCheckpointIO",
+    "Trigger",
     "Wanda",
     "__version__",
     "compact",

@@ -21,7 +21,6 @@ from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Sco
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, as_rewind, capture, rewind
 from lightning_prune.schedules import (
-    GLOBAL,
     OneShot,
     Schedule,
     ScheduleLike,
@@ -41,11 +40,13 @@ from lightning_prune.selection import (
 )
 from lightning_prune.step import PruningError, check_reachable, prune_step
 from lightning_prune.store import MaskStore, StoreMasking
+from lightning_prune.targets import Due, Global, Local, Trigger
 
 __all__ = ["PruningScheduleCallback"]
 
 MaskMode = Literal["inplace", "hook"]
 _STATE_VERSION = 2
+_GLOBAL_KEY = "__global__"  # how the callback's state (0.2 on) holds a Global or Trigger target: keep it readable
 
 
 class PruningScheduleCallback(CallbackBase):
@@ -152,9 +153,9 @@ class PruningScheduleCallback(CallbackBase):
         self._calibration = CalibrationWindow(self.method)
         self._store = MaskStore()
         self._targets: list[PruningTarget] = []
-        self._plan = TargetPlan(self.schedule, {}, {})
+        self._plan = TargetPlan(self.schedule, Local(), {})
         self._selection: SelectionSummary | None = None
-        self._applied: dict[str, float] = {}  # the cumulative targets reached, by tensor ({GLOBAL: s} in global)
+        self._applied: Due | None = None  # the cumulative targets reached
         self._steps = 0
         self._last_report: SparsityReport | None = None
         self._rewind_to: dict[str, Any] | None = None
@@ -191,9 +192,7 @@ class PruningScheduleCallback(CallbackBase):
         self._selection = describe_selection(pl_module, self._targets)
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: {self._selection}")
-        final = self._plan.final()
-        if final and self.method.takes_sparsity:
-            check_reachable(self.method, self._targets, self._sparsity_of(final), self.scope)
+        check_reachable(self.method, self._targets, self._plan.final())
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
         self._check_overlap(peers)
         self._masking.check(pl_module, self.method.masked(self._targets))
@@ -271,7 +270,7 @@ class PruningScheduleCallback(CallbackBase):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "applied": dict(self._applied),
+            "applied": _saved(self._applied),
             "steps": self._steps,
             "rewind": self._rewind_to,
             "masks": {**MaskStore.pack(self._saved_masks), **self._store.state_dict()},  # loaded, not yet restored
@@ -279,7 +278,7 @@ class PruningScheduleCallback(CallbackBase):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._applied = dict(state_dict.get("applied", {}))
+        self._applied = self._loaded(state_dict.get("applied") or {})
         self._steps = int(state_dict.get("steps", 0))
         self._rewind_to = state_dict.get("rewind")
         self._saved_masks = MaskStore.unpack(state_dict.get("masks") or {})
@@ -300,14 +299,14 @@ class PruningScheduleCallback(CallbackBase):
             if not self._calibration.ready(lambda t: trainer.strategy.reduce(t, reduce_op="sum")):
                 return
         self._masking.before_prune(self._store)
-        check_reachable(self.method, self._targets, sparsity := self._sparsity_of(due), self.scope)
+        check_reachable(self.method, self._targets, due)
         seed, agree = derive_seed(self.seed, self._steps), partial(agree_masks, strategy=trainer.strategy)
-        report = prune_step(self.method, self._targets, sparsity, self._store, scope=self.scope, seed=seed, agree=agree)
+        report = prune_step(self.method, self._targets, due, self._store, seed=seed, agree=agree)
         self._calibration.close()
         if self.rewind is not None:
             self._rewind(trainer)
             report = measure(self._targets, self._goals(due), self._store.group)
-        self._applied.update(due)
+        self._applied = due
         self._steps += 1
         self._last_report = report
         counts, sizes = self._store.pruned_counts(self._targets), self._plan.sizes
@@ -320,24 +319,27 @@ class PruningScheduleCallback(CallbackBase):
         self._masking.after_prune(self._store)
 
     def _plan_for(self, targets: Sequence[PruningTarget]) -> TargetPlan:
-        """The run's targets: each tensor's own (local), or one for all together (global; 1.0 for a method that
-        takes no sparsity, whose schedule only says when)."""
+        """The run's targets: each tensor's own (local), one for all together (global; 1.0 with a plain-function
+        schedule, which gives the values itself), or a trigger for a method that takes no sparsity."""
         sizes = {t.name: t.tensor.numel() for t in targets}
-        if not self.method.takes_sparsity or self.scope == "global":
-            final = self.sparsity if self.method.takes_sparsity and self.sparsity is not None else 1.0
-            return TargetPlan(self.schedule, {GLOBAL: final}, sizes)  # type: ignore[dict-item]
-        finals = {t.name: t.sparsity if t.sparsity is not None else 1.0 for t in targets}
-        return TargetPlan(self.schedule, finals, sizes)
+        if not self.method.takes_sparsity:
+            return TargetPlan(self.schedule, Trigger(), sizes)
+        if self.scope == "global":
+            return TargetPlan(self.schedule, Global(self.sparsity if isinstance(self.sparsity, float) else 1.0), sizes)
+        return TargetPlan(self.schedule, Local({t.name: t.sparsity or 0.0 for t in targets}), sizes)
 
-    def _sparsity_of(self, due: Mapping[str, float]) -> float | list[float | None] | None:
-        """``due`` as :func:`~lightning_prune.prune_step` takes it."""
-        if not self.method.takes_sparsity or GLOBAL in due:
-            return due[GLOBAL] if self.method.takes_sparsity else None
-        return [due.get(t.name) for t in self._targets]
+    def _loaded(self, applied: Mapping[str, float]) -> Due | None:
+        """The targets reached, from the callback's saved state (0.2 and 0.3 checkpoints included)."""
+        if not applied:
+            return None
+        if _GLOBAL_KEY in applied:
+            value = float(applied[_GLOBAL_KEY])
+            return Global(value) if self.method.takes_sparsity else Trigger(value)
+        return Local(applied)
 
-    def _goals(self, applied: Mapping[str, float] | None = None) -> dict[str, float]:
+    def _goals(self, applied: Due | None = None) -> dict[str, float]:
         applied = self._applied if applied is None else applied
-        return {} if self.scope == "global" else {t.name: applied[t.name] for t in self._targets if t.name in applied}
+        return dict(applied.sparsity) if isinstance(applied, Local) else {}
 
     def _overall_target(self) -> float | None:
         return self._plan.overall(self._applied) if self.method.takes_sparsity else None
@@ -405,3 +407,12 @@ class PruningScheduleCallback(CallbackBase):
     def last_report(self) -> SparsityReport | None:
         """The measured figures after the latest pruning step."""
         return self._last_report
+
+
+def _saved(applied: Due | None) -> dict[str, float]:
+    """The targets reached, as the callback's state holds them (``{name: s}``, or one value under a fixed key)."""
+    if isinstance(applied, Local):
+        return dict(applied.sparsity)
+    if isinstance(applied, Global):
+        return {_GLOBAL_KEY: applied.sparsity}
+    return {} if applied is None else {_GLOBAL_KEY: applied.progress}

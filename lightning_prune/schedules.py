@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning_prune._checks import check_fraction, check_int, check_number
+from lightning_prune.targets import Due
 
 __all__ = [
     "AtEpochs",
@@ -33,14 +34,11 @@ __all__ = [
     "Polynomial",
     "Schedule",
     "ScheduleLike",
-    "GLOBAL",
     "TargetPlan",
     "as_schedule",
     "resolve_sparsity",
 ]
 
-GLOBAL = "__global__"
-"""The key of the one target of all tensors together (global scope) in a :class:`TargetPlan`."""
 _EPS = 1e-12
 
 
@@ -324,51 +322,51 @@ class TargetPlan:
 
     Args:
         schedule: when, and how far.
-        finals: each tensor's final target by name (local scope), or ``{GLOBAL: s}`` for all tensors together
-            (global scope; and ``{GLOBAL: 1.0}`` for a method that takes no sparsity, whose schedule only says when).
+        finals: the final targets: :class:`~lightning_prune.targets.Local` (each tensor's, by name),
+            :class:`~lightning_prune.targets.Global` (all tensors together) or
+            :class:`~lightning_prune.targets.Trigger` (a method that takes no sparsity: the schedule says when).
         sizes: each tensor's number of entries, by name.
 
     Example::
 
-        >>> plan = TargetPlan(AtEpochs([1, 2]), {"a": 0.8, "b": 0.4}, {"a": 30, "b": 10})
-        >>> plan.due(1.0, {})
-        {'a': 0.4, 'b': 0.2}
-        >>> plan.due(1.0, {"a": 0.4, "b": 0.2}) is None, plan.final(), plan.overall({"a": 0.4, "b": 0.2})
-        (True, {'a': 0.8, 'b': 0.4}, 0.35)
-        >>> plan.short_of({"a": 0.4, "b": 0.2})  # the planned overall target, not reached
+        >>> plan = TargetPlan(AtEpochs([1, 2]), Local({"a": 0.8, "b": 0.4}), {"a": 30, "b": 10})
+        >>> plan.due(1.0, None)
+        Local(sparsity=mappingproxy({'a': 0.4, 'b': 0.2}))
+        >>> reached = Local({"a": 0.4, "b": 0.2})
+        >>> plan.due(1.0, reached) is None, plan.overall(reached)
+        (True, 0.35)
+        >>> plan.short_of(reached)  # the planned overall target, not reached
         0.7
+        >>> TargetPlan(AtEpochs([1, 2]), Global(0.8), {"a": 30}).due(2.0, Global(0.4))
+        Global(sparsity=0.8)
     """
 
-    def __init__(self, schedule: Schedule, finals: Mapping[str, float], sizes: Mapping[str, int]) -> None:
+    def __init__(self, schedule: Schedule, finals: Due, sizes: Mapping[str, int]) -> None:
         self.schedule = schedule
-        self.finals = dict(finals)
+        self.finals = finals
         self.sizes = dict(sizes)
 
-    def at(self, epoch: float) -> dict[str, float]:
+    def at(self, epoch: float) -> Due:
         """The cumulative targets the schedule asks for at ``epoch``."""
-        return {name: self.schedule.sparsity(epoch, final) for name, final in self.finals.items()}
+        return self.finals.scaled(lambda final: self.schedule.sparsity(epoch, final))
 
-    def due(self, epoch: float, reached: Mapping[str, float]) -> dict[str, float] | None:
+    def due(self, epoch: float, reached: Due | None) -> Due | None:
         """The targets to prune to at ``epoch`` (never below those ``reached``); ``None`` when none goes beyond."""
         wanted = self.at(epoch)
-        if not any(s > reached.get(name, 0.0) + _EPS for name, s in wanted.items()):
-            return None
-        return {name: max(s, reached.get(name, 0.0)) for name, s in wanted.items()}
+        return wanted.at_least(reached) if wanted.beyond(reached) else None
 
-    def final(self) -> dict[str, float]:
-        """The targets at the schedule's last epoch (empty when the schedule does not know it)."""
+    def final(self) -> Due | None:
+        """The targets at the schedule's last epoch (``None`` when the schedule does not know it)."""
         last = self.schedule.last_epoch
-        return {} if last is None else self.at(float(last))
+        return None if last is None else self.at(float(last))
 
-    def overall(self, targets: Mapping[str, float]) -> float:
+    def overall(self, targets: Due | None) -> float:
         """``targets`` as one fraction of all entries (the global target itself, or the size-weighted mean)."""
-        if GLOBAL in self.finals:
-            return targets.get(GLOBAL, 0.0)
-        return sum(targets.get(n, 0.0) * k for n, k in self.sizes.items()) / sum(self.sizes.values())
+        return 0.0 if targets is None else targets.overall(self.sizes)
 
-    def short_of(self, reached: Mapping[str, float]) -> float | None:
+    def short_of(self, reached: Due | None) -> float | None:
         """The planned final overall target when some final target is not ``reached``, else ``None``."""
         final = self.final()
-        if any(reached.get(name, 0.0) < s - _EPS for name, s in final.items()):
+        if final is not None and final.beyond(reached):
             return self.overall(final)
         return None

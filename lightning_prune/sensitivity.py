@@ -46,7 +46,7 @@ from lightning_prune._lightning import CallbackBase
 from lightning_prune._table import format_table
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
-from lightning_prune.step import prune_step
+from lightning_prune.step import due_for, prune_step
 from lightning_prune.store import MaskStore
 
 __all__ = ["MetricLike", "SensitivityTable", "plot_sensitivity", "sensitivity_analysis", "suggest_sparsity"]
@@ -167,7 +167,7 @@ def _pruned_copy(target: PruningTarget, method: PruningMethod, sparsity: float, 
     with torch.no_grad():
         holder.register_parameter(target.param, nn.Parameter(target.tensor.detach().clone()))
     copy = PruningTarget(target.name, target.module_name, holder, target.param, sparsity, layout=target.layout)
-    prune_step(method, [copy], sparsity, MaskStore(), seed=seed)
+    prune_step(method, [copy], due_for(method, [copy], sparsity, "local"), MaskStore(), seed=seed)
     return copy.tensor.detach()
 
 

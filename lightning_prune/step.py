@@ -17,14 +17,15 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_prune import MaskStore, select_parameters
+    >>> from lightning_prune import Global, Local, MaskStore, select_parameters
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> targets, store = select_parameters(net), MaskStore()
-    >>> report = prune_step("l1_unstructured", targets, 0.5, store, scope="global")
+    >>> report = prune_step("l1_unstructured", targets, Global(0.5), store)
     >>> report.zeros, report.numel, report.sparsity
     (40, 80, 0.5)
-    >>> report = prune_step("l1_unstructured", targets, [0.75, 0.5], store)  # each its own target, cumulative
+    >>> due = Local({"0.weight": 0.75, "2.weight": 0.5})  # each its own target, cumulative
+    >>> report = prune_step("l1_unstructured", targets, due, store)
     >>> [t.zeros for t in report.tensors]
     [48, 8]
 """
@@ -46,10 +47,9 @@ from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scop
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.selection import ParameterSpec, PruningTarget, local_view, select_parameters
 from lightning_prune.store import MaskStore
+from lightning_prune.targets import Due, Global, Local, Trigger
 
-__all__ = ["PruningError", "check_finite", "check_reachable", "prune_once", "prune_step"]
-
-SparsityDue = float | Sequence[float | None] | None
+__all__ = ["PruningError", "check_finite", "check_reachable", "due_for", "prune_once", "prune_step"]
 
 
 class PruningError(ValueError):
@@ -57,39 +57,55 @@ class PruningError(ValueError):
     of a tensor); no tensor was pruned."""
 
 
-def _per_target(targets: Sequence[PruningTarget], sparsity: SparsityDue) -> list[float | None]:
-    if sparsity is None or isinstance(sparsity, (int, float)) or not isinstance(sparsity, Sequence):
-        return [None if sparsity is None else float(sparsity)] * len(targets)  # type: ignore[arg-type]
-    if len(sparsity) != len(targets):
-        raise ValueError(f"Expected one sparsity per target, got {len(sparsity)} for {len(targets)} targets.")
-    return [None if s is None else float(s) for s in sparsity]
+def due_for(method: PruningMethod, targets: Sequence[PruningTarget], sparsity: float | None, scope: Scope) -> Due:
+    """What a step to ``sparsity`` is due to reach: :class:`Trigger` for a method that takes no sparsity,
+    :class:`Global` in global scope, else :class:`Local` with ``sparsity`` for every tensor.
+
+    Raises:
+        ValueError: for a scope that ``method`` does not work in, or no ``sparsity`` for a method that takes one.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_prune import resolve_method, select_parameters
+        >>> targets = select_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
+        >>> due_for(resolve_method("l1_unstructured"), targets, 0.5, "local")
+        Local(sparsity=mappingproxy({'0.weight': 0.5, '1.weight': 0.5}))
+    """
+    scope = check_scope(method, scope)
+    if not method.takes_sparsity:
+        return Trigger()
+    if sparsity is None:
+        raise ValueError(f"`method={method.name}` needs a `sparsity`.")
+    return Global(sparsity) if scope == "global" else Local({t.name: sparsity for t in targets})
 
 
-def check_reachable(
-    method: PruningMethod, targets: Sequence[PruningTarget], sparsity: SparsityDue, scope: Scope = "local"
-) -> None:
-    """Refuse a cumulative target that would prune every entry of a tensor (local) or of all together (global).
+def _per_matrix(t: PruningTarget) -> int:
+    """Entries of each matrix ``t`` holds: the whole tensor, or one expert's of a stacked tensor."""
+    n = t.tensor.numel()
+    return n // t.tensor.shape[0] if is_stacked(t.layout) else n
+
+
+def check_reachable(method: PruningMethod, targets: Sequence[PruningTarget], due: Due | None) -> None:
+    """Refuse a cumulative target that would prune every entry of a tensor (local; of an expert's matrix for a
+    stacked tensor) or of all together (global).
 
     Raises:
         PruningError: naming the tensors.
     """
-    if not method.takes_sparsity:
-        return
-    sizes = [t.tensor.numel() for t in targets]
-    if scope == "global":
-        total = sum(sizes)
-        s = _per_target(targets[:1], sparsity)[0] if targets else None
-        if s is not None and count_for(s, total) >= total:
+    if isinstance(due, Global):
+        total = sum(t.tensor.numel() for t in targets)
+        if count_for(due.sparsity, total) >= total:
             raise PruningError(
-                f"A global target of {s!r} would prune all {total} entries of the chosen tensors; give a lower "
-                "`sparsity`."
+                f"A global target of {due.sparsity!r} would prune all {total} entries of the chosen tensors; give "
+                "a lower `sparsity`."
             )
         return
-    if method.structured:
+    if not isinstance(due, Local) or method.structured:
         return
-    due = _per_target(targets, sparsity)
-    sizes = [n // t.tensor.shape[0] if is_stacked(t.layout) else n for t, n in zip(targets, sizes)]  # per expert
-    empty = [(t.name, s, n) for t, s, n in zip(targets, due, sizes) if s is not None and count_for(s, n) >= n]
+    empty = [
+        (t.name, s, n) for t in targets if (s := due.get(t.name)) is not None and count_for(s, n := _per_matrix(t)) >= n
+    ]
     if empty:
         raise PruningError(
             f"The target would prune every entry of {[name for name, _, _ in empty]} (sparsity "
@@ -117,50 +133,51 @@ def check_finite(targets: Sequence[PruningTarget], group: Collective | None = No
 def prune_step(
     method: PruningMethod | MethodName,
     targets: Sequence[PruningTarget],
-    sparsity: SparsityDue,
+    due: Due,
     store: MaskStore,
     *,
-    scope: Scope = "local",
     seed: int = 0,
     agree: Callable[[MaskStore, list[PruningTarget]], Any] | None = None,
 ) -> SparsityReport:
-    """Bring ``targets`` to the cumulative ``sparsity`` due now: ``method`` decides the new masks, ``store`` narrows
-    its masks and applies them. Entries pruned before stay pruned; each step prunes exactly what the target
-    needs beyond them (``round(sparsity * n)`` zeros in all, per tensor or overall).
+    """Bring ``targets`` to what is ``due``: ``method`` decides the new masks, ``store`` narrows its masks and
+    applies them. Entries pruned before stay pruned; each step prunes exactly what the target needs beyond them
+    (``round(sparsity * n)`` zeros in all, per tensor or overall).
 
     Args:
         method: a :class:`~lightning_prune.methods.PruningMethod` or a built-in method's name
             (``"l1_unstructured"``, ...). A method that observes activations must have seen its calibration batches
             (:mod:`lightning_prune.calibration`).
         targets: the tensors (from :func:`~lightning_prune.select_parameters`).
-        sparsity: the cumulative fraction of zeros due now: one number (each tensor in local scope; all together
-            in global scope), one per target (local scope), or ``None`` for a method that takes none.
+        due: :class:`~lightning_prune.targets.Local` (each tensor's cumulative target, by name; tensors not named
+            stay as they are), :class:`~lightning_prune.targets.Global` (all together, one ranking) or
+            :class:`~lightning_prune.targets.Trigger` (a method that takes no sparsity). :func:`due_for` builds one
+            from a number and a scope.
         store: the masks kept so far (a fresh :class:`~lightning_prune.MaskStore` for a first step).
-        scope: ``"local"`` or ``"global"``.
         seed: seeds random methods (the callback derives one per step from its own ``seed``).
         agree: called with the store and the masked tensors once the masks are decided and before any weight
             changes (the callback makes the processes of a DDP run agree there).
 
     Returns:
-        The measured figures of ``targets`` after the step (each tensor's target with it, in local scope).
+        The measured figures of ``targets`` after the step (each tensor's target with it, for ``Local``).
 
     Raises:
-        ValueError: for a scope that ``method`` does not work in.
+        ValueError: for a ``due`` whose scope ``method`` does not work in.
         PruningError: for weights that are NaN or infinite (nothing is pruned then). A target may prune every
             entry of a tensor here (a sensitivity sweep measures that); the callback refuses such a target with
             :func:`check_reachable` first.
     """
     method = resolve_method(method)
-    scope = check_scope(method, scope)
+    check_scope(method, "global" if isinstance(due, Global) else "local")
     masked = method.masked(targets)
     check_finite(masked, store.group)
-    if scope == "global":
-        decided = method.global_masks(targets, _per_target(targets[:1], sparsity)[0], seed, store)
-        goals: dict[str, float] = {}
+    goals: dict[str, float] = {}
+    if isinstance(due, Global):
+        decided = method.global_masks(targets, due.sparsity, seed, store)
+    elif isinstance(due, Local):
+        decided = method.local_masks(targets, [due.get(t.name) for t in targets], seed, store)
+        goals = {t.name: s for t in targets if (s := due.get(t.name)) is not None}
     else:
-        due = _per_target(targets, sparsity)
-        decided = method.local_masks(targets, due, seed, store)
-        goals = {t.name: s for t, s in zip(targets, due) if s is not None}
+        decided = method.local_masks(targets, [None] * len(targets), seed, store)
     for new in decided:
         store.set(new.target, new.mask, new.zeros)
     if agree is not None:
@@ -218,14 +235,14 @@ def prune_once(
     """
     sparsity = check_fraction("sparsity", sparsity)
     method = resolve_method(method)
-    scope = check_scope(method, scope)
+    check_scope(method, scope)
     targets = select_parameters(model, parameters, exclude=exclude)
     window = None
     if method.calibration_batches:
         window = calibrate(model, method, method.masked(targets), dataloader, forward or default_forward)
     store = MaskStore()
     try:
-        prune_step(method, targets, sparsity if method.takes_sparsity else None, store, scope=scope, seed=seed)
+        prune_step(method, targets, due_for(method, targets, sparsity, scope), store, seed=seed)
     finally:
         if window is not None:
             window.close()

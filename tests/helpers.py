@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import prune_step
+from lightning_prune.methods import resolve_method
+from lightning_prune.step import due_for
 
 
 class TinyNet(nn.Module):
@@ -145,7 +147,7 @@ def l1_reference(
 def decide_and_apply(method: Any, targets: Sequence[Any], sparsity: float, scope: str, seed: int, store: Any) -> Any:
     """One pruning step as the callback takes it (``lightning_prune.prune_step``): every target to ``sparsity``,
     each alone or all together. Returns the store."""
-    prune_step(method, targets, sparsity, store, scope=scope, seed=seed)
+    prune_step(method, targets, due_for(resolve_method(method), targets, sparsity, scope), store, seed=seed)
     return store
 
 
