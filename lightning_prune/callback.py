@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import torch.nn.utils.prune as prune
 from torch import nn
+from typing_extensions import override
 
 from lightning_prune import reparam
 from lightning_prune._checks import allowed, check_choice, check_int
@@ -177,6 +178,7 @@ class PruningScheduleCallback(CallbackBase):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         reparam.convert_on_load(pl_module)  # fit/validate/test(ckpt_path=<a 0.1 checkpoint>) into a plain model
         if stage != "fit":
@@ -205,6 +207,7 @@ class PruningScheduleCallback(CallbackBase):
                 f"{max_epochs}: training ends first (fine if the run will be resumed for longer)."
             )
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if (every := self.schedule.every_n_steps) is not None and math.isinf(trainer.num_training_batches):
             raise ValueError(
@@ -220,10 +223,12 @@ class PruningScheduleCallback(CallbackBase):
             self._calibration.begin(pl_module, self.method.masked(self._targets))
         self._masking.start(self._store, trainer.optimizers)
 
+    @override
     def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._capture_rewind(trainer, epoch_start=True)
         self._prune_to(trainer, pl_module, float(trainer.current_epoch))
 
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         every, accumulate = self.schedule.every_n_steps, trainer.accumulate_grad_batches
         if batch_idx % accumulate:
@@ -236,13 +241,16 @@ class PruningScheduleCallback(CallbackBase):
         steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
         self._prune_to(trainer, pl_module, trainer.current_epoch + (batch_idx // accumulate) / steps_per_epoch)
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         self._masking.before_optimizer_step(self._store, optimizer)
 
+    @override
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._last_report is not None:  # the last figures measured in the epoch (a step schedule prunes often)
             self._log(pl_module, self._last_report)
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._end_training()
         if not self._targets:
@@ -260,6 +268,7 @@ class PruningScheduleCallback(CallbackBase):
         if self.verbose and trainer.is_global_zero:
             rank_zero_info(f"Pruning finished after {self._steps} step(s), {how}:\n{report}")
 
+    @override
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
         started = self._training
         self._end_training()
@@ -267,6 +276,7 @@ class PruningScheduleCallback(CallbackBase):
             report = measure(self._targets, self._goals(), self._store.group)
             self._warn_if_short(report, f"training stopped by {type(exception).__name__}")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -277,6 +287,7 @@ class PruningScheduleCallback(CallbackBase):
             **self._calibration.state_dict(),  # "deferred", "calibrating", "method"
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._applied = self._loaded(state_dict.get("applied") or {})
         self._steps = int(state_dict.get("steps", 0))
@@ -284,6 +295,7 @@ class PruningScheduleCallback(CallbackBase):
         self._saved_masks = MaskStore.unpack(state_dict.get("masks") or {})
         self._calibration.load_state_dict(state_dict)
 
+    @override
     def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         self._masking.checkpoint(checkpoint)
 

@@ -209,58 +209,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         >>> count_macs(net, torch.zeros(1, 4))
         (18, 14)
     """
-    counts = [0, 0]
-
-    def add(weight: Tensor, positions: int) -> None:
-        counts[0] += positions * weight.numel()
-        counts[1] += positions * _nonzero(weight)
-
-    def matrix(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        for pname in matrix_weight_names(module):
-            weight, entry = getattr(module, pname), matrix_layer(module, pname)
-            if entry is None or not isinstance(output, Tensor):
-                continue
-            if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                positions = inputs[0].numel() // inputs[0].shape[1]  # each input position meets the whole kernel
-            elif isinstance(module, nn.modules.conv._ConvNd):
-                positions = output.numel() // output.shape[1]
-            else:  # a product along the last dimension of the output: one position per output vector
-                positions = output.numel() // weight.shape[output_dim(entry.layout)]
-            add(weight, positions)
-
-    def experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        # each token meets the experts its router chose (top-k of E), not all of them
-        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-        for pname in matrix_weight_names(module):
-            weight, entry = getattr(module, pname), matrix_layer(module, pname)
-            if entry is None or not is_stacked(entry.layout) or not isinstance(index, Tensor):
-                continue
-            routed = torch.bincount(index.reshape(-1).long(), minlength=weight.shape[0])[: weight.shape[0]]
-            for tokens, matrix in zip(routed.tolist(), weight.unbind(0)):
-                add(matrix, tokens)
-
-    def attention(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        names = ("query", "key", "value")
-        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
-        if module.in_proj_weight is not None:
-            projections = [(x, w) for x, w in zip((q, k, v), module.in_proj_weight.chunk(3))]
-        else:
-            projections = [(q, module.q_proj_weight), (k, module.k_proj_weight), (v, module.v_proj_weight)]
-        projections.append((q, module.out_proj.weight))
-        for x, w in projections:
-            add(w, x.numel() // x.shape[-1])
-
-    handles = []
-    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            handles.append(m.register_forward_hook(attention, with_kwargs=True))
-        elif isinstance(m, nn.RNNBase) or id(m) in inside_attention:
-            continue  # attention's out_proj is counted by the attention's own hook
-        elif any(is_stacked(layout_of(m, n)) for n in matrix_weight_names(m)):
-            handles.append(m.register_forward_hook(experts, with_kwargs=True))
-        elif matrix_weight_names(m):
-            handles.append(m.register_forward_hook(matrix))
+    counter = _MacCounter()
+    handles = [counter.hook(m) for m in _counted_modules(model)]
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
@@ -273,7 +223,74 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     finally:
         for handle in handles:
             handle.remove()
-    return counts[0], counts[1]
+    return counter.dense, counter.nonzero
+
+
+def _counted_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward hooks count MACs: attention (its ``out_proj`` through it), experts and matrix
+    layers; not recurrent layers."""
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        or (not isinstance(m, nn.RNNBase) and id(m) not in inside_attention and matrix_weight_names(m))
+    ]
+
+
+class _MacCounter:
+    """Forward hooks that add up multiply-accumulates, dense and nonzero."""
+
+    def __init__(self) -> None:
+        self.dense = self.nonzero = 0
+
+    def hook(self, module: nn.Module) -> Any:
+        if isinstance(module, nn.MultiheadAttention):
+            return module.register_forward_hook(self.attention, with_kwargs=True)
+        if any(is_stacked(layout_of(module, n)) for n in matrix_weight_names(module)):
+            return module.register_forward_hook(self.experts, with_kwargs=True)
+        return module.register_forward_hook(self.matrix)
+
+    def add(self, weight: Tensor, positions: int) -> None:
+        self.dense += positions * weight.numel()
+        self.nonzero += positions * _nonzero(weight)
+
+    def matrix(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        for pname in matrix_weight_names(module):
+            weight, entry = getattr(module, pname), matrix_layer(module, pname)
+            if entry is None or not isinstance(output, Tensor):
+                continue
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                positions = inputs[0].numel() // inputs[0].shape[1]  # each input position meets the whole kernel
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                positions = output.numel() // output.shape[1]
+            else:  # a product along the last dimension of the output: one position per output vector
+                positions = output.numel() // weight.shape[output_dim(entry.layout)]
+            self.add(weight, positions)
+
+    def experts(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """Each token meets the experts its router chose (top-k of E), not all of them."""
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        for pname in matrix_weight_names(module):
+            weight, entry = getattr(module, pname), matrix_layer(module, pname)
+            if entry is None or not is_stacked(entry.layout) or not isinstance(index, Tensor):
+                continue
+            routed = torch.bincount(index.reshape(-1).long(), minlength=weight.shape[0])[: weight.shape[0]]
+            for tokens, matrix in zip(routed.tolist(), weight.unbind(0)):
+                self.add(matrix, tokens)
+
+    def attention(
+        self, module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+        if module.in_proj_weight is not None:
+            projections = [(x, w) for x, w in zip((q, k, v), module.in_proj_weight.chunk(3))]
+        else:
+            projections = [(q, module.q_proj_weight), (k, module.k_proj_weight), (v, module.v_proj_weight)]
+        projections.append((q, module.out_proj.weight))
+        for x, w in projections:
+            self.add(w, x.numel() // x.shape[-1])
 
 
 def _on(value: Any, device: torch.device) -> Any:

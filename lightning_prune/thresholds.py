@@ -39,6 +39,7 @@ the old mask is narrowed where it lies, so that a schedule's later steps allocat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -326,6 +327,29 @@ def _sorted_smallest(scores: Tensor, mask: Tensor | None, k: int, inplace: bool)
     return target
 
 
+@dataclass
+class _HighPass:
+    """What the first pass leaves: the high-bit histogram, per tensor whether its keys take the fast path, the one
+    tensor's raw keys kept for the next passes (local scope), and the pruned entries counted at key 0 / below."""
+
+    hist: Tensor
+    fast: list[bool]
+    held: _Keys | None
+    n_zero_low: int
+    n_below: int
+
+
+@dataclass
+class _Threshold:
+    """The k-th smallest live key (``value``), how many entries equal to it must go (``ties_left``), whether that is
+    all of them, and each process's per-tensor tie quotas where the tie is broken across processes."""
+
+    value: int
+    ties_left: int
+    prune_all_ties: bool
+    quotas: list[tuple[int, int]] | None
+
+
 def _iter_smallest(
     scores: Sequence[Callable[[], Tensor]],
     masks: Sequence[Tensor | None],
@@ -336,6 +360,8 @@ def _iter_smallest(
     zeroed: bool,
     group: Collective | None = None,
 ) -> Iterator[Tensor]:
+    """Radix selection in three passes over the keys: the high 16 bits, the low 16 bits inside the bin that holds
+    the k-th smallest, then the masks."""
     if k < 0:
         raise ValueError(f"`k` must be >= 0 (how many live entries to prune), got {k}.")
     if k == 0:
@@ -345,15 +371,26 @@ def _iter_smallest(
             else:
                 yield mask if inplace else mask.clone()
         return
+    high = _high_pass(scores, masks, pruned, scratch, zeroed, group)
+    threshold = _low_pass(scores, masks, k, high, scratch, zeroed, group)
+    yield from _mask_pass(scores, masks, high, threshold, scratch, inplace)
 
-    # pass 1: high 16 bits of every key; pruned entries weigh 0 (fast path, float32 masks), or lie at key 0
-    # (fast path) or below every live key (general path)
+
+def _high_pass(
+    scores: Sequence[Callable[[], Tensor]],
+    masks: Sequence[Tensor | None],
+    pruned: Sequence[int] | None,
+    scratch: _Scratch,
+    zeroed: bool,
+    group: Collective | None,
+) -> _HighPass:
+    """Pass 1: high 16 bits of every key; pruned entries weigh 0 (fast path, float32 masks), or lie at key 0 (fast
+    path) or below every live key (general path)."""
     hist: Tensor | None = None
     fast: list[bool] = []
     n_at_zero = n_below = 0  # pruned entries counted at key 0 / at key -2**31
     n_zero_low = 0  # pruned entries at key 0 in pass 2, where the fast path multiplies by the mask
-    # one tensor (local scope): its raw keys serve all three passes, so its scores are computed once
-    held: _Keys | None = None
+    held: _Keys | None = None  # one tensor (local scope): its raw keys serve all three passes
     for i, (score, mask) in enumerate(zip(scores, masks)):
         raw, is_fast = _raw_keys(score, None)
         if len(scores) == 1:
@@ -365,98 +402,119 @@ def _iter_smallest(
         _add_high_histogram(hist, keys, scratch)
         if mask is not None:
             n = mask_zeros(mask) if pruned is None else pruned[i]
-            if keys.pruned_at == "zero":
-                n_at_zero += n
-            elif keys.pruned_at == "bottom":
-                n_below += n
-            if is_fast:
-                n_zero_low += n
+            n_at_zero += n if keys.pruned_at == "zero" else 0
+            n_below += n if keys.pruned_at == "bottom" else 0
+            n_zero_low += n if is_fast else 0
         fast.append(is_fast)
         del keys
-    if group is not None and hist is not None:  # every process's shards, summed
+    if hist is None:
+        raise ValueError("`k` must be in [0, 0] (the number of live entries): no tensor was given.")
+    if group is not None:  # every process's shards, summed
         hist = group.reduce(hist)
         n_at_zero, n_below, n_zero_low = group.sum([n_at_zero, n_below, n_zero_low])
-    if hist is not None:
-        hist[_HALF] -= n_at_zero  # key 0 is in bin _HALF: count live entries only there
-    n_live = int(hist.sum()) - n_below if hist is not None else 0
-    if hist is None or k > n_live:
-        raise ValueError(f"`k` must be in [0, {n_live}] (the number of live entries), got {k}.")
-    rank = n_below + k  # the k-th smallest live key is the rank-th smallest key counted
-    high, below_high = _find_bin(hist, rank)
+    hist[_HALF] -= n_at_zero  # key 0 is in bin _HALF: count live entries only there
+    return _HighPass(hist, fast, held, n_zero_low, n_below)
 
-    # pass 2: low 16 bits of the keys inside that bin (never the bin of key -2**31); no weights here: most
-    # keys fall outside the bin and pile into two bins anyway, where a weighted bincount is slower than
-    # a multiplication by the mask followed by a plain one
-    hist_low = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
-    # with several processes, each tensor's own low histogram too: its count at the threshold is its number of
-    # live ties, which the tie quotas need (no extra pass over the scores)
+
+def _low_pass(
+    scores: Sequence[Callable[[], Tensor]],
+    masks: Sequence[Tensor | None],
+    k: int,
+    high: _HighPass,
+    scratch: _Scratch,
+    zeroed: bool,
+    group: Collective | None,
+) -> _Threshold:
+    """Pass 2: low 16 bits of the keys inside the bin of the k-th smallest (never the bin of key -2**31). No
+    weights here: most keys fall outside the bin and pile into two bins anyway, where a weighted bincount is
+    slower than a multiplication by the mask followed by a plain one. With several processes, each tensor's own
+    low histogram too: its count at the threshold is its number of live ties, which the tie quotas need."""
+    n_live = int(high.hist.sum()) - high.n_below
+    if k > n_live:
+        raise ValueError(f"`k` must be in [0, {n_live}] (the number of live entries), got {k}.")
+    rank = high.n_below + k  # the k-th smallest live key is the rank-th smallest key counted
+    bin_high, below_high = _find_bin(high.hist, rank)
+    hist_low = torch.zeros(_BINS, dtype=torch.int64, device=high.hist.device)
     own_low: list[Tensor] = []
     for i, (score, mask) in enumerate(zip(scores, masks)):
-        raw = held if held is not None else _raw_keys(score, fast[i])[0]
+        raw = high.held if high.held is not None else _raw_keys(score, high.fast[i])[0]
         keys = _live_keys(raw, mask, False, scratch, zeroed)
         if group is None:
-            _add_low_histogram(hist_low, keys, high, scratch)
+            _add_low_histogram(hist_low, keys, bin_high, scratch)
         else:
             own_low.append(torch.zeros_like(hist_low))
-            _add_low_histogram(own_low[-1], keys, high, scratch)
+            _add_low_histogram(own_low[-1], keys, bin_high, scratch)
             hist_low += own_low[-1]
         del raw, keys
     if group is not None:
         hist_low = group.reduce(hist_low)
-    if high == _HALF:
-        hist_low[0] -= n_zero_low
+    if bin_high == _HALF:
+        hist_low[0] -= high.n_zero_low
     low, below_low = _find_bin(hist_low, rank - below_high)
-    threshold = ((high - _HALF) << 16) | low
+    value = ((bin_high - _HALF) << 16) | low
     ties_left = rank - below_high - below_low  # entries equal to the threshold that must go, first come first
     prune_all_ties = ties_left == int(hist_low[low])  # the common case: no tie to break
-
-    # which tied entries go, per tensor: all of them (the common case), or the first ones in the order of one
-    # process holding whole tensors (tensor order, then flat index; shards follow each other in rank order)
-    # (one process counts them as it goes; several count them first, in an extra pass)
     quotas = None
     if not prune_all_ties and group is not None:
-        # the low histograms count pruned entries at key 0 on the fast path: count ties again there
-        counts = None if threshold == 0 else [int(h[low]) for h in own_low]
-        quotas = _tie_quotas(scores, masks, fast, held, threshold, ties_left, group, counts)
-    del own_low
+        # which tied entries go, per tensor: the first ones in the order of one process holding whole tensors
+        # (tensor order, then flat index; shards follow each other in rank order), counted in an extra pass; the
+        # low histograms count pruned entries at key 0 on the fast path: count ties again there
+        counts = None if value == 0 else [int(h[low]) for h in own_low]
+        quotas = _tie_quotas(scores, masks, high.fast, high.held, value, ties_left, group, counts)
+    return _Threshold(value, ties_left, prune_all_ties, quotas)
 
-    # pass 3: masks from the unmasked keys: keys above the threshold stay (and the ties not taken), times
-    # the old mask, so that pruned entries stay pruned whatever their scores
+
+def _mask_pass(
+    scores: Sequence[Callable[[], Tensor]],
+    masks: Sequence[Tensor | None],
+    high: _HighPass,
+    threshold: _Threshold,
+    scratch: _Scratch,
+    inplace: bool,
+) -> Iterator[Tensor]:
+    """Pass 3: masks from the unmasked keys: keys above the threshold stay (and the ties not taken), times the
+    old mask, so that pruned entries stay pruned whatever their scores."""
+    held, ties_left, value = high.held, threshold.ties_left, threshold.value
     for i, (score, mask) in enumerate(zip(scores, masks)):
-        keys = held if held is not None else _raw_keys(score, fast[i])[0]
+        keys = held if held is not None else _raw_keys(score, high.fast[i])[0]
         held = None
-        if prune_all_ties:
+        if threshold.prune_all_ties:
             quota, n_tied = None, None
-        elif quotas is not None:
-            quota, n_tied = quotas[i]
+        elif threshold.quotas is not None:
+            quota, n_tied = threshold.quotas[i]
         elif ties_left == 0:
             quota, n_tied = 0, -1
-        else:
-            n_tied = int(torch.count_nonzero(_tied(keys, mask, threshold)))
+        else:  # one process counts the ties as it goes
+            n_tied = int(torch.count_nonzero(_tied(keys, mask, value)))
             quota = min(ties_left, n_tied)
             ties_left -= quota
         all_ties = quota is None or quota == n_tied
-        if fast[i] and threshold >= 0 and (all_ties or quota == 0):  # no tie to break here
-            yield _mask_by_arithmetic(keys, threshold + 1 if all_ties else threshold, mask, inplace, scratch)
+        if high.fast[i] and value >= 0 and (all_ties or quota == 0):  # no tie to break here
+            yield _mask_by_arithmetic(keys, value + 1 if all_ties else value, mask, inplace, scratch)
             continue
-        keep = scratch.get("keep", keys.flat.numel(), torch.bool, keys.flat.device)
-        if all_ties:
-            torch.gt(keys.flat, threshold, out=keep)
-        else:
-            torch.ge(keys.flat, threshold, out=keep)
-            if quota:
-                tied = _tied(keys, mask, threshold)
-                keep[tied.nonzero().squeeze(1)[:quota]] = False
-                del tied
-        shape = keys.shape
-        del keys
-        if mask is None:
-            yield keep.view(shape).to(torch.float32)
-        elif inplace:
-            mask.mul_(keep.view(mask.shape).to(device=mask.device, dtype=mask.dtype))
-            yield mask
-        else:
-            yield mask * keep.view(mask.shape).to(mask.device)
+        yield _mask_by_comparison(keys, mask, value, quota if not all_ties else None, scratch, inplace)
+
+
+def _mask_by_comparison(
+    keys: _Keys, mask: Tensor | None, value: int, quota: int | None, scratch: _Scratch, inplace: bool
+) -> Tensor:
+    """Keep keys above ``value``; with a ``quota``, keep those equal to it too but the first ``quota`` live ones."""
+    keep = scratch.get("keep", keys.flat.numel(), torch.bool, keys.flat.device)
+    if quota is None:
+        torch.gt(keys.flat, value, out=keep)
+    else:
+        torch.ge(keys.flat, value, out=keep)
+        if quota:
+            tied = _tied(keys, mask, value)
+            keep[tied.nonzero().squeeze(1)[:quota]] = False
+            del tied
+    shape = keys.shape
+    if mask is None:
+        return keep.view(shape).to(torch.float32)
+    if inplace:
+        mask.mul_(keep.view(mask.shape).to(device=mask.device, dtype=mask.dtype))
+        return mask
+    return mask * keep.view(mask.shape).to(mask.device)
 
 
 def _tied(keys: _Keys, mask: Tensor | None, threshold: int) -> Tensor:
