@@ -57,7 +57,8 @@ from benchmarks.common import machine  # noqa: E402
 from benchmarks.prune_step import _M_MMAP_THRESHOLD, build_model, read_status  # noqa: E402
 from lightning_prune import Global, prune_step  # noqa: E402
 from lightning_prune.collective import Collective  # noqa: E402
-from lightning_prune.selection import local_view, select_parameters  # noqa: E402
+from lightning_prune.selection import select_parameters  # noqa: E402
+from lightning_prune.shards import local_view  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
 
 

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from lightning_prune.sparse_files import load_sparse, save_sparse  # noqa: E402
+from lightning_prune.files.sparse_files import load_sparse, save_sparse  # noqa: E402
 
 OPERATIONS = ("torch.save", "save_sparse", "torch.load", "load_sparse")
 

@@ -74,7 +74,7 @@ from torchvision.models import VisionTransformer  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Columns, aggregate, machine, quiet_lightning, training_parser, write_results  # noqa: E402
 from lightning_prune import Polynomial, PruningScheduleCallback, Wanda, prune_once, sparsity_report  # noqa: E402
-from lightning_prune.wanda import wanda_prune as wanda_once  # noqa: E402
+from lightning_prune.step import wanda_prune as wanda_once  # noqa: E402
 
 PARAMETERS = ("*self_attention.in_proj_weight", "*self_attention.out_proj.weight", "*mlp*.weight")
 SCHEDULED = ("l1-schedule", "wanda-schedule", "modelpruning")

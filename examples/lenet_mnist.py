@@ -31,7 +31,7 @@ if __name__ == "__main__":  # run as a script: `examples.*` importable from any 
 
 from examples.mnist import OPTIMIZERS, LitLeNet, MNISTDataModule, MNISTNotFoundError, run_settings, show_progress
 from lightning_prune import PruningScheduleCallback, save_sparse, sparsity_report
-from lightning_prune._atomic import save_torch, write_text  # the package's own atomic writes (private)
+from lightning_prune.files.atomic import save_torch, write_text  # the package's own atomic writes (private)
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial
 
 __all__ = ["build_callback", "build_parser", "main", "run"]

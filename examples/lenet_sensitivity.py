@@ -40,7 +40,7 @@ if __name__ == "__main__":  # run as a script: `examples.*` importable from any 
 
 from examples.mnist import LitLeNet, MNISTDataModule, MNISTNotFoundError, run_settings, show_progress
 from lightning_prune import plot_sensitivity, sensitivity_analysis, suggest_sparsity
-from lightning_prune._atomic import write_text  # the package's own atomic writes (private)
+from lightning_prune.files.atomic import write_text  # the package's own atomic writes (private)
 
 __all__ = ["SPARSITIES", "analyze_lenet", "build_parser", "main"]
 

@@ -25,23 +25,23 @@ Example::
 """
 
 from lightning_prune.callback import PruningScheduleCallback
-from lightning_prune.compaction import compact, load_compact_state_dict
+from lightning_prune.files.checkpoint import SparseCheckpointIO
+from lightning_prune.files.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.inference import inference_report, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
 from lightning_prune.methods import NewMask, PruningMethod
-from lightning_prune.nm import NMPruning, nm_satisfied, to_semi_structured
+from lightning_prune.methods.compaction import compact, load_compact_state_dict
+from lightning_prune.methods.neurons import NeuronPruning
+from lightning_prune.methods.nm import NMPruning, nm_satisfied, to_semi_structured
+from lightning_prune.methods.wanda import Wanda
 from lightning_prune.report import sparsity_report
 from lightning_prune.rewind import Rewind
 from lightning_prune.schedules import AtEpochs, OneShot, Polynomial, Schedule
 from lightning_prune.selection import describe_selection, select_parameters
 from lightning_prune.sensitivity import plot_sensitivity, sensitivity_analysis, suggest_sparsity
-from lightning_prune.sparse_checkpoint import SparseCheckpointIO
-from lightning_prune.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.step import PruningError, prune_once, prune_step
 from lightning_prune.store import MaskStore
-from lightning_prune.structured import NeuronPruning
 from lightning_prune.targets import Global, Local, Trigger
-from lightning_prune.wanda import Wanda
 
 __version__ = "0.4.0"
 

@@ -14,8 +14,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune import reparam
-from lightning_prune._checks import allowed, check_choice, check_int
-from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
+from lightning_prune._utils.checks import allowed, check_choice, check_int
+from lightning_prune._utils.lightning import CallbackBase, rank_zero_info, rank_zero_warn
 from lightning_prune.calibration import CalibrationWindow
 from lightning_prune.distributed import agree_masks, check_sharding, check_strategy, collective_for
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Scope, check_scope, resolve_method
@@ -23,9 +23,9 @@ from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, as_rewind, capture, rewind
 from lightning_prune.schedules import (
     OneShot,
+    Progress,
     Schedule,
     ScheduleLike,
-    TargetPlan,
     as_schedule,
     resolve_sparsity,
 )
@@ -35,6 +35,7 @@ from lightning_prune.selection import (
     PruningTarget,
     SelectionSummary,
     SparsitySpec,
+    check_disjoint,
     check_exclude,
     describe_selection,
     select_parameters,
@@ -47,7 +48,6 @@ __all__ = ["PruningScheduleCallback"]
 
 MaskMode = Literal["inplace", "hook"]
 _STATE_VERSION = 2
-_GLOBAL_KEY = "__global__"  # how the callback's state (0.2 on) holds a Global or Trigger target: keep it readable
 
 
 class PruningScheduleCallback(CallbackBase):
@@ -154,9 +154,8 @@ class PruningScheduleCallback(CallbackBase):
         self._calibration = CalibrationWindow(self.method)
         self._store = MaskStore()
         self._targets: list[PruningTarget] = []
-        self._plan = TargetPlan(self.schedule, Local(), {})
+        self._progress = Progress(self.schedule, self._finals([]))  # the targets planned and reached
         self._selection: SelectionSummary | None = None
-        self._applied: Due | None = None  # the cumulative targets reached
         self._steps = 0
         self._last_report: SparsityReport | None = None
         self._rewind_to: dict[str, Any] | None = None
@@ -190,13 +189,13 @@ class PruningScheduleCallback(CallbackBase):
         self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
         local = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local, self.exclude)
-        self._plan = self._plan_for(self._targets)
+        self._progress.plan(self._finals(self._targets), {t.name: t.tensor.numel() for t in self._targets})
         self._selection = describe_selection(pl_module, self._targets)
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: {self._selection}")
-        check_reachable(self.method, self._targets, self._plan.final())
+        check_reachable(self.method, self._targets, self._progress.final())
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
-        self._check_overlap(peers)
+        check_disjoint([t.name for t in self._targets], [t.name for p in peers if p is not self for t in p._targets])
         self._masking.check(pl_module, self.method.masked(self._targets))
         self._log_prefix = "pruning" if len(peers) <= 1 else f"pruning/{peers.index(self)}"
         self.method.setup(pl_module, self._targets)
@@ -217,7 +216,7 @@ class PruningScheduleCallback(CallbackBase):
         saved, self._saved_masks = MaskStore.unpack(self._saved_masks), {}
         self._store.restore(self.method.masked(self._targets), saved, mask_zeros=self._steps > 0)
         if self._steps and self._last_report is None:  # resumed: log the figures of the steps taken before
-            self._last_report = measure(self._targets, self._goals(), self._store.group)
+            self._last_report = measure(self._targets, self._progress.goals(), self._store.group)
         self._training = True
         if self._calibration.resuming:  # a checkpoint inside a calibration window: keep observing where it stopped
             self._calibration.begin(pl_module, self.method.masked(self._targets))
@@ -255,7 +254,7 @@ class PruningScheduleCallback(CallbackBase):
         self._end_training()
         if not self._targets:
             return
-        report = measure(self._targets, self._goals(), self._store.group)
+        report = measure(self._targets, self._progress.goals(), self._store.group)
         self._warn_if_short(report)
         how = "masks dropped, zeros kept as plain weights" if self.make_permanent else "masks kept"
         if self.compact:
@@ -273,14 +272,14 @@ class PruningScheduleCallback(CallbackBase):
         started = self._training
         self._end_training()
         if started and self._targets and not isinstance(exception, PruningError):  # a refusal said why already
-            report = measure(self._targets, self._goals(), self._store.group)
+            report = measure(self._targets, self._progress.goals(), self._store.group)
             self._warn_if_short(report, f"training stopped by {type(exception).__name__}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "applied": _saved(self._applied),
+            "applied": self._progress.state(),
             "steps": self._steps,
             "rewind": self._rewind_to,
             "masks": {**MaskStore.pack(self._saved_masks), **self._store.state_dict()},  # loaded, not yet restored
@@ -289,7 +288,7 @@ class PruningScheduleCallback(CallbackBase):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._applied = self._loaded(state_dict.get("applied") or {})
+        self._progress.load(state_dict.get("applied") or {})
         self._steps = int(state_dict.get("steps", 0))
         self._rewind_to = state_dict.get("rewind")
         self._saved_masks = MaskStore.unpack(state_dict.get("masks") or {})
@@ -302,7 +301,7 @@ class PruningScheduleCallback(CallbackBase):
     # ------------------------------------------------------------------ pruning
 
     def _prune_to(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
-        due = self._plan.due(epoch, self._applied)
+        due = self._progress.due(epoch)
         if due is None:
             return
         if self.method.calibration_batches:  # observe activations first: the step waits for the window
@@ -317,58 +316,34 @@ class PruningScheduleCallback(CallbackBase):
         self._calibration.close()
         if self.rewind is not None:
             self._rewind(trainer)
-            report = measure(self._targets, self._goals(due), self._store.group)
-        self._applied = due
+            report = measure(self._targets, self._progress.goals(due), self._store.group)
+        self._progress.reach(due)
         self._steps += 1
         self._last_report = report
-        counts, sizes = self._store.pruned_counts(self._targets), self._plan.sizes
+        counts, sizes = self._store.pruned_counts(self._targets), self._progress.sizes
         if emptied := [t.name for t, n in zip(self._targets, counts) if n == sizes[t.name]]:
             rank_zero_warn(f"Pruning step {self._steps} pruned every entry of {emptied}: their outputs are constant.")
         if self.verbose and trainer.is_global_zero:
-            goal = "" if (target := self._overall_target()) is None else f", target {target:.4f}"
+            goal = "" if (target := self._progress.overall()) is None else f", target {target:.4f}"
             at = f"at epoch {epoch:g} (global step {trainer.global_step})"
             rank_zero_info(f"Pruning step {self._steps} {at}: sparsity {report.sparsity:.4f}{goal}\n{report}")
         self._masking.after_prune(self._store)
 
-    def _plan_for(self, targets: Sequence[PruningTarget]) -> TargetPlan:
-        """The run's targets: each tensor's own (local), one for all together (global; 1.0 with a plain-function
-        schedule, which gives the values itself), or a trigger for a method that takes no sparsity."""
-        sizes = {t.name: t.tensor.numel() for t in targets}
+    def _finals(self, targets: Sequence[PruningTarget]) -> Due:
+        """The run's final targets: each tensor's own (local), one for all together (global; 1.0 with a
+        plain-function schedule, which gives the values itself), or a trigger for a method that takes none."""
         if not self.method.takes_sparsity:
-            return TargetPlan(self.schedule, Trigger(), sizes)
+            return Trigger()
         if self.scope == "global":
-            return TargetPlan(self.schedule, Global(self.sparsity if isinstance(self.sparsity, float) else 1.0), sizes)
-        return TargetPlan(self.schedule, Local({t.name: t.sparsity or 0.0 for t in targets}), sizes)
-
-    def _loaded(self, applied: Mapping[str, float]) -> Due | None:
-        """The targets reached, from the callback's saved state (0.2 and 0.3 checkpoints included)."""
-        if not applied:
-            return None
-        if _GLOBAL_KEY in applied:
-            value = float(applied[_GLOBAL_KEY])
-            return Global(value) if self.method.takes_sparsity else Trigger(value)
-        return Local(applied)
-
-    def _goals(self, applied: Due | None = None) -> dict[str, float]:
-        applied = self._applied if applied is None else applied
-        return dict(applied.sparsity) if isinstance(applied, Local) else {}
-
-    def _overall_target(self) -> float | None:
-        return self._plan.overall(self._applied) if self.method.takes_sparsity else None
+            return Global(self.sparsity if isinstance(self.sparsity, float) else 1.0)
+        return Local({t.name: t.sparsity or 0.0 for t in targets})
 
     def _warn_if_short(self, report: SparsityReport, why: str = "training ended") -> None:
-        planned = self._plan.short_of(self._applied)
+        planned = self._progress.short_of()
         if planned is not None:
             rank_zero_warn(
                 f"Pruning: {why} at sparsity {report.sparsity:.4f}, below the planned {planned:.4f} of "
                 f"{self.schedule!r} (step {self._steps}); the model is left at {report.sparsity:.4f}."
-            )
-
-    def _check_overlap(self, peers: Sequence[PruningScheduleCallback]) -> None:
-        shared = sorted({t.name for t in self._targets} & {t.name for p in peers if p is not self for t in p._targets})
-        if shared:
-            raise ValueError(
-                f"Two PruningScheduleCallbacks in one Trainer both prune {shared}; give them disjoint `parameters`."
             )
 
     def _end_training(self) -> None:
@@ -391,7 +366,7 @@ class PruningScheduleCallback(CallbackBase):
             rank_zero_warn(f"Pruning step {self._steps + 1} comes before the rewind point {self.rewind!r}: no rewind.")
 
     def _log(self, pl_module: nn.Module, report: SparsityReport) -> None:
-        logged = report.metrics(self._log_prefix, self._overall_target(), self.log_per_tensor)
+        logged = report.metrics(self._log_prefix, self._progress.overall(), self.log_per_tensor)
         for key, value in self.method.metrics(self._store).items():  # "pruning/x" -> "pruning/<i>/x" if shared
             logged[self._log_prefix + key[len("pruning") :] if key.startswith("pruning/") else key] = value
         for key, value in logged.items():
@@ -419,12 +394,3 @@ class PruningScheduleCallback(CallbackBase):
     def last_report(self) -> SparsityReport | None:
         """The measured figures after the latest pruning step."""
         return self._last_report
-
-
-def _saved(applied: Due | None) -> dict[str, float]:
-    """The targets reached, as the callback's state holds them (``{name: s}``, or one value under a fixed key)."""
-    if isinstance(applied, Local):
-        return dict(applied.sparsity)
-    if isinstance(applied, Global):
-        return {_GLOBAL_KEY: applied.sparsity}
-    return {} if applied is None else {_GLOBAL_KEY: applied.progress}

@@ -2,7 +2,7 @@
 
 Pure arithmetic on tensors (no ``torch.nn``, no module surgery): the callback builds a :class:`Collective` from
 the Trainer's strategy (``strategy.reduce`` sums a tensor over every process), and the exact selection of
-:mod:`lightning_prune.thresholds` sums its histograms and counts through it, so that a sharded model's
+:mod:`lightning_prune.methods.thresholds` sums its histograms and counts through it, so that a sharded model's
 global step prunes exactly what one process holding the whole model would.
 
 Example::

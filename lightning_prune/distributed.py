@@ -21,7 +21,7 @@ import zlib
 from typing import Any
 
 from lightning_prune.collective import Collective
-from lightning_prune.packing import pack_bits, unpack_bits
+from lightning_prune.files.packing import pack_bits, unpack_bits
 from lightning_prune.selection import PruningTarget
 from lightning_prune.store import MaskStore
 

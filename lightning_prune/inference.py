@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._checks import allowed, check_choice, check_fraction, check_int, check_number
 from lightning_prune._sparse_layers import (
     BLOCKS,
     Form,
@@ -58,6 +57,7 @@ from lightning_prune._sparse_layers import (
     project_in,
     seq_first,
 )
+from lightning_prune._utils.checks import allowed, check_choice, check_fraction, check_int, check_number
 from lightning_prune.layers import matrix_layer, to_out_in
 
 __all__ = ["LayerChoice", "SparseInferenceReport", "inference_report", "to_sparse_inference"]

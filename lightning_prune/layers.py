@@ -63,7 +63,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lightning_prune._checks import allowed, check_choice
+from lightning_prune._utils.checks import allowed, check_choice
 
 __all__ = [
     "EMBEDDING_TYPES",

@@ -11,19 +11,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune import reparam
-from lightning_prune._table import format_table
+from lightning_prune._utils.table import format_table
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
 from lightning_prune.layers import input_dim, is_stacked, layout_of, matrix_layer, output_dim
-from lightning_prune.nm import check_nm, nm_satisfied
+from lightning_prune.patterns import check_nm, nm_satisfied
 from lightning_prune.selection import (
     ParameterSpec,
     PruningTarget,
     iter_parameters,
-    local_view,
     matrix_weight_names,
     select_parameters,
 )
+from lightning_prune.shards import local_view
 
 __all__ = ["ModelSize", "SparsityReport", "TensorSparsity", "count_macs", "sparsity_report"]
 
@@ -40,7 +40,7 @@ class TensorSparsity:
         target: the cumulative target it was last pruned to, if known.
         nm: whether it satisfies the N:M pattern that :func:`sparsity_report` was asked about (``nm=(n, m)``):
             at most ``n`` nonzeros in every ``m`` consecutive entries along dim 1 (see
-            :func:`~lightning_prune.nm.nm_satisfied`); ``None`` when not asked or when dim 1 has no such groups.
+            :func:`~lightning_prune.methods.nm.nm_satisfied`); ``None`` when not asked or when dim 1 has no such groups.
     """
 
     name: str

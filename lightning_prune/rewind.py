@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_prune._checks import check_int
+from lightning_prune._utils.checks import check_int
 from lightning_prune.selection import PruningTarget
 from lightning_prune.store import MaskStore, apply_mask_
 

@@ -24,8 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning_prune._checks import check_fraction, check_int, check_number
-from lightning_prune.targets import Due
+from lightning_prune._utils.checks import check_fraction, check_int, check_number
+from lightning_prune.targets import Due, Global, Local, Trigger
 
 __all__ = [
     "AtEpochs",
@@ -34,6 +34,7 @@ __all__ = [
     "Polynomial",
     "Schedule",
     "ScheduleLike",
+    "Progress",
     "TargetPlan",
     "as_schedule",
     "resolve_sparsity",
@@ -331,7 +332,7 @@ class TargetPlan:
 
         >>> plan = TargetPlan(AtEpochs([1, 2]), Local({"a": 0.8, "b": 0.4}), {"a": 30, "b": 10})
         >>> plan.due(1.0, None)
-        Local(sparsity=mappingproxy({'a': 0.4, 'b': 0.2}))
+        Local(sparsity={'a': 0.4, 'b': 0.2})
         >>> reached = Local({"a": 0.4, "b": 0.2})
         >>> plan.due(1.0, reached) is None, plan.overall(reached)
         (True, 0.35)
@@ -370,3 +371,80 @@ class TargetPlan:
         if final is not None and final.beyond(reached):
             return self.overall(final)
         return None
+
+
+class Progress:
+    """How far one run got along its :class:`TargetPlan`: the targets reached, what is due next, the figures
+    derived from them, and the form the callback's saved state keeps them in (``{name: s}``, or one value under a
+    fixed key for a global target or a trigger, as since 0.2, so that older checkpoints resume).
+
+    Args:
+        schedule: when, and how far.
+        finals: the final targets (their type says the kind: per tensor, global, or a trigger); the values may be
+            given later with :meth:`plan` (the callback learns them when ``fit`` starts).
+
+    Example::
+
+        >>> progress = Progress(AtEpochs([1, 2]), Global(0.8))
+        >>> progress.plan(Global(0.8), {"a": 10})
+        >>> progress.reach(progress.due(1.0)); progress.state()
+        {'__global__': 0.4}
+        >>> progress.short_of(), progress.overall()
+        (0.8, 0.4)
+    """
+
+    _KEY = "__global__"
+
+    def __init__(self, schedule: Schedule, finals: Due) -> None:
+        self._plan = TargetPlan(schedule, finals, {})
+        self.reached: Due | None = None
+
+    def plan(self, finals: Due, sizes: Mapping[str, int]) -> None:
+        """Set the final targets and the tensors' sizes (when ``fit`` starts)."""
+        self._plan = TargetPlan(self._plan.schedule, finals, sizes)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self._plan.sizes
+
+    def final(self) -> Due | None:
+        return self._plan.final()
+
+    def due(self, epoch: float) -> Due | None:
+        """The targets to prune to at ``epoch`` beyond those reached, or ``None``."""
+        return self._plan.due(epoch, self.reached)
+
+    def reach(self, due: Due | None) -> None:
+        self.reached = due
+
+    def goals(self, due: Due | None = None) -> dict[str, float]:
+        """Each tensor's target reached (or ``due``), for per-tensor targets; empty otherwise."""
+        due = self.reached if due is None else due
+        return dict(due.sparsity) if isinstance(due, Local) else {}
+
+    def overall(self) -> float | None:
+        """The overall target reached (``None`` for a trigger, which carries no sparsity)."""
+        return None if isinstance(self._plan.finals, Trigger) else self._plan.overall(self.reached)
+
+    def short_of(self) -> float | None:
+        """The planned final overall target when it was not reached (``None`` for a trigger, or when reached)."""
+        return None if isinstance(self._plan.finals, Trigger) else self._plan.short_of(self.reached)
+
+    def state(self) -> dict[str, float]:
+        """The targets reached as the callback's state holds them."""
+        reached = self.reached
+        if isinstance(reached, Local):
+            return dict(reached.sparsity)
+        if isinstance(reached, Global):
+            return {self._KEY: reached.sparsity}
+        return {} if reached is None else {self._KEY: reached.progress}
+
+    def load(self, state: Mapping[str, float]) -> None:
+        """Restore :meth:`state` (of this version or of 0.2/0.3)."""
+        if not state:
+            self.reached = None
+        elif self._KEY in state:
+            value = float(state[self._KEY])
+            self.reached = Trigger(value) if isinstance(self._plan.finals, Trigger) else Global(value)
+        else:
+            self.reached = Local({name: float(s) for name, s in state.items()})

@@ -28,12 +28,11 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_prune._checks import check_fraction
-from lightning_prune._lightning import rank_zero_warn
+from lightning_prune._utils.checks import check_fraction
+from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.layers import Layout, is_embedding, is_router, matrix_layer
 
 __all__ = [
@@ -44,10 +43,8 @@ __all__ = [
     "SparsitySpec",
     "describe_selection",
     "iter_parameters",
-    "local_view",
     "matrix_weight_names",
     "select_parameters",
-    "shard_offset",
 ]
 
 ParameterSpec = str | tuple[nn.Module, str]
@@ -406,6 +403,15 @@ def select_parameters(
     return targets
 
 
+def check_disjoint(mine: Sequence[str], others: Sequence[str]) -> None:
+    """Refuse two pruning callbacks of one Trainer that both prune a tensor (``ValueError`` naming them)."""
+    shared = sorted(set(mine) & set(others))
+    if shared:
+        raise ValueError(
+            f"Two PruningScheduleCallbacks in one Trainer both prune {shared}; give them disjoint `parameters`."
+        )
+
+
 def check_exclude(exclude: object) -> tuple[str, ...]:
     """``exclude`` as a tuple of names or patterns; a ``ValueError`` for anything else."""
     if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence):
@@ -524,21 +530,3 @@ def describe_selection(model: nn.Module, targets: Sequence[PruningTarget]) -> Se
         model_numel=numel,
         left_out=left_out,
     )
-
-
-def shard_offset(tensor: Tensor) -> int:
-    """Where this process's part of ``tensor`` starts in its row-major flattening: 0 for a plain tensor; for a
-    ``DTensor`` sharded on dim 0 (FSDP2), the first local row times the row size (FSDP2 splits rows as
-    ``torch.chunk`` does)."""
-    if not isinstance(tensor, DTensor):
-        return 0
-    mesh = tensor.device_mesh
-    rows = tensor.shape[0]
-    per_rank = -(-rows // mesh.size())
-    first = min(mesh.get_local_rank() * per_rank, rows)
-    return first * (tensor.numel() // max(rows, 1))
-
-
-def local_view(tensor: Tensor) -> Tensor:
-    """The part of ``tensor`` this process holds: the local shard of a ``DTensor`` (FSDP2), else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_prune import reparam
-from lightning_prune._atomic import atomic_write, write_text
-from lightning_prune._checks import check_fraction, check_number, is_number
-from lightning_prune._lightning import CallbackBase
-from lightning_prune._table import format_table
+from lightning_prune._utils.checks import check_fraction, check_number, is_number
+from lightning_prune._utils.lightning import CallbackBase
+from lightning_prune._utils.table import format_table
+from lightning_prune.files.atomic import atomic_write, write_text
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 from lightning_prune.step import due_for, prune_step

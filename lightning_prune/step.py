@@ -38,18 +38,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._checks import check_fraction
+from lightning_prune._utils.checks import check_fraction
 from lightning_prune.calibration import calibrate, default_forward
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for
 from lightning_prune.layers import is_stacked
 from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scope, resolve_method
+from lightning_prune.methods.wanda import Group, Wanda
 from lightning_prune.report import SparsityReport, measure
-from lightning_prune.selection import ParameterSpec, PruningTarget, local_view, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.shards import local_view
 from lightning_prune.store import MaskStore
 from lightning_prune.targets import Due, Global, Local, Trigger
 
-__all__ = ["PruningError", "check_finite", "check_reachable", "due_for", "prune_once", "prune_step"]
+__all__ = ["PruningError", "check_finite", "check_reachable", "due_for", "prune_once", "prune_step", "wanda_prune"]
 
 
 class PruningError(ValueError):
@@ -67,10 +69,11 @@ def due_for(method: PruningMethod, targets: Sequence[PruningTarget], sparsity: f
     Example::
 
         >>> from torch import nn
-        >>> from lightning_prune import resolve_method, select_parameters
+        >>> from lightning_prune import select_parameters
+        >>> from lightning_prune.methods import resolve_method
         >>> targets = select_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
         >>> due_for(resolve_method("l1_unstructured"), targets, 0.5, "local")
-        Local(sparsity=mappingproxy({'0.weight': 0.5, '1.weight': 0.5}))
+        Local(sparsity={'0.weight': 0.5, '1.weight': 0.5})
     """
     scope = check_scope(method, scope)
     if not method.takes_sparsity:
@@ -247,3 +250,38 @@ def prune_once(
         if window is not None:
             window.close()
     return {t.name: mask for t, mask in store.items()}
+
+
+def wanda_prune(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    sparsity: float,
+    *,
+    parameters: Sequence[ParameterSpec] | None = None,
+    group: Group = "row",
+    batches: int = 8,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, Tensor]:
+    """Prune a trained model once with :class:`Wanda` from ``batches`` batches of ``dataloader`` (no training).
+
+    The same as ``prune_once(model, sparsity, method=Wanda(batches, group), scope=..., ...)``, with the scope
+    that ``group`` needs. Returns ``{qualified name: uint8 mask}`` of the pruned tensors.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = wanda_prune(net, [torch.randn(16, 4) for _ in range(2)], 0.5, batches=2)
+        >>> [int((m == 0).sum(1).max()) for m in masks.values()]  # half of each row
+        [2, 4]
+    """
+    scope = "global" if group == "global" else "local"
+    return prune_once(
+        model,
+        sparsity,
+        method=Wanda(batches, group),
+        scope=scope,
+        parameters=parameters,
+        dataloader=dataloader,
+        forward=forward,
+    )

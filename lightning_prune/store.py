@@ -20,7 +20,7 @@ optimization, several optimizers, gradient accumulation and clipping), as NVIDIA
 
 Methods decide masks; :meth:`MaskStore.set` narrows the kept masks (masks only ever narrow) and
 :meth:`MaskStore.apply` zeros the newly pruned weights (as ``+0.0``) and optimizer state. Checkpoints carry
-the masks bit-packed (:meth:`MaskStore.state_dict`, :mod:`lightning_prune.packing`).
+the masks bit-packed (:meth:`MaskStore.state_dict`, :mod:`lightning_prune.files.packing`).
 
 Example::
 
@@ -49,8 +49,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.collective import Collective
 from lightning_prune.counting import mask_zeros, remember_pruned_count
-from lightning_prune.packing import PackedMask
-from lightning_prune.selection import PruningTarget, local_view, shard_offset
+from lightning_prune.files.packing import PackedMask
+from lightning_prune.selection import PruningTarget
+from lightning_prune.shards import local_view, shard_offset
 
 __all__ = ["ZERO_KEEPING_OPTIMIZERS", "MaskStore", "StoreMasking", "apply_mask_"]
 
@@ -305,7 +306,7 @@ class MaskStore:
 
     @staticmethod
     def pack(masks: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
-        """Whole masks in the form of :meth:`state_dict` (each a :class:`~lightning_prune.packing.PackedMask`)."""
+        """Whole masks in the form of :meth:`state_dict` (each a :class:`~lightning_prune.files.packing.PackedMask`)."""
         return {name: PackedMask.of(m).to_state() for name, m in masks.items()}
 
     @staticmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 __all__ = ["Due", "Global", "Local", "Trigger"]
 
@@ -37,7 +36,7 @@ class Local:
     sparsity: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sparsity", MappingProxyType(dict(self.sparsity)))
+        object.__setattr__(self, "sparsity", dict(self.sparsity))  # a copy: the caller's dict may change
 
     def scaled(self, by: Callable[[float], float]) -> Local:
         """Each final target through ``by`` (a schedule at one point)."""

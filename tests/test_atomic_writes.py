@@ -17,12 +17,12 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-import lightning_prune._atomic as atomic
-import lightning_prune.sparse_files as sparse_files
+import lightning_prune.files.atomic as atomic
+import lightning_prune.files.sparse_files as sparse_files
 from lightning_prune import SparseCheckpointIO, load_sparse, save_sparse
-from lightning_prune._atomic import atomic_write, save_torch, write_text
+from lightning_prune.files.atomic import atomic_write, save_torch, write_text
+from lightning_prune.files.checkpoint import save_dense_checkpoint, sparse_state_dict
 from lightning_prune.sensitivity import SensitivityTable, plot_sensitivity
-from lightning_prune.sparse_checkpoint import save_dense_checkpoint, sparse_state_dict
 
 TORCH_SAVE = torch.save
 

@@ -11,7 +11,7 @@ import torch
 from helpers import smallest_reference
 
 from lightning_prune.collective import Collective
-from lightning_prune.thresholds import iter_smallest, iter_smallest_each
+from lightning_prune.methods.thresholds import iter_smallest, iter_smallest_each
 
 
 class ThreadGroup:

@@ -43,13 +43,31 @@ def test_root_exports_what_users_call_and_the_api_index_lists_them() -> None:
 
 
 def _sources() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text()) for p in sorted(PACKAGE.glob("*.py"))}
+    """Every module of the package by its path (``methods/wanda.py``)."""
+    return {p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+# thin permanent aliases: names that saved files hold (a pickled function, pickled classes)
+ALIASES = {"sparse_checkpoint.py", "_sparse_layers.py"}
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    """The package modules a module imports (``lightning_prune.x.y``), at any depth of its code."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_prune"):
+            found.add(node.module or "")
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lightning_prune"))
+    return found
 
 
 def test_no_module_imports_another_modules_private_names() -> None:
     private = [
         f"{name}: from {node.module} import {alias.name}"
         for name, tree in _sources().items()
+        if name not in ALIASES
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_prune.")
         for alias in node.names
@@ -71,4 +89,66 @@ def test_torch_pruning_form_is_known_to_reparam_only() -> None:
 
 
 def test_callback_module_stays_thin() -> None:
-    assert len((PACKAGE / "callback.py").read_text().splitlines()) <= 400
+    source = (PACKAGE / "callback.py").read_text()
+    assert len(source.splitlines()) <= 400
+    statements = [n.lineno for n in ast.walk(ast.parse(source)) if isinstance(n, ast.stmt)]
+    assert len(statements) == len(set(statements))  # one statement a line: the cap is not met by packing
+
+
+def _layer(module: str) -> str:
+    """The concern a module belongs to: its subpackage, or ``core``."""
+    parts = module.removeprefix("lightning_prune").lstrip(".").split(".")
+    return parts[0] if parts[0] in ("methods", "files", "inference", "_utils") else "core"
+
+
+@pytest.mark.parametrize(
+    ("concern", "forbidden"),
+    [
+        ("_utils", {"core", "methods", "files", "inference"}),
+        ("methods", {"files", "inference"}),
+        ("files", {"methods", "inference"}),
+    ],
+)
+def test_subpackages_import_only_downward(concern: str, forbidden: set[str]) -> None:
+    drivers = {"lightning_prune.callback", "lightning_prune.step"}
+    bad = []
+    for name, tree in _sources().items():
+        if _layer(name.replace("/", ".").removesuffix(".py")) != concern:
+            continue
+        for module in _imports(tree):
+            if module in drivers or (_layer(module) in forbidden and module != "lightning_prune"):
+                bad.append(f"{name} imports {module}")
+    assert bad == []
+
+
+def test_pure_modules_import_no_module_that_changes_a_model() -> None:
+    """Schedules, targets, counting and N:M patterns are arithmetic; reports import no method."""
+    allowed = {"lightning_prune._utils.checks", "lightning_prune.targets"}
+    for name in ("schedules.py", "targets.py", "counting.py", "patterns.py", "shards.py"):
+        modules = {m for m in _imports(_sources()[name]) if m.count(".") == 1 or m.startswith("lightning_prune._")}
+        assert {m.rsplit(".", 1)[0] if m.count(".") > 1 else m for m in modules} <= allowed | {
+            "lightning_prune._utils"
+        }, (name, modules)
+    assert not {m for m in _imports(_sources()["report.py"]) if m.startswith("lightning_prune.methods")}
+
+
+def test_every_function_fits_on_one_screen() -> None:
+    """At most 60 lines of body (the docstring not counted) in every function of the package."""
+    long = []
+    for name, tree in _sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                    body = body[1:]
+                if body and (node.end_lineno or 0) - body[0].lineno + 1 > 60:
+                    long.append(f"{name}:{node.name}")
+    assert long == []
+
+
+def test_names_that_saved_files_hold_stay_importable() -> None:
+    from lightning_prune.files.checkpoint import _rebuild_from_bitmask_v1
+    from lightning_prune.sparse_checkpoint import _rebuild_from_bitmask_v1 as alias
+
+    assert alias is _rebuild_from_bitmask_v1
+    assert f"{alias.__module__}.{alias.__qualname__}" == "lightning_prune.sparse_checkpoint._rebuild_from_bitmask_v1"

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-import lightning_prune.sparse_files as sparse_files
+import lightning_prune.files.sparse_files as sparse_files
 from lightning_prune import inspect_sparse, load_sparse, load_sparse_into, save_sparse
-from lightning_prune.packing import pack_bits, packed_size, unpack_bits
-from lightning_prune.sparse_files import SparseFileInfo, SparseParts, join_sparse, split_sparse
+from lightning_prune.files.packing import pack_bits, packed_size, unpack_bits
+from lightning_prune.files.sparse_files import SparseFileInfo, SparseParts, join_sparse, split_sparse
 
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 

@@ -22,12 +22,12 @@ from helpers import (
 from torch import nn
 
 from lightning_prune import MaskStore, NeuronPruning, PruningScheduleCallback, compact, load_compact_state_dict
-from lightning_prune.compaction import resize_to_state_dict
-from lightning_prune.neuron_graph import neuron_groups
+from lightning_prune.methods.compaction import resize_to_state_dict
+from lightning_prune.methods.neuron_graph import neuron_groups
+from lightning_prune.methods.neurons import group_importance
 from lightning_prune.reparam import install
 from lightning_prune.schedules import AtEpochs
 from lightning_prune.selection import select_parameters
-from lightning_prune.structured import group_importance
 
 
 class LeNet(nn.Module):

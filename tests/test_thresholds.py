@@ -12,8 +12,8 @@ from torch import nn
 
 from lightning_prune import MaskStore
 from lightning_prune.methods import resolve_method
+from lightning_prune.methods.thresholds import iter_smallest, iter_smallest_each, score_keys, select_smallest
 from lightning_prune.selection import select_parameters
-from lightning_prune.thresholds import iter_smallest, iter_smallest_each, score_keys, select_smallest
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -330,7 +330,7 @@ def test_iter_smallest_each_inplace_with_zeroed_scores(dtype: torch.dtype) -> No
 @pytest.mark.parametrize("signed", [False, True])
 def test_iter_smallest_each_small_tensors_sorted_match_the_histogram_passes(mask_dtype, signed) -> None:
     """Tensors up to 65,536 entries are selected by one sort: the same masks, ties included, as the histograms."""
-    from lightning_prune import thresholds
+    from lightning_prune.methods import thresholds
 
     g = torch.Generator().manual_seed(3)
     for _ in range(40):

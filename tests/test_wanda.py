@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback, Wanda, prune_once
-from lightning_prune.wanda import wanda_prune
+from lightning_prune.step import wanda_prune
 
 HERE = Path(__file__).parent
 LINEAR_IN = 6

@@ -8,7 +8,7 @@ is found by Torch-Pruning's ``DependencyGraph`` from one traced forward pass, so
 channels of tensors added by a residual connection form one group and are pruned together.
 
 This module only describes the groups (:class:`NeuronGroup`, :func:`neuron_groups`); the method that ranks
-and prunes them is :class:`lightning_prune.structured.NeuronPruning`, and :mod:`lightning_prune.compaction`
+and prunes them is :class:`lightning_prune.methods.neurons.NeuronPruning`, and :mod:`lightning_prune.methods.compaction`
 removes pruned neurons physically, as Torch-Pruning separates its ``dependency`` from its ``pruner``.
 
 The network's output layers (the Conv/Linear layers whose outputs reach a model output through
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._lightning import rank_zero_warn
+from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.methods import MaskReader, NewMask
 from lightning_prune.selection import PruningTarget, matrix_weight_names
 

@@ -1,6 +1,7 @@
 """Compaction: physically remove pruned neurons and channels, and load compact weights into a fresh model.
 
-:func:`compact` turns a model whose neurons are pruned (masked by :class:`~lightning_prune.structured.NeuronPruning`,
+:func:`compact` turns a model whose neurons are pruned (masked by
+:class:`~lightning_prune.methods.neurons.NeuronPruning`,
 or with the zeros already made permanent) into a smaller dense model: every neuron whose entries in all
 coupled tensors are zero is removed with Torch-Pruning's pruning functions, so that the layers get smaller
 shapes (conv2 with 16 -> 8 channels makes fc1 take 200 instead of 400 inputs) and the outputs stay the same.
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, build_graph, groups_from_graph
+from lightning_prune.methods.neuron_graph import ExcludeSpec, NeuronGroup, build_graph, groups_from_graph
 from lightning_prune.reparam import make_permanent
 
 __all__ = ["compact", "load_compact_state_dict", "resize_to_state_dict"]

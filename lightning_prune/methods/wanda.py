@@ -7,8 +7,9 @@ number of rows so that layers that see different numbers of rows compare in glob
 tensor the order is the same). :class:`Wanda` collects the statistics through forward pre-hooks during the
 callback's calibration window, keeping one vector of sums of squares and one row count per tensor, and then
 ranks exactly like the other score methods: per output row (the paper's comparison group), per tensor, or
-across tensors. :func:`wanda_prune` prunes a trained model once, outside training, with the same class, and
-:func:`~lightning_prune.prune_once` does the same for any method (e.g. one-shot magnitude pruning to compare with).
+across tensors. :func:`~lightning_prune.step.wanda_prune` prunes a trained model once, outside training, with
+the same class, and :func:`~lightning_prune.prune_once` does the same for any method (e.g. one-shot magnitude
+pruning to compare with).
 
 Which input a tensor's scores read:
 
@@ -34,7 +35,7 @@ Only forward passes with gradients enabled are observed: training batches, not v
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,16 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune._checks import allowed, check_choice, check_int
-from lightning_prune._lightning import rank_zero_warn
+from lightning_prune._utils.checks import allowed, check_choice, check_int
+from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.counting import count_for
 from lightning_prune.layers import input_dim, is_stacked, matrix_layer, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod, ScoreMethod
-from lightning_prune.nm import NMPruning, check_nm
-from lightning_prune.selection import ParameterSpec, PruningTarget
-from lightning_prune.step import prune_once
+from lightning_prune.methods.nm import NMPruning, check_nm
+from lightning_prune.selection import PruningTarget
 
-__all__ = ["Group", "Wanda", "wanda_prune"]
+__all__ = ["Group", "Wanda"]
 
 Group = Literal["row", "tensor", "global"]
 _QKV = ("query", "key", "value")
@@ -460,41 +460,3 @@ def _intermediate(experts: nn.Module, first: str, expert: int, x: Tensor) -> Ten
     if first == "gate_up_proj" and hasattr(experts, "_apply_gate"):
         return experts._apply_gate(out)
     return experts.act_fn(out)
-
-
-# ------------------------------------------------------------------------------------------------ one shot
-
-
-def wanda_prune(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    sparsity: float,
-    *,
-    parameters: Sequence[ParameterSpec] | None = None,
-    group: Group = "row",
-    batches: int = 8,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-) -> dict[str, Tensor]:
-    """Prune a trained model once with :class:`Wanda` from ``batches`` batches of ``dataloader`` (no training).
-
-    The same as ``prune_once(model, sparsity, method=Wanda(batches, group), scope=..., ...)``, with the scope
-    that ``group`` needs. Returns ``{qualified name: uint8 mask}`` of the pruned tensors.
-
-    Example::
-
-        >>> _ = torch.manual_seed(0)
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> masks = wanda_prune(net, [torch.randn(16, 4) for _ in range(2)], 0.5, batches=2)
-        >>> [int((m == 0).sum(1).max()) for m in masks.values()]  # half of each row
-        [2, 4]
-    """
-    scope = "global" if group == "global" else "local"
-    return prune_once(
-        model,
-        sparsity,
-        method=Wanda(batches, group),
-        scope=scope,
-        parameters=parameters,
-        dataloader=dataloader,
-        forward=forward,
-    )

@@ -4,7 +4,7 @@ A mask is any tensor whose nonzero entries are kept (1) and whose zeros are prun
 stores it as ``ceil(numel / 8)`` bytes, most significant bit first (``numpy.packbits`` order), over the
 row-major flattening of the tensor; :func:`unpack_bits` needs the shape to undo it. :class:`PackedMask` holds the
 two together: the callback's checkpoint state keeps each mask as one, and a tensor in a sparse file
-(:class:`~lightning_prune.sparse_files.SparseParts`) is one (the mask of its nonzero entries) with its values.
+(:class:`~lightning_prune.files.sparse_files.SparseParts`) is one (the mask of its nonzero entries) with its values.
 
 Example::
 

@@ -2,7 +2,7 @@
 
 :func:`save_sparse` writes a `safetensors <https://github.com/huggingface/safetensors>`_ file (never pickle, so it is
 safe to download and open). Each floating tensor that holds zeros is stored as a bitmask of its nonzero entries
-(packed eight a byte by :func:`~lightning_prune.packing.pack_bits`) plus its nonzero values, in order, as a 1-d
+(packed eight a byte by :func:`~lightning_prune.files.packing.pack_bits`) plus its nonzero values, in order, as a 1-d
 tensor of its own dtype. A tensor keeps that form only where it is smaller than the dense one (bitmask and values
 bytes below the dense bytes; for float32 above about 3% zeros, for bfloat16 and float16 above about 6%); every
 other tensor (integer and bool buffers, tensors without zeros, 0-d tensors) is stored as it is. Tensors that share
@@ -57,8 +57,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_prune._atomic import atomic_write
-from lightning_prune.packing import PackedMask, pack_bits, packed_size, unpack_bits
+from lightning_prune.files.atomic import atomic_write
+from lightning_prune.files.packing import PackedMask, pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "FORMAT_KEY",
@@ -111,10 +111,11 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class SparseParts(PackedMask):
     """One tensor in sparse form: the packed mask of its nonzero entries (a
-    :class:`~lightning_prune.packing.PackedMask`, as the callback's checkpoints hold pruning masks) and those entries.
+    :class:`~lightning_prune.files.packing.PackedMask`, as the callback's checkpoints hold pruning masks) and those
+    entries.
 
     Args:
-        bits: ``uint8``, ``ceil(numel / 8)`` bytes (:func:`~lightning_prune.packing.pack_bits` order), a bit set
+        bits: ``uint8``, ``ceil(numel / 8)`` bytes (:func:`~lightning_prune.files.packing.pack_bits` order), a bit set
             for each entry that is not zero (NaN counts as not zero).
         shape: the tensor's shape.
         values: 1-d, the tensor's dtype: the entries whose bit is set, in row-major order.
@@ -299,7 +300,7 @@ def _check_parts(parts: SparseParts) -> None:
 
 
 def _set_bits(packed: np.ndarray, count: int) -> np.ndarray:
-    """The positions of the ``count`` bits set in ``packed`` (:func:`~lightning_prune.packing.pack_bits` order),
+    """The positions of the ``count`` bits set in ``packed`` (:func:`~lightning_prune.files.packing.pack_bits` order),
     ascending, as int64.
 
     Where at most one bit in ten is set, only the bytes that hold a set bit are unpacked (a third of the bytes at 95%

@@ -1,9 +1,9 @@
 """Neuron and channel pruning: whole output units masked during training, with every weight that touches them.
 
-:class:`NeuronPruning` ranks the neuron groups that :mod:`lightning_prune.neuron_graph` finds (by
+:class:`NeuronPruning` ranks the neuron groups that :mod:`lightning_prune.methods.neuron_graph` finds (by
 :func:`group_importance`: L2 of each neuron's row and columns by default) and masks whole groups' rows,
 biases, normalization entries and consumer columns. With ``compact=True`` on the callback, the pruned
-neurons are removed physically at the end (:mod:`lightning_prune.compaction`).
+neurons are removed physically at the end (:mod:`lightning_prune.methods.compaction`).
 
 Example::
 
@@ -19,11 +19,11 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._checks import check_choice, check_int
-from lightning_prune.compaction import compact
+from lightning_prune._utils.checks import check_choice, check_int
 from lightning_prune.counting import count_for
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod
-from lightning_prune.neuron_graph import ExcludeSpec, NeuronGroup, check_exclude, neuron_groups
+from lightning_prune.methods.compaction import compact
+from lightning_prune.methods.neuron_graph import ExcludeSpec, NeuronGroup, check_exclude, neuron_groups
 from lightning_prune.seeding import derive_seed, generator
 from lightning_prune.selection import PruningTarget
 

@@ -38,71 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._checks import check_int
-from lightning_prune._lightning import rank_zero_warn
+from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.layers import input_dim
 from lightning_prune.methods import ImportanceFn, MagnitudeScores, MaskReader, NewMask, PruningMethod
+from lightning_prune.patterns import check_nm, grouped, nm_satisfied, ungrouped
 from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
 
 __all__ = ["NMPruning", "nm_satisfied", "to_semi_structured"]
 
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def check_nm(n: object, m: object) -> tuple[int, int]:
-    """``(n, m)`` as integers with ``1 <= n < m``, else a ``ValueError`` naming the argument."""
-    m = check_int("m", m, minimum=1)
-    n = check_int("n", n, minimum=1)
-    if n >= m:
-        raise ValueError(f"`n` must be below `m` (keep n of every m weights), got n={n}, m={m}.")
-    return n, m
-
-
-def _grouped(x: Tensor, m: int, dim: int = 1) -> Tensor:
-    """``x`` (a weight-shaped tensor whose input dimension is ``dim``) as ``(..., in / m, m)``: the input dimension
-    moved last (channels-last), cut into groups."""
-    moved = x.movedim(dim, -1)
-    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-
-
-def _ungrouped(g: Tensor, shape: Sequence[int], dim: int = 1) -> Tensor:
-    """The inverse of :func:`_grouped` for a tensor of ``shape``."""
-    moved = (*shape[:dim], *shape[dim + 1 :], shape[dim])
-    return g.reshape(moved).movedim(-1, dim).contiguous()
-
-
-def nm_satisfied(tensor: Tensor, n: int, m: int, dim: int = 1) -> bool:
-    """Whether every group of ``m`` consecutive entries along ``dim``, the input dimension (1 for ``Linear`` and
-    ``Conv*d`` weights, 0 for weights stored ``(in, out)`` such as Hugging Face's ``Conv1D``; see the module
-    docstring), holds at most ``n`` nonzeros.
-
-    Args:
-        tensor: at least 2-D, with ``tensor.shape[dim]`` a multiple of ``m``.
-        n: nonzeros allowed per group, ``1 <= n < m``.
-        m: the group size.
-        dim: the input dimension, 0 or 1.
-
-    Raises:
-        ValueError: for a bad ``n``/``m``/``dim`` or a tensor whose shape has no such groups.
-
-    Example::
-
-        >>> nm_satisfied(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]), 2, 4)
-        True
-        >>> nm_satisfied(torch.ones(2, 4), 2, 4)
-        False
-        >>> nm_satisfied(torch.tensor([[1.0], [0.0], [0.0], [1.0]]), 2, 4, dim=0)  # (in, out): down each column
-        True
-    """
-    n, m = check_nm(n, m)
-    if dim not in (0, 1):
-        raise ValueError(f"`dim` must be 0 or 1 (the input dimension of a weight), got {dim!r}.")
-    if tensor.dim() < 2 or tensor.shape[dim] % m:
-        raise ValueError(
-            f"N:M groups run along dim {dim}, whose size must be a multiple of m={m}, got shape {tuple(tensor.shape)}."
-        )
-    with torch.no_grad():
-        return bool((_grouped(tensor.detach(), m, dim) != 0).sum(dim=-1).le(n).all())
 
 
 def _skip_reason(target: PruningTarget, m: int) -> str | None:
@@ -213,13 +157,13 @@ class NMPruning(PruningMethod):
         if bool(torch.isnan(scores).any()):
             raise ValueError(f"{self!r}: the scores of {target.name!r} hold NaN.")
         shape, dim = tuple(scores.shape), input_dim(target.layout)
-        grouped = _grouped(scores, self.m, dim)
+        groups = grouped(scores, self.m, dim)
         if current is not None:  # a pruned entry is never among the kept ones while a live one is left
-            grouped = grouped.masked_fill(_grouped(current, self.m, dim) == 0, float("-inf"))
-        order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices
-        keep = torch.zeros(grouped.shape, dtype=torch.uint8, device=grouped.device)
+            groups = groups.masked_fill(grouped(current, self.m, dim) == 0, float("-inf"))
+        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
         keep.scatter_(-1, order[..., : self.n], 1)
-        mask = _ungrouped(keep, shape, dim)
+        mask = ungrouped(keep, shape, dim)
         if current is not None:
             mask.mul_(current)
             if torch.equal(mask, current):
