@@ -365,7 +365,7 @@ class PruningScheduleCallback(CallbackBase):
         else:
             rank_zero_warn(f"Pruning step {self._steps + 1} comes before the rewind point {self.rewind!r}: no rewind.")
 
-    def _log(self, pl_module: nn.Module, report: SparsityReport) -> None:
+    def _log(self, pl_module: Any, report: SparsityReport) -> None:
         logged = report.metrics(self._log_prefix, self._progress.overall(), self.log_per_tensor)
         for key, value in self.method.metrics(self._store).items():  # "pruning/x" -> "pruning/<i>/x" if shared
             logged[self._log_prefix + key[len("pruning") :] if key.startswith("pruning/") else key] = value

@@ -120,9 +120,11 @@ def agree_masks(store: MaskStore, targets: list[PruningTarget], strategy: Any) -
     same = strategy.broadcast(mine, src=0) == mine
     if strategy.reduce_boolean_decision(same, all=True):
         return False
-    ours = {n: pack_bits(store.mask(by_name[n])) for n in names}
+    held = {n: store.mask(by_name[n]) for n in names}
+    ours = {n: pack_bits(mask) for n, mask in held.items() if mask is not None}
     theirs = strategy.broadcast(ours, src=0)
-    for n in names:
-        mask = store.mask(by_name[n])
+    for n, mask in held.items():
+        if mask is None:
+            continue
         store.replace(by_name[n], unpack_bits(theirs[n], mask.shape).to(mask.device))
     return True

@@ -163,7 +163,7 @@ def plain(model: nn.Module) -> Iterator[dict[str, Tensor]]:
         ['0.bias', '0.weight_mask', '0.weight_orig']
     """
     saved = []
-    orders = {}
+    orders: dict[Any, Any] = {}
     for qual, module, name in _masked_tensors(model):
         orig = getattr(module, name + _ORIG)
         saved.append((qual, module, name, getattr(module, name + _MASK).detach().clone(), orig.detach().clone()))
@@ -264,7 +264,9 @@ def convert_on_load(model: nn.Module) -> RemovableHandle:
 
 def loaded_masks(model: nn.Module, pop: bool = False) -> dict[str, Tensor]:
     """The masks that :func:`convert_on_load` took from the last 0.1 ``state_dict`` loaded into ``model``."""
-    return (_LOADED.pop(model, None) or {}) if pop else dict(_LOADED.get(model, {}))
+    if pop:
+        return _LOADED.pop(model) if model in _LOADED else {}
+    return dict(_LOADED.get(model, {}))
 
 
 class TorchFormMasking:

@@ -27,6 +27,7 @@ import fnmatch
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -216,7 +217,7 @@ def _zero_keeping_source(module: nn.Module, pname: str = "weight") -> str | None
     """For a layer whose ``pname`` a parametrization computes: the local name (relative to ``module``) of the
     tensor whose zeros are zeros of the weight, or ``None`` when no such tensor is known."""
     if parametrize.is_parametrized(module, pname):
-        plist = module.parametrizations[pname]
+        plist = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[pname])
         kinds = [type(p).__name__ for p in plist]
         if kinds == ["_WeightNorm"]:
             return f"parametrizations.{pname}.original1"
@@ -241,7 +242,7 @@ def matrix_weight_names(module: nn.Module) -> list[str]:
     parametrization computes included."""
     names = [n for n, p in module._parameters.items() if p is not None]
     if parametrize.is_parametrized(module):
-        names += list(module.parametrizations.keys())
+        names += list(cast(nn.ModuleDict, module.parametrizations).keys())
     names += [n[:-2] for n in names if n.endswith("_v") and _computed(module, n[:-2])]
     return [n for n in dict.fromkeys(names) if matrix_layer(module, n) is not None]
 
@@ -350,10 +351,10 @@ def select_parameters(
     if isinstance(sparsity, Mapping):
         if not sparsity:
             raise ValueError("`sparsity` mapping is empty; give at least one key (a module type or a name pattern).")
-        for key, value in sparsity.items():
+        for key, given in sparsity.items():
             if not isinstance(key, (type, str)):
                 raise ValueError(f"`sparsity` keys must be module types or name patterns, got {key!r}.")
-            check_fraction(f"sparsity[{getattr(key, '__name__', key)!r}]", value)
+            check_fraction(f"sparsity[{getattr(key, '__name__', key)!r}]", given)
         if parameters is None:
             candidates, left_out, parametrized = _default_candidates(model)
             _warn_parametrized(parametrized)
@@ -363,10 +364,10 @@ def select_parameters(
         targets = []
         used: set[int] = set()
         for t in candidates:
-            for i, (key, value) in enumerate(sparsity.items()):
+            for i, (key, share) in enumerate(sparsity.items()):
                 if _key_matches(key, model, t):
                     used.add(i)
-                    targets.append(t.with_sparsity(float(value)))
+                    targets.append(t.with_sparsity(float(share)))
                     break
             else:
                 raise ValueError(f"`parameters` entry {t.name!r} matches no key of the `sparsity` mapping.")
@@ -380,7 +381,7 @@ def select_parameters(
                     hint = " (the default selection leaves embeddings out: name them in `parameters` to prune them)"
                 raise ValueError(f"`sparsity` key {label} matches no chosen parameter of the model{hint}.")
     else:
-        value = None if sparsity is None else check_fraction("sparsity", sparsity)
+        value: float | None = None if sparsity is None else check_fraction("sparsity", sparsity)
         if parameters is None:
             candidates, left_out, parametrized = _default_candidates(model)
             _warn_parametrized(parametrized)

@@ -275,7 +275,7 @@ def wanda_prune(
         >>> [int((m == 0).sum(1).max()) for m in masks.values()]  # half of each row
         [2, 4]
     """
-    scope = "global" if group == "global" else "local"
+    scope: Scope = "global" if group == "global" else "local"
     return prune_once(
         model,
         sparsity,

@@ -17,8 +17,8 @@ try:  # pytorch_lightning first: a dependency of this package
     from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 except ImportError:  # pragma: no cover - only the unified package is installed
     import lightning.pytorch as pl  # type: ignore[no-redef]
-    from lightning.pytorch.plugins.io import TorchCheckpointIO  # type: ignore[no-redef]
-    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # type: ignore[no-redef]
+    from lightning.pytorch.plugins.io import TorchCheckpointIO  # type: ignore[assignment]
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = ["CallbackBase", "TorchCheckpointIOBase", "register_checkpoint_io", "rank_zero_info", "rank_zero_warn"]
 

@@ -119,7 +119,7 @@ def sparse_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
-class SparseCheckpointIO(TorchCheckpointIOBase):  # type: ignore[misc, valid-type]
+class SparseCheckpointIO(TorchCheckpointIOBase):
     """``TorchCheckpointIO`` that writes the model weights of every checkpoint in sparse form.
 
     Use it as ``Trainer(plugins=[SparseCheckpointIO()])``. A checkpoint stays one ``torch.save`` file; each tensor of

@@ -376,7 +376,9 @@ class _CpuDecoder:
                 target[_set_bits(packed[packed_slice], count)] = src[offset : offset + count]
 
         offsets = np.cumsum([0, *self.counts[:-1]]).tolist()
-        jobs = [partial(fill, *chunk, o, c) for chunk, o, c in zip(_chunks(numel), offsets, self.counts)]
+        jobs: list[Callable[[], None]] = [
+            partial(fill, *chunk, o, c) for chunk, o, c in zip(_chunks(numel), offsets, self.counts)
+        ]
         return out.view(values.dtype).reshape(shape), jobs
 
 

@@ -81,9 +81,9 @@ class ScoreMethod(PruningMethod):
         counts = masks.pruned_counts(targets)
         for i, (t, s, already) in enumerate(zip(targets, sparsities, counts)):
             if is_stacked(t.layout):  # one target per expert's matrix
-                new = self._stacked_mask(t, s if s is not None else 0.0, derive_seed(seed, i), masks.mask(t))
-                if new is not None:
-                    yield new
+                stacked = self._stacked_mask(t, s if s is not None else 0.0, derive_seed(seed, i), masks.mask(t))
+                if stacked is not None:
+                    yield stacked
                 continue
             k = count_for(s if s is not None else 0.0, t.tensor.numel()) - already
             if k > 0:

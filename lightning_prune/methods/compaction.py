@@ -90,8 +90,9 @@ def _new_param(old: nn.Parameter | Tensor, shape: torch.Size) -> nn.Parameter:
 
 def _resize(module: nn.Module, name: str, shapes: Mapping[str, torch.Size]) -> None:
     for pname in list(module._parameters):
-        if module._parameters[pname] is not None and pname in shapes:
-            module._parameters[pname] = _new_param(module._parameters[pname], shapes[pname])
+        param = module._parameters[pname]
+        if param is not None and pname in shapes:
+            module._parameters[pname] = _new_param(param, shapes[pname])
     for bname in list(module._buffers):
         buf = module._buffers[bname]
         if buf is not None and bname in shapes and buf.dim() > 0:

@@ -60,8 +60,8 @@ def group_importance(group: NeuronGroup, importance: ImportanceLike = "l2", seed
             return torch.rand(group.size, generator=generator(seed))
         parts = [w.detach().float().cpu() for w in group.weights()]
         if importance == "l1":
-            return sum(p.abs().sum(dim=1) for p in parts)
-        return torch.sqrt(sum(p.pow(2).sum(dim=1) for p in parts))
+            return torch.stack([p.abs().sum(dim=1) for p in parts]).sum(0)
+        return torch.stack([p.pow(2).sum(dim=1) for p in parts]).sum(0).sqrt()
     scores = importance(group)
     if not isinstance(scores, Tensor) or tuple(scores.shape) != (group.size,):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__

@@ -218,16 +218,16 @@ def to_semi_structured(model: nn.Module, parameters: Sequence[ParameterSpec] | N
     dense: dict[str, str] = {}
     ready: list[tuple[PruningTarget, Tensor]] = []
     for t in chosen:
-        weight = t.module._parameters.get("weight")
+        param = t.module._parameters.get("weight")
         why = _skip_reason(t, 4)
         if why is not None:
             dense[t.name] = why
-        elif t.param != "weight" or weight is None:
+        elif t.param != "weight" or param is None:
             dense[t.name] = "not a plain parameter (a parametrization or torch's pruning computes it)"
-        elif not nm_satisfied(weight, 2, 4):
+        elif not nm_satisfied(param, 2, 4):
             dense[t.name] = "not 2:4 sparse along its rows"
         else:
-            ready.append((t, weight))
+            ready.append((t, param))
     for t, weight in ready:
         if not weight.is_cuda or weight.dtype not in _SEMI_STRUCTURED_DTYPES:
             raise ValueError(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +259,7 @@ class Wanda(PruningMethod):
 
     def _accumulate(self, name: str, plan: _Plan, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if plan.kind == "heads":
-            inputs = [_attention_heads(module, args, kwargs)]
+            inputs = [_attention_heads(cast(nn.MultiheadAttention, module), args, kwargs)]
         elif plan.kind == "qkv":
             bound = {**dict(zip(_MHA_ARGS, args)), **kwargs}
             inputs = [bound[_QKV[s]] for s in plan.streams]
@@ -270,7 +270,7 @@ class Wanda(PruningMethod):
             inputs = [args[0] if args else kwargs["input"]]
         dim = -1
         if plan.kind == "conv":  # (N, C, *positions), or (C, *positions) unbatched
-            dim = 1 if inputs[0].dim() == module.weight.dim() else 0
+            dim = 1 if inputs[0].dim() == cast(Tensor, module.weight).dim() else 0
         if any(x.shape[dim] != plan.features for x in inputs):
             del self._sums[name], self._rows[name]
             self._plans[name] = None
@@ -315,7 +315,10 @@ class Wanda(PruningMethod):
             scale = self._scales.get(target.name)
             if scale is None:
                 return weights
-            return weights * _broadcast(scale, self._plans[target.name], weights).to(weights.dtype)
+            plan = self._plans[target.name]
+            if plan is None:
+                return weights
+            return weights * _broadcast(scale, plan, weights).to(weights.dtype)
 
     def local_masks(
         self, targets: Sequence[PruningTarget], sparsities: Sequence[float | None], seed: int, masks: MaskReader
@@ -358,7 +361,7 @@ class Wanda(PruningMethod):
             scores = scores.masked_fill(live == 0, float("-inf"))
         lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
         mask = torch.ones(rows, length, dtype=torch.uint8, device=scores.device).scatter_(1, lowest, 0)
-        if live is not None:
+        if live is not None and pruned is not None:
             mask.mul_(live.to(mask.device))
             zeros = int(pruned.clamp(min=k).sum())
         else:
@@ -402,7 +405,7 @@ def _plan(root: nn.Module, target: PruningTarget, attention: Mapping[int, nn.Mul
 def _broadcast(scale: Tensor, plan: _Plan, weights: Tensor) -> Tensor:
     """The per-input-feature ``scale`` (streams, features) in a shape that multiplies ``weights``."""
     if plan.kind == "conv":
-        groups = plan.module.groups
+        groups = cast(int, plan.module.groups)
         per_group = scale[0].view(groups, -1).repeat_interleave(weights.shape[0] // groups, dim=0)
         return per_group.view(*per_group.shape, *([1] * (weights.dim() - 2)))
     if plan.kind == "experts":  # (experts, features) against (experts, out, in) or (experts, in, out)
@@ -444,8 +447,8 @@ def _routed_inputs(
     routed = (index.reshape(index.shape[0], -1).unsqueeze(-1) == torch.arange(count, device=index.device)).any(1)
     first = next((n for n in ("gate_up_proj", "up_proj") if isinstance(getattr(experts, n, None), Tensor)), None)
     for expert in routed.any(0).nonzero().flatten().tolist():
-        x = hidden[routed[:, expert]]
-        if x.shape[-1] != features:
+        x: Tensor | None = hidden[routed[:, expert]]
+        if x is not None and x.shape[-1] != features:
             x = _intermediate(experts, first, expert, x) if first is not None and first != param else None
         yield expert, x if x is not None and x.shape[-1] == features else None
 
@@ -457,6 +460,5 @@ def _intermediate(experts: nn.Module, first: str, expert: int, x: Tensor) -> Ten
     bias = getattr(experts, f"{first}_bias", None)
     if isinstance(bias, Tensor):
         out = out + bias[expert]
-    if first == "gate_up_proj" and hasattr(experts, "_apply_gate"):
-        return experts._apply_gate(out)
-    return experts.act_fn(out)
+    gate = experts._apply_gate if first == "gate_up_proj" and hasattr(experts, "_apply_gate") else experts.act_fn
+    return cast(Callable[[Tensor], Tensor], gate)(out)
