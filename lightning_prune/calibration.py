@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._utils.modules import device_of, keep_modes, to_device
 from lightning_prune.methods import PruningMethod
 from lightning_prune.selection import PruningTarget
 
@@ -91,8 +92,7 @@ class CalibrationWindow:
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """``model(batch[0])`` for a tuple or list batch, else ``model(batch)``, on the device of the parameters."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    device = next(model.parameters()).device
-    return model(inputs.to(device) if isinstance(inputs, Tensor) else inputs)
+    return model(to_device(inputs, device_of(model)))
 
 
 def calibrate(
@@ -111,26 +111,23 @@ def calibrate(
     """
     if dataloader is None:
         raise ValueError(f"`method={method!r}` observes activations: give a `dataloader` of calibration batches.")
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     window = CalibrationWindow(method)
-    window.begin(model, targets)
-    try:
-        batches = iter(dataloader)
-        with torch.enable_grad():
-            while not method.calibration_done():
-                batch = next(batches, None)
-                if batch is None:
-                    raise ValueError(
-                        f"`dataloader` ran out before the {method.calibration_batches} calibration batches of "
-                        f"{method!r}; give more batches or a lower `calibration_batches`."
-                    )
-                forward(model, batch)
-        window.ready(lambda t: t)
-    except BaseException:
-        window.close()
-        raise
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with keep_modes(model):
+        model.eval()
+        window.begin(model, targets)
+        try:
+            batches = iter(dataloader)
+            with torch.enable_grad():
+                while not method.calibration_done():
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise ValueError(
+                            f"`dataloader` ran out before the {method.calibration_batches} calibration batches of "
+                            f"{method!r}; give more batches or a lower `calibration_batches`."
+                        )
+                    forward(model, batch)
+            window.ready(lambda t: t)
+        except BaseException:
+            window.close()
+            raise
     return window

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune import reparam
+from lightning_prune._utils.modules import call_on
 from lightning_prune._utils.table import format_table
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
@@ -212,14 +213,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     counter = _MacCounter()
     handles = [counter.hook(m) for m in _counted_modules(model)]
     try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**{k: _on(v, device) for k, v in example_inputs.items()})
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*(_on(x, device) for x in example_inputs))
-            else:
-                model(_on(example_inputs, device))
+            call_on(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -291,10 +286,6 @@ class _MacCounter:
         projections.append((q, module.out_proj.weight))
         for x, w in projections:
             self.add(w, x.numel() // x.shape[-1])
-
-
-def _on(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, Tensor) else value
 
 
 def sparsity_report(

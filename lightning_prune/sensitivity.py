@@ -42,6 +42,7 @@ from torchmetrics import Metric
 from lightning_prune import reparam
 from lightning_prune._utils.checks import check_fraction, check_number, is_number
 from lightning_prune._utils.lightning import CallbackBase
+from lightning_prune._utils.modules import to_device
 from lightning_prune._utils.table import format_table
 from lightning_prune.files.atomic import atomic_write, write_text
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, resolve_method
@@ -210,10 +211,6 @@ class _SwapDuringValidation(CallbackBase):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, Tensor) else value
-
-
 def _evaluate_loop(model: nn.Module, dataloader: Iterable[Any], metric: Any) -> float:
     device = next(model.parameters()).device
     if isinstance(metric, Metric):
@@ -228,8 +225,8 @@ def _evaluate_loop(model: nn.Module, dataloader: Iterable[Any], metric: Any) -> 
                     f"{type(batch).__name__}. Pass `metric` as the key your `validation_step` logs to run it through "
                     "`Trainer.validate` instead."
                 )
-            preds = model(_to(batch[0], device))
-            target = _to(batch[1], device)
+            preds = model(to_device(batch[0], device))
+            target = to_device(batch[1], device)
             if isinstance(metric, Metric):
                 metric.update(preds, target)
             else:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune._utils.lightning import rank_zero_warn
+from lightning_prune._utils.modules import device_of, keep_modes, to_device
 from lightning_prune.methods import MaskReader, NewMask
 from lightning_prune.selection import PruningTarget, matrix_weight_names
 
@@ -166,23 +167,8 @@ class NeuronGroup:
 @contextmanager
 def _traced(model: nn.Module) -> Iterator[None]:
     """Torch-Pruning's tracing switches the model to eval mode; give every module its mode back."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_to_device(x, device) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
+    with keep_modes(model), torch.enable_grad():
+        yield
 
 
 _GRAPH_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
@@ -214,9 +200,8 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
             registered layers; see :mod:`lightning_prune.layers`).
     """
     _check_known(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with _traced(model):
-        inputs = _to_device(example_inputs, device)
+        inputs = to_device(example_inputs, device_of(model))
         return _torch_pruning().DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
 
 
