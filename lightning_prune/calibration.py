@@ -45,13 +45,13 @@ class CalibrationWindow:
         method: the method whose protocol it drives (``method.calibration_batches > 0``).
 
     Attributes:
-        due: the schedule point of the step that waits for this window (the callback's), or ``None``.
+        waiting_at: the schedule point of the step that waits for this window (the callback's), or ``None``.
     """
 
     def __init__(self, method: PruningMethod) -> None:
         self.method = method
         self.open = False
-        self.due: float | None = None
+        self.waiting_at: float | None = None
         self._resume = False
 
     def begin(self, model: nn.Module, targets: Sequence[PruningTarget]) -> None:
@@ -60,6 +60,15 @@ class CalibrationWindow:
         if not self.open:
             self.method.start_calibration(model, targets, resume=self._resume)
             self.open, self._resume = True, False
+
+    def wait(
+        self, model: nn.Module, targets: Sequence[PruningTarget], at: float, reduce: Callable[[Tensor], Tensor]
+    ) -> bool:
+        """A step is due at schedule point ``at``: open the window (if it is not), remember the first point that
+        waits, and say whether the step can run now (see :meth:`ready`)."""
+        self.begin(model, targets)
+        self.waiting_at = at if self.waiting_at is None else self.waiting_at
+        return self.ready(reduce)
 
     def ready(self, reduce: Callable[[Tensor], Tensor]) -> bool:
         """Whether the method has seen its batches; if so, its statistics are summed over the processes with
@@ -73,13 +82,13 @@ class CalibrationWindow:
         """Stop observing (remove the hooks); nothing waits any more."""
         if self.open:
             self.method.stop_calibration()
-        self.open, self.due = False, None
+        self.open, self.waiting_at = False, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"deferred": self.due, "calibrating": self.open, "method": self.method.state_dict()}
+        return {"deferred": self.waiting_at, "calibrating": self.open, "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.due = state.get("deferred")
+        self.waiting_at = state.get("deferred")
         self._resume = bool(state.get("calibrating", False))
         self.method.load_state_dict(state.get("method") or {})
 

@@ -233,8 +233,8 @@ class PruningScheduleCallback(CallbackBase):
         if batch_idx % accumulate:
             return
         self._capture_rewind(trainer, epoch_start=False)
-        if self._calibration.due is not None:  # a step waiting for its calibration batches
-            self._prune_to(trainer, pl_module, self._calibration.due)
+        if self._calibration.waiting_at is not None:  # a step waiting for its calibration batches
+            self._prune_to(trainer, pl_module, self._calibration.waiting_at)
         if every is None or batch_idx == 0 or trainer.global_step % every:
             return
         steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
@@ -305,9 +305,8 @@ class PruningScheduleCallback(CallbackBase):
         if due is None:
             return
         if self.method.calibration_batches:  # observe activations first: the step waits for the window
-            self._calibration.begin(pl_module, self.method.masked(self._targets))
-            self._calibration.due = epoch if self._calibration.due is None else self._calibration.due
-            if not self._calibration.ready(lambda t: trainer.strategy.reduce(t, reduce_op="sum")):
+            reduce = partial(trainer.strategy.reduce, reduce_op="sum")
+            if not self._calibration.wait(pl_module, self.method.masked(self._targets), epoch, reduce):
                 return
         self._masking.before_prune(self._store)
         check_reachable(self.method, self._targets, due)
