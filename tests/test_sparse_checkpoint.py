@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import SparseCheckpointIO
 from lightning_prune.files.checkpoint import _Pickled, save_dense_checkpoint, sparse_state_dict
-from lightning_prune.files.sparse_files import SparseParts
+from lightning_prune.files.codec import SparseParts
 
 ROOT = Path(__file__).resolve().parent.parent
 PRUNED = ("net.0.weight", "net.3.weight", "net.5.weight")

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-import lightning_prune.files.sparse_files as sparse_files
+import lightning_prune.files.codec as codec
 from lightning_prune import inspect_sparse, load_sparse, load_sparse_into, save_sparse
+from lightning_prune.files.codec import SparseParts, join_sparse, split_sparse
 from lightning_prune.files.packing import pack_bits, packed_size, unpack_bits
-from lightning_prune.files.sparse_files import SparseFileInfo, SparseParts, join_sparse, split_sparse
+from lightning_prune.files.sparse_files import SparseFileInfo
 
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -103,7 +104,7 @@ def test_save_sparse_roundtrip_special_tensors(tmp_path: Path) -> None:
 
 def test_save_sparse_chunks_and_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many chunks (64 entries each) on two threads, with sizes that are not multiples of 8 or of a chunk."""
-    monkeypatch.setattr(sparse_files, "_CHUNK", 64)
+    monkeypatch.setattr(codec, "_CHUNK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     state = {f"t{n}": sparse_tensor((n,), 0.8, torch.float32, seed=n) for n in (1, 63, 64, 65, 1000, 4099)}
     loaded, info = roundtrip(tmp_path, state)
@@ -118,10 +119,10 @@ def test_load_sparse_decoders_by_density(
 ) -> None:
     """Chunks (64 entries) with more and with fewer than one nonzero in ten find their entries in two ways; with
     ``populated``, every tensor is decoded into a populated memory map (as tensors of 32 MiB and more are)."""
-    monkeypatch.setattr(sparse_files, "_CHUNK", 64)
+    monkeypatch.setattr(codec, "_CHUNK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     if populated:
-        monkeypatch.setattr(sparse_files, "_POPULATED_BYTES", 0)
+        monkeypatch.setattr(codec, "_POPULATED_BYTES", 0)
     state = {str(dtype): sparse_tensor((37, 29), sparsity, dtype, seed=i) for i, dtype in enumerate(BITS)}
     loaded, info = roundtrip(tmp_path, state)
     assert set(info.formats.values()) == {"sparse"}
@@ -300,7 +301,7 @@ def test_join_sparse_device_decoder_matches_cpu_decoder(dtype: torch.dtype) -> N
     t = sparse_tensor((33, 17), 0.9, dtype)
     parts = split_sparse({"t": t})["t"]
     assert isinstance(parts, SparseParts) and parts.negative_zeros is not None
-    assert torch.equal(raw(sparse_files._decode_torch(parts)), raw(t))
+    assert torch.equal(raw(codec._decode_torch(parts)), raw(t))
     assert torch.equal(raw(join_sparse(parts)), raw(t))
 
 

@@ -46,7 +46,8 @@ from torch import Tensor
 
 from lightning_prune._utils.lightning import TorchCheckpointIOBase, register_checkpoint_io
 from lightning_prune.files.atomic import save_torch
-from lightning_prune.files.sparse_files import SparseParts, find_aliases, join_sparse, split_sparse
+from lightning_prune.files.codec import SparseParts, join_sparse, split_sparse
+from lightning_prune.files.sparse_files import find_aliases
 
 __all__ = ["SparseCheckpointIO", "save_dense_checkpoint", "sparse_state_dict"]
 
