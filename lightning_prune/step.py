@@ -31,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for
 from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scope, resolve_method
 from lightning_prune.report import SparsityReport, measure
-from lightning_prune.selection import ParameterSpec, PruningTarget, local_view, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, SparsityKey, local_view, select_parameters
 from lightning_prune.store import MaskStore
 
 __all__ = ["PruningError", "check_finite", "check_reachable", "prune_once", "prune_step"]
@@ -169,7 +169,7 @@ def prune_step(
 
 def prune_once(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | Mapping[SparsityKey, float],
     *,
     method: PruningMethod | MethodName = "l1_unstructured",
     scope: Scope = "local",
@@ -188,7 +188,8 @@ def prune_once(
     Args:
         model: the trained model (a ``LightningModule`` or any ``nn.Module``).
         sparsity: the fraction of zeros in [0, 1), of each tensor (``scope="local"``) or of all together
-            (ignored by methods that take none, such as N:M).
+            (ignored by methods that take none, such as N:M); or a mapping of targets per tensor as
+            :func:`~lightning_prune.select_parameters` takes it (local scope; e.g. a speed plan's ``sparsity``).
         method: as the callback's ``method`` (a name or a :class:`~lightning_prune.methods.PruningMethod`).
         scope: ``"local"`` or ``"global"``, as the callback's.
         parameters: as the callback's ``parameters`` (default: every matrix weight but embeddings).
@@ -212,16 +213,21 @@ def prune_once(
         >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
         (['0.weight', '2.weight'], 24)
     """
-    sparsity = check_fraction("sparsity", sparsity)
+    per_tensor = isinstance(sparsity, Mapping)
+    if not per_tensor:
+        sparsity = check_fraction("sparsity", sparsity)  # type: ignore[arg-type]
+    elif scope != "local":
+        raise ValueError(f"A `sparsity` mapping gives each tensor its target: `scope` must be 'local', got {scope!r}.")
     method = resolve_method(method)
     scope = check_scope(method, scope)
-    targets = select_parameters(model, parameters)
+    targets = select_parameters(model, parameters, sparsity if per_tensor else None)
+    due = [t.sparsity for t in targets] if per_tensor else sparsity
     window = None
     if method.calibration_batches:
         window = calibrate(model, method, method.masked(targets), dataloader, forward or default_forward)
     store = MaskStore()
     try:
-        prune_step(method, targets, sparsity if method.takes_sparsity else None, store, scope=scope, seed=seed)
+        prune_step(method, targets, due if method.takes_sparsity else None, store, scope=scope, seed=seed)
     finally:
         if window is not None:
             window.close()

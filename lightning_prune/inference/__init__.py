@@ -46,12 +46,15 @@ Example::
 
 from lightning_prune.inference.convert import DEFAULT_FORMS, to_sparse_inference
 from lightning_prune.inference.layers import SparseLinear, SparseMultiheadAttention, SparsePointwiseConv2d
+from lightning_prune.inference.plan import PlannedLayer, SpeedPlan, plan_speedup
 from lightning_prune.inference.report import LayerChoice, SparseInferenceReport, inference_report
 from lightning_prune.inference.timing import Timer, Timing, WallClock
 
 __all__ = [
     "DEFAULT_FORMS",
     "LayerChoice",
+    "PlannedLayer",
+    "SpeedPlan",
     "SparseInferenceReport",
     "SparseLinear",
     "SparseMultiheadAttention",
@@ -60,5 +63,6 @@ __all__ = [
     "Timing",
     "WallClock",
     "inference_report",
+    "plan_speedup",
     "to_sparse_inference",
 ]

@@ -15,7 +15,7 @@ for which row counts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from lightning_prune.inference.layers import BLOCKS, Form
 from lightning_prune.inference.report import LayerChoice
 from lightning_prune.inference.timing import Timer, Timing
 
-__all__ = ["LADDER", "ROWS_CAP", "Trial", "decide", "prepare", "same"]
+__all__ = ["LADDER", "ROWS_CAP", "Trial", "decide", "fitting_forms", "prepare", "same", "time_modules", "total_seconds"]
 
 LADDER = (1, 8, 64, 512, 2048)  # row counts at which a chosen form is checked against the dense layer
 ROWS_CAP = LADDER[-1]  # larger row counts are timed at the cap (both kernels' time grows in proportion beyond it)
@@ -74,7 +74,7 @@ def _stored(weight: Tensor, form: str) -> int | None:
     return int(nonzero.view(rows // b, b, cols // b, b).any(dim=3).any(dim=1).sum()) * b * b
 
 
-def _forms_for(matrix: Matrix, forms: Sequence[Form]) -> dict[Form, int]:
+def fitting_forms(matrix: Matrix, forms: Sequence[Form]) -> dict[Form, int]:
     """``{form: stored values}`` of ``forms`` that fit the matrix: BSR blocks dividing it, holding few zeros."""
     w, out = matrix.weight.detach(), {}
     nnz = max(int((w != 0).sum()), 1)
@@ -108,7 +108,7 @@ def prepare(matrix: Matrix, forms: Sequence[Form], min_sparsity: float, screen: 
         return _dense(trial, f"sparsity below min_sparsity {min_sparsity:g}")
     if not matrix.runs:
         return _dense(trial, "not run by example_inputs")
-    stored = _forms_for(matrix, forms)
+    stored = fitting_forms(matrix, forms)
     kept = _screen(stored, w.numel()) if screen else list(stored)
     if stored and not kept:
         return _dense(trial, "no sparse form can pay: too few zeros for the cost model")
@@ -134,20 +134,28 @@ def _dense(trial: Trial, note: str) -> Trial:
     return trial
 
 
+def time_modules(matrix: Matrix, modules: Mapping[str, nn.Module], rows: int, timer: Timer) -> dict[str, float]:
+    """Seconds of each of ``modules`` (by label) on a random input of ``rows`` vectors (at most the cap)."""
+    x, rows = matrix.probe(min(rows, ROWS_CAP)), min(rows, ROWS_CAP)
+    runs: dict[Timing, Callable[[], object]] = {}
+    labels: dict[Timing, str] = {}
+    for label, module in modules.items():
+        stored = getattr(module, "nnz", matrix.weight.numel())
+        form = getattr(module, "form", "dense")
+        key = Timing(matrix.name, form, rows, int(stored))
+        runs[key], labels[key] = (lambda m=module: m(x)), label
+    return {labels[key]: seconds for key, seconds in timer(runs).items()}
+
+
 def _time_at(trial: Trial, forms: Sequence[str], rows: int, timer: Timer) -> dict[str, float]:
     """Seconds of the dense layer and of ``forms`` on an input of ``rows`` vectors (at most the cap)."""
-    x, matrix = trial.matrix.probe(min(rows, ROWS_CAP)), trial.matrix
-    modules = {"dense": matrix.dense, **{f: trial.candidates[f] for f in forms}}
-    runs: dict[Timing, Callable[[], object]] = {}
-    for form, module in modules.items():
-        stored = matrix.weight.numel() if form == "dense" else module.nnz  # type: ignore[union-attr]
-        runs[Timing(matrix.name, form, min(rows, ROWS_CAP), int(stored))] = lambda m=module: m(x)
-    return {key.form: seconds for key, seconds in timer(runs).items()}
+    modules = {"dense": trial.matrix.dense, **{f: trial.candidates[f] for f in forms}}
+    return time_modules(trial.matrix, modules, rows, timer)
 
 
-def _total(times: dict[int, dict[str, float]], form: str, rows: Sequence[int]) -> float:
-    """``form``'s seconds summed over the captured calls (beyond the cap: the cap's time, scaled)."""
-    return sum(times[min(r, ROWS_CAP)][form] * max(r / ROWS_CAP, 1.0) for r in rows)
+def total_seconds(times: Mapping[int, Mapping[str, float]], label: str, rows: Sequence[int]) -> float:
+    """``label``'s seconds summed over the captured calls' ``rows`` (beyond the cap: the cap's time, scaled)."""
+    return sum(times[min(r, ROWS_CAP)][label] * max(r / ROWS_CAP, 1.0) for r in rows)
 
 
 def decide(trial: Trial, min_speedup: float, timer: Timer) -> None:
@@ -157,8 +165,8 @@ def decide(trial: Trial, min_speedup: float, timer: Timer) -> None:
         return
     rows = trial.matrix.rows or [1]
     times = {r: _time_at(trial, list(trial.candidates), r, timer) for r in sorted({min(r, ROWS_CAP) for r in rows})}
-    dense = _total(times, "dense", rows)
-    sparse = {f: _total(times, f, rows) for f in trial.candidates}
+    dense = total_seconds(times, "dense", rows)
+    sparse = {f: total_seconds(times, f, rows) for f in trial.candidates}
     form = min(sparse, key=sparse.__getitem__)
     choice = trial.choice.with_(dense_seconds=dense, sparse_seconds=sparse[form], fastest_sparse=form)
     if dense < min_speedup * sparse[form]:
