@@ -158,6 +158,11 @@ def capture(model: nn.Module, layers: dict[nn.Module, Any], example_inputs: Any)
     return calls
 
 
+def _first(x: Tensor) -> Tensor:
+    """The first sample of a batched input (a leading dimension above 2-D), the input itself otherwise."""
+    return x[:1] if x.dim() >= 3 and x.shape[0] > 1 else x
+
+
 def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` whose parameters are ``weight`` and ``bias`` themselves (no copy)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -170,7 +175,7 @@ def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 def _linear_matrices(name: str, module: nn.Module, kind: str, calls: list) -> list[Matrix]:
     inputs = [args[0] if args else kwargs.get("input", kwargs.get("x")) for args, kwargs in calls]
     inputs = [x for x in inputs if isinstance(x, Tensor) and not x.is_nested]
-    runs = [lambda m, x=x: m(x) for x in inputs]
+    runs = [lambda m, x=x: m(x) for x in map(_first, inputs)]  # checked on the first sample; timed at any rows
     prefix = f"{name}." if name else ""
     if kind == "Conv2d 1x1":
         rows = [x.numel() // x.shape[-3] for x in inputs]
@@ -187,14 +192,21 @@ def _linear_matrices(name: str, module: nn.Module, kind: str, calls: list) -> li
 def _attention_matrices(name: str, module: nn.MultiheadAttention, calls: list) -> list[Matrix]:
     e, prefix = module.embed_dim, f"{name}." if name else ""
     qkv, out_inputs, g = [], [], torch.Generator(module.out_proj.weight.device).manual_seed(0)
+    rows: list[int] = []
+    in_rows: list[int] = []
+    part_rows: list[list[int]] = []
     for args, kwargs in calls:
         named = dict(zip(("query", "key", "value"), args)) | kwargs
         q, k, v = (named.get(n) for n in ("query", "key", "value"))
         if all(isinstance(x, Tensor) and not x.is_nested for x in (q, k, v)):
-            qkv.append(seq_first(q, k, v, module.batch_first))
-            out_inputs.append(torch.randn(q.numel() // q.shape[-1], e, generator=g, device=q.device).to(q.dtype))
+            q, k, v = seq_first(q, k, v, module.batch_first)
+            rows.append(q.shape[0] * q.shape[1])
+            in_rows.append(sum(t.shape[0] * t.shape[1] for t in dict.fromkeys((q, k, v))))  # a product per tensor
+            part_rows.append([t.shape[0] * t.shape[1] for t in (q, k, v)])
+            first = {id(t): t[:, :1] for t in (q, k, v)}  # the first sample only, ``query is key`` kept
+            qkv.append((first[id(q)], first[id(k)], first[id(v)]))
+            out_inputs.append(torch.randn(q.shape[0], e, generator=g, device=q.device).to(q.dtype))
     kind, bias = "MultiheadAttention", module.in_proj_bias
-    rows = [x.shape[0] for x in out_inputs]
     if module._qkv_same_embed_dim:
 
         def packed(x: tuple[Tensor, Tensor, Tensor]) -> Callable[[nn.Module], Any]:
@@ -202,7 +214,6 @@ def _attention_matrices(name: str, module: nn.MultiheadAttention, calls: list) -
 
         dense = _dense_linear(module.in_proj_weight, bias)
         runs, param = [packed(x) for x in qkv], prefix + "in_proj_weight"
-        in_rows = [sum(t.numel() // t.shape[-1] for t in dict.fromkeys(x)) for x in qkv]  # one product per tensor
         weight = module.in_proj_weight
         matrices = [Matrix(prefix + "in_proj", kind, param, weight, bias, dense, SparseLinear, runs, in_rows, e)]
     else:
@@ -211,10 +222,9 @@ def _attention_matrices(name: str, module: nn.MultiheadAttention, calls: list) -
         for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
             weight = getattr(module, f"{part}_weight")
             runs = [lambda m, x=x[i]: m(x) for x in qkv]
-            part_rows = [x[i].numel() // x[i].shape[-1] for x in qkv]
             dense = _dense_linear(weight, biases[i])
-            param = f"{prefix}{part}_weight"
-            matrices.append(Matrix(prefix + part, kind, param, weight, biases[i], dense, SparseLinear, runs, part_rows))
+            param, counts = f"{prefix}{part}_weight", [r[i] for r in part_rows]
+            matrices.append(Matrix(prefix + part, kind, param, weight, biases[i], dense, SparseLinear, runs, counts))
     out = module.out_proj
     runs = [lambda m, x=x: m(x) for x in out_inputs]
     param = prefix + "out_proj.weight"
