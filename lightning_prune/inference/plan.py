@@ -7,9 +7,11 @@ layer on the example's row counts. The plan then chooses per layer the sparsity 
 end while removing the least importance: a greedy over the layers' options by time saved per importance removed
 (a multiple-choice knapsack), then each layer lowered again where the target still holds. A layer counts only
 where its sparse form would beat the dense one by ``min_speedup`` (as :func:`~lightning_prune.to_sparse_inference`
-decides). The plan's targets feed training (``PruningScheduleCallback(sparsity=plan.sparsity)``) or
-:func:`~lightning_prune.prune_once` (``prune_once(model, plan.sparsity)``), and after training
-:func:`~lightning_prune.to_sparse_inference` measures what was reached.
+decides). Where the layers timed alone add up to more than the whole model (a busy machine disturbs short
+kernels most), their times are scaled down to the model's. The plan's targets feed training
+(``PruningScheduleCallback(sparsity=plan.sparsity)``) or :func:`~lightning_prune.prune_once`
+(``prune_once(model, plan.sparsity)``), and after training :func:`~lightning_prune.to_sparse_inference` measures
+what was reached.
 
 Example::
 
@@ -262,8 +264,11 @@ def plan_speedup(
         for m in found:
             scores = m.weight.detach().abs() if importance is None else importance(m.param, m.weight.detach())
             options.append(_options(m, sparsities, scores, forms, timer, min_speedup))
+        scale = min(1.0, dense / max(sum(d for d, _ in options), 1e-30))  # layers timed alone: at most the model
+        options = [(d * scale, [dataclasses.replace(o, saved=o.saved * scale) for o in opts]) for d, opts in options]
         level = _allocate([opts for _, opts in options], dense * (1 - 1 / speedup))
         for m, (layer_dense, opts), i in zip(found, options, level):
             o, shape = opts[i], (m.weight.shape[0], m.weight.shape[1])
-            planned.append(PlannedLayer(m.name, m.param, shape, o.sparsity, layer_dense, o.sparse_seconds, o.fraction))
+            sparse = None if o.sparse_seconds is None else layer_dense - o.saved
+            planned.append(PlannedLayer(m.name, m.param, shape, o.sparsity, layer_dense, sparse, o.fraction))
     return SpeedPlan(speedup, dense, tuple(planned), torch.get_num_threads())
