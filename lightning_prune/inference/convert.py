@@ -24,6 +24,7 @@ from lightning_prune.inference.timing import Timer, Timing, WallClock
 __all__ = ["DEFAULT_FORMS", "to_sparse_inference"]
 
 DEFAULT_FORMS: tuple[Form, ...] = ("csr", "bsr4", "bsr8", "bsr16")
+MAX_BACK_OFF_STEPS = 4  # timed back-off steps (1, 2, 4, 8 layers); after them, every layer is dense
 
 
 @dataclass
@@ -113,13 +114,14 @@ class _Outcome:
 
 def _confirm(swap: _Swap, units: list[_Unit], example: Any, min_speedup: float, timer: Timer) -> _Outcome:
     """Time the converted model against the dense one on the example; while it is slower than ``min_speedup``
-    times the dense one, make layers dense again, the least gain first (1, then 2, 4, ... at a time), each step
-    timed again; when none is left, the model is the dense one."""
+    times the dense one, make layers dense again, the least gain first (1, then 2, 4, 8 at a time), each step
+    timed again, and after :data:`MAX_BACK_OFF_STEPS` steps all of them; with none left, the model is dense."""
     active = sorted(units, key=lambda u: u.gain)
     times = _timings(swap, active, example, timer, dense=True)
     dense, sparse = times["dense"], times.get("sparse", times["dense"])
     first, backed, step = dense / sparse, [], 1
     while active and min_speedup > 0 and dense < min_speedup * sparse:
+        step = step if step < 2**MAX_BACK_OFF_STEPS else len(active)
         backed += active[:step]
         active, step = active[step:], 2 * step
         if active:

@@ -73,7 +73,7 @@ class WallClock:
         long_s: a warm-up run at least this long counts as a timed one.
     """
 
-    def __init__(self, repeats: int = 7, budget_s: float = 0.05, drop: float = 2.0, long_s: float = 0.25) -> None:
+    def __init__(self, repeats: int = 7, budget_s: float = 0.05, drop: float = 2.0, long_s: float = 0.02) -> None:
         if repeats < 1:
             raise ValueError(f"`repeats` must be an integer >= 1, got {repeats}.")
         self.repeats, self.budget_s, self.drop, self.long_s = repeats, budget_s, drop, long_s
