@@ -137,3 +137,15 @@ def test_the_cost_model_screens_out_forms_that_cannot_pay() -> None:
     assert not [t for t in timer.asked if t.layer]  # not timed
     forced = to_sparse_inference(net, torch.randn(8, 64), min_speedup=0, timer=timer)
     assert isinstance(forced[0], SparseLinear)  # min_speedup=0: the cost model does not decide
+
+
+def test_back_off_is_timed_at_most_four_times_then_everything_is_dense() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)]).eval()
+    for i, layer in enumerate(net):
+        prune_randomly_(layer.weight, 0.9, seed=i)
+    timer = Modelled(knee=1e9, penalty={str(i): 0.5 for i in range(20)})
+    fast = to_sparse_inference(net, torch.randn(4, 32), timer=timer)
+    sizes = [len(t.sparse) for t in timer.asked if t.layer == "" and t.form == "sparse"]
+    assert sizes == [20, 19, 17, 13, 5]  # 1, 2, 4, 8 layers backed off, each step timed; then the other 5
+    assert inference_report(fast).sparse_layers == () and len(inference_report(fast).backed_off) == 20
