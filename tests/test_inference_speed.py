@@ -38,8 +38,8 @@ class Modelled:
                 return self.base
             return self.base - self.saving * len(t.sparse) + sum(self.penalty.get(n, 0.0) for n in t.sparse)
         if t.form == "dense":
-            return 1e-9 * t.nonzeros * t.rows
-        return 1e-9 * self.per_value * t.nonzeros * t.rows * (1 + t.rows / self.knee)
+            return 1e-6 * t.nonzeros * t.rows
+        return 1e-6 * self.per_value * t.nonzeros * t.rows * (1 + t.rows / self.knee)
 
 
 def two_layers() -> nn.Module:
@@ -64,7 +64,7 @@ def test_a_sparse_layer_serves_the_rows_where_it_pays_and_a_dense_copy_the_other
         x = torch.randn(rows, 64)
         torch.testing.assert_close(run(fast, x), run(net, x), rtol=1e-5, atol=1e-5)
     report = inference_report(fast)
-    assert report.fallback_bytes == (256 * 64 + 16 * 256) * 4
+    assert report.fallback_bytes == (256 * 64 + 16 * 256) * 4 and not report.backed_off
     assert "dense copies for other row counts 0.1 MiB" in str(report)
 
 
@@ -79,7 +79,9 @@ def test_a_layer_that_pays_at_every_row_count_keeps_no_dense_copy() -> None:
 
 def test_converted_at_one_row_the_model_takes_the_dense_path_at_many() -> None:
     net = two_layers()
-    fast = to_sparse_inference(net, torch.randn(1, 64), timer=Modelled(knee=16))  # pays up to 8 rows
+    fast = to_sparse_inference(
+        net, torch.randn(1, 64), timer=Modelled(knee=16, base=0.05, saving=0.01)
+    )  # pays to 8 rows
     assert inference_report(fast).layers[0].max_rows == 8
     x = torch.randn(64, 64)
     assert not fast[0].sparse_for(64) and not fast[2].sparse_for(64)
@@ -149,3 +151,13 @@ def test_back_off_is_timed_at_most_four_times_then_everything_is_dense() -> None
     sizes = [len(t.sparse) for t in timer.asked if t.layer == "" and t.form == "sparse"]
     assert sizes == [20, 19, 17, 13, 5]  # 1, 2, 4, 8 layers backed off, each step timed; then the other 5
     assert inference_report(fast).sparse_layers == () and len(inference_report(fast).backed_off) == 20
+
+
+def test_gains_too_small_for_the_margin_go_dense_without_timing_the_converted_model() -> None:
+    net = two_layers()
+    timer = Modelled(knee=1e9, base=100.0)  # the layers' gains (0.1 s) are nothing beside 100 s
+    fast = to_sparse_inference(net, torch.randn(8, 64), timer=timer)
+    report = inference_report(fast)
+    assert report.sparse_layers == () and set(report.backed_off) == {"0", "2"}
+    assert report.note.startswith("every layer dense: the layers' measured gains (")
+    assert not [t for t in timer.asked if t.layer == "" and t.form == "sparse"]

@@ -113,12 +113,20 @@ class _Outcome:
 
 
 def _confirm(swap: _Swap, units: list[_Unit], example: Any, min_speedup: float, timer: Timer) -> _Outcome:
-    """Time the converted model against the dense one on the example; while it is slower than ``min_speedup``
-    times the dense one, make layers dense again, the least gain first (1, then 2, 4, 8 at a time), each step
-    timed again, and after :data:`MAX_BACK_OFF_STEPS` steps all of them; with none left, the model is dense."""
+    """Time the dense model on the example and, unless twice the layers' measured gains could not make it
+    ``min_speedup`` times faster, the converted one; while that is slower than ``min_speedup`` times the dense one,
+    make layers dense again, the least gain first (1, then 2, 4, 8 at a time), each step timed again, and after
+    :data:`MAX_BACK_OFF_STEPS` steps all of them; with none left, the model is dense."""
     active = sorted(units, key=lambda u: u.gain)
-    times = _timings(swap, active, example, timer, dense=True)
-    dense, sparse = times["dense"], times.get("sparse", times["dense"])
+    dense = _timings(swap, [], example, timer, dense=True)["dense"]
+    gain = sum(u.gain for u in units)
+    if units and min_speedup > 0 and dense < min_speedup * (dense - min(2 * gain, dense)):
+        note = (
+            f"every layer dense: the layers' measured gains ({gain * 1e3:.3f} ms) cannot make the model "
+            f"(dense {dense * 1e3:.3f} ms) min_speedup {min_speedup:g} times faster end to end"
+        )
+        return _Outcome([], active, dense, dense, note)
+    sparse = _timings(swap, active, example, timer, dense=False)["sparse"] if active else dense
     first, backed, step = dense / sparse, [], 1
     while active and min_speedup > 0 and dense < min_speedup * sparse:
         step = step if step < 2**MAX_BACK_OFF_STEPS else len(active)
