@@ -385,6 +385,21 @@ class SparseMultiheadAttention(nn.Module):
                 key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
             )
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        return self._weigh(q, k, v, attn_mask, need_weights, average_attn_weights, is_causal)
+
+    def _weigh(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        need_weights: bool,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The attention of ``(N * heads, L, head_dim)`` projections, through the output projection."""
+        heads, head_dim, src_len = self.num_heads, self.head_dim, k.size(1)
+        bsz, tgt_len, embed_dim = q.shape[0] // heads, q.shape[1], heads * head_dim
         if need_weights:
             q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
             if attn_mask is not None:
