@@ -161,3 +161,12 @@ def test_gains_too_small_for_the_margin_go_dense_without_timing_the_converted_mo
     assert report.sparse_layers == () and set(report.backed_off) == {"0", "2"}
     assert report.note.startswith("every layer dense: the layers' measured gains (")
     assert not [t for t in timer.asked if t.layer == "" and t.form == "sparse"]
+
+
+def test_without_dense_copies_the_sparse_form_serves_every_row_count_untimed_beyond_the_example() -> None:
+    net = two_layers()
+    timer = Modelled()  # pays up to 64 rows only
+    fast = to_sparse_inference(net, torch.randn(8, 64), timer=timer, dense_copy=False)
+    assert fast[0].fallback is None and inference_report(fast).layers[0].sparse_rows == "any"
+    assert {t.rows for t in timer.asked if t.layer} == {8}  # no ladder
+    assert inference_report(fast).fallback_bytes == 0

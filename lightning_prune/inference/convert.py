@@ -172,7 +172,13 @@ def _check_arguments(model: nn.Module, example_inputs: Any, forms: Sequence[Form
 
 
 def _decide_units(
-    root: nn.Module, example_inputs: Any, forms: Sequence[Form], min_sparsity: float, min_speedup: float, timer: Timer
+    root: nn.Module,
+    example_inputs: Any,
+    forms: Sequence[Form],
+    min_sparsity: float,
+    min_speedup: float,
+    timer: Timer,
+    dense_copy: bool,
 ) -> tuple[list[_Unit], list[LayerChoice]]:
     """Capture and decide: a unit per eligible layer, and the choices of every matrix in model order."""
     layers = eligible(root)
@@ -181,7 +187,7 @@ def _decide_units(
     for module, (name, kind) in layers.items():
         trials = [prepare(m, forms, min_sparsity, min_speedup > 0) for m in matrices(name, module, kind, calls[module])]
         for trial in trials:
-            decide(trial, min_speedup, timer)
+            decide(trial, min_speedup, timer, dense_copy)
         units.append(_Unit(module, trials))
         units[-1].converted = _build(kind, units[-1])
     return units, [t.choice for u in units for t in u.trials]
@@ -196,6 +202,7 @@ def to_sparse_inference(
     forms: Sequence[Form] = DEFAULT_FORMS,
     repeats: int = 7,
     timer: Timer | None = None,
+    dense_copy: bool = True,
     verbose: bool = False,
 ) -> nn.Module:
     """A new module for inference in which each eligible layer is sparse where measured faster, and which is never
@@ -225,6 +232,9 @@ def to_sparse_inference(
             a form is clearly slower).
         timer: measures instead of :class:`~lightning_prune.inference.WallClock` (``{Timing: run} -> {Timing:
             seconds}``): a cost model, or fixed figures in tests.
+        dense_copy: keep a dense copy of a sparse layer's weight for the row counts where its sparse form is
+            slower (measured on a ladder of row counts); ``False``: the sparse form serves every row count, as in
+            version 0.3 (smaller, and no ladder timed, but slower than dense at row counts far from the example's).
         verbose: print the :class:`SparseInferenceReport`.
 
     Returns:
@@ -241,7 +251,7 @@ def to_sparse_inference(
     root = copy.deepcopy(model).eval().requires_grad_(False)
     timer = timer or WallClock(repeats)
     with torch.no_grad():
-        units, choices = _decide_units(root, example_inputs, forms, min_sparsity, min_speedup, timer)
+        units, choices = _decide_units(root, example_inputs, forms, min_sparsity, min_speedup, timer, dense_copy)
         chosen = [u for u in units if u.converted is not None]
         swap = _Swap(root, chosen)
         outcome = _confirm(swap, chosen, example_inputs, min_speedup, timer)

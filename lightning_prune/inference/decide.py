@@ -158,9 +158,9 @@ def total_seconds(times: Mapping[int, Mapping[str, float]], label: str, rows: Se
     return sum(times[min(r, ROWS_CAP)][label] * max(r / ROWS_CAP, 1.0) for r in rows)
 
 
-def decide(trial: Trial, min_speedup: float, timer: Timer) -> None:
+def decide(trial: Trial, min_speedup: float, timer: Timer, dense_copy: bool = True) -> None:
     """Choose the form and the row counts it serves (module docstring); sets ``trial.choice`` and
-    ``trial.module``. ``min_speedup=0``: the fastest form at the example's rows, for every row count."""
+    ``trial.module``. ``min_speedup=0`` or ``dense_copy=False``: the form serves every row count (no ladder)."""
     if not trial.candidates:
         return
     rows = trial.matrix.rows or [1]
@@ -173,7 +173,7 @@ def decide(trial: Trial, min_speedup: float, timer: Timer) -> None:
         trial.choice = choice.with_(note=f"{dense / sparse[form]:.2f}x < min_speedup {min_speedup:g}")
         return
     ladder = {r: (t["dense"], t[form]) for r, t in times.items()}
-    low, high = (0, None) if min_speedup == 0 else _serving_range(trial, form, ladder, timer)
+    low, high = _serving_range(trial, form, ladder, timer) if min_speedup > 0 and dense_copy else (0, None)
     module = trial.candidates[form]
     module.serve_rows(low, high)  # type: ignore[operator]
     trial.module = module
