@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune import load_sparse, save_sparse, to_sparse_inference
-from lightning_prune._sparse_layers import SparseLinear, SparseMultiheadAttention
-from lightning_prune.inference import SparseInferenceReport, inference_report
+from lightning_prune.inference import SparseInferenceReport, SparseLinear, SparseMultiheadAttention, inference_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {"rtol": 1e-5, "atol": 1e-5}
