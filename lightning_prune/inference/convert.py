@@ -258,6 +258,8 @@ def to_sparse_inference(
         converted = swap.install(outcome.active)
     backed = {t.matrix.name for u in outcome.backed_off for t in u.trials if t.module is not None}
     why = f"backed off: the converted model was slower than min_speedup {min_speedup:g} end to end"
+    if outcome.note.startswith("every layer dense: the layers' measured gains"):
+        why = f"backed off: the layers' gains could not make the model min_speedup {min_speedup:g} times faster"
     choices = [c.with_(form="dense", note=why) if c.name in backed else c for c in choices]
     converted.requires_grad_(False)
     report = SparseInferenceReport(
