@@ -7,9 +7,10 @@ layer on the example's row counts. The plan then chooses per layer the sparsity 
 end while removing the least importance: a greedy over the layers' options by time saved per importance removed
 (a multiple-choice knapsack), then each layer lowered again where the target still holds. A layer counts only
 where its sparse form would beat the dense one by ``min_speedup`` (as :func:`~lightning_prune.to_sparse_inference`
-decides). Where the layers timed alone add up to more than the whole model (a busy machine disturbs short
-kernels most), their times are scaled down to the model's. The plan's targets feed training
-(``PruningScheduleCallback(sparsity=plan.sparsity)``) or :func:`~lightning_prune.prune_once`
+decides). A disturbed measurement only runs long, so each layer's dense time is at most the median cost per
+entry and row of all layers times its own, a sparse form at more zeros is never slower than at fewer, and where
+the layers timed alone add up to more than the whole model, their times are scaled down to the model's. The plan's
+targets feed training (``PruningScheduleCallback(sparsity=plan.sparsity)``) or :func:`~lightning_prune.prune_once`
 (``prune_once(model, plan.sparsity)``), and after training :func:`~lightning_prune.to_sparse_inference` measures
 what was reached.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -151,9 +153,9 @@ def _pruned(weight: Tensor, scores: Tensor, sparsity: float) -> Tensor:
     return out
 
 
-def _options(matrix: Matrix, sparsities: Sequence[float], scores: Tensor, forms: Sequence[Form], timer: Timer,
-             min_speedup: float) -> tuple[float, list[_Option]]:  # fmt: skip
-    """The dense time on the example, and each sparsity's saving and importance removed (the first: dense)."""
+def _options(matrix: Matrix, sparsities: Sequence[float], scores: Tensor, forms: Sequence[Form], timer: Timer
+             ) -> tuple[float, list[_Option]]:  # fmt: skip
+    """The dense time on the example, and each sparsity's sparse time and importance removed (the first: dense)."""
     ordered = scores.reshape(-1).double().sort().values.cumsum(0)
     total = float(ordered[-1]) or 1.0
     modules: dict[str, nn.Module] = {"dense": matrix.dense}
@@ -165,15 +167,33 @@ def _options(matrix: Matrix, sparsities: Sequence[float], scores: Tensor, forms:
             modules[f"{s}"] = matrix.build(pruned.weight, matrix.bias, form).eval()
     rows = matrix.rows or [1]
     times = {r: time_modules(matrix, modules, r, timer) for r in sorted({min(r, ROWS_CAP) for r in rows})}
-    dense = total_seconds(times, "dense", rows)
-    options = [_Option(0.0, 0.0, 0.0, None)]
+    options, fastest = [_Option(0.0, 0.0, 0.0, None)], float("inf")
     for s in sparsities:
         k = round(s * matrix.weight.numel())
         removed = float(ordered[k - 1]) if k else 0.0
         sparse = total_seconds(times, f"{s}", rows) if f"{s}" in modules else None
-        saved = dense - sparse if sparse is not None and dense >= min_speedup * sparse else 0.0
-        options.append(_Option(s, saved, removed, sparse if saved else None, removed / total))
-    return dense, options
+        fastest = fastest if sparse is None else min(fastest, sparse)  # more zeros are never slower
+        options.append(_Option(s, 0.0, removed, None if sparse is None else fastest, removed / total))
+    return total_seconds(times, "dense", rows), options
+
+
+def _settle(found: Sequence[Matrix], options: list[tuple[float, list[_Option]]], dense: float, min_speedup: float
+            ) -> list[tuple[float, list[_Option]]]:  # fmt: skip
+    """Each layer's dense time made robust (at most the median cost per entry and row of all layers times its
+    own entries and rows: a disturbed measurement only runs long), all of them scaled to at most the model's time,
+    and each option's saving where the sparse form beats the dense one by ``min_speedup``."""
+    work = [m.weight.numel() * sum(m.rows or [1]) for m in found]
+    per_unit = statistics.median(d / w for (d, _), w in zip(options, work))
+    layer_dense = [min(d, per_unit * w) for (d, _), w in zip(options, work)]
+    scale = min(1.0, dense / max(sum(layer_dense), 1e-30))  # layers timed alone add up to at most the model
+    settled = []
+    for d, (_, opts) in zip(layer_dense, options):
+        d *= scale
+        paying = [(o, None if o.sparse_seconds is None else o.sparse_seconds * scale) for o in opts]
+        opts = [dataclasses.replace(o, saved=d - t, sparse_seconds=t) if t is not None and d >= min_speedup * t
+                else dataclasses.replace(o, saved=0.0, sparse_seconds=None) for o, t in paying]  # fmt: skip
+        settled.append((d, opts))
+    return settled
 
 
 def _allocate(options: Sequence[Sequence[_Option]], need: float) -> list[int]:
@@ -263,12 +283,10 @@ def plan_speedup(
         options, planned = [], []
         for m in found:
             scores = m.weight.detach().abs() if importance is None else importance(m.param, m.weight.detach())
-            options.append(_options(m, sparsities, scores, forms, timer, min_speedup))
-        scale = min(1.0, dense / max(sum(d for d, _ in options), 1e-30))  # layers timed alone: at most the model
-        options = [(d * scale, [dataclasses.replace(o, saved=o.saved * scale) for o in opts]) for d, opts in options]
+            options.append(_options(m, sparsities, scores, forms, timer))
+        options = _settle(found, options, dense, min_speedup)
         level = _allocate([opts for _, opts in options], dense * (1 - 1 / speedup))
         for m, (layer_dense, opts), i in zip(found, options, level):
             o, shape = opts[i], (m.weight.shape[0], m.weight.shape[1])
-            sparse = None if o.sparse_seconds is None else layer_dense - o.saved
-            planned.append(PlannedLayer(m.name, m.param, shape, o.sparsity, layer_dense, sparse, o.fraction))
+            planned.append(PlannedLayer(m.name, m.param, shape, o.sparsity, layer_dense, o.sparse_seconds, o.fraction))
     return SpeedPlan(speedup, dense, tuple(planned), torch.get_num_threads())
