@@ -91,7 +91,7 @@ class SparseInferenceReport:
 
     Attributes:
         layers: one :class:`LayerChoice` per eligible weight matrix (and fused expert tensor), in model order.
-        dense_seconds: latency of the dense model (eval mode) on ``example_inputs``.
+        dense_seconds: latency of the dense model (eval mode) on ``example_inputs``: the fastest of its runs.
         sparse_seconds: the same for the model returned (the dense figure when every layer is dense): what the
             user gets.
         dense_bytes: bytes of the dense model's tensors (parameters and buffers, shared storage once).

@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,8 +62,9 @@ class WallClock:
     A first round warms up (it counts when a run takes longer than ``long_s``: a long run is little changed by
     warming up); then up to ``repeats`` rounds, but a run that is ``drop`` times slower than the fastest is not
     run again (a clearly slower form stops early), and the rounds end once two are done and ``budget_s`` is
-    spent (or one round, when even the fastest run takes ``long_s``). A layer's time is its fastest run (the
-    least disturbed by other processes); the whole model's, the median.
+    spent (or one round, when even the fastest run takes ``long_s``). A time is the fastest run (the least
+    disturbed by other processes: on a busy machine a median mostly measures the other processes), the whole
+    model's as a layer's, so that layers' gains and the model's time compare.
 
     Args:
         repeats: the most timed rounds.
@@ -105,4 +105,4 @@ class WallClock:
             spent = time.perf_counter() - start >= budget
             if len(live) < 2 <= len(runs) or (spent and (rounds >= 2 or best >= long_s)):
                 break
-        return {k: (statistics.median(v) if k.layer == "" else min(v)) for k, v in samples.items()}
+        return {k: min(v) for k, v in samples.items()}
