@@ -84,7 +84,7 @@ class WallClock:
     def __call__(self, runs: Mapping[Timing, Callable[[], object]]) -> dict[Timing, float]:
         samples: dict[Timing, list[float]] = {key: [] for key in runs}
         live, start, rounds = list(runs), time.perf_counter(), 0
-        whole = all(key.layer == "" for key in runs)  # the whole model: a larger budget, as its median counts
+        whole = all(key.layer == "" for key in runs)  # the whole model: a larger budget (it varies most)
         budget, long_s = (self.model_s, self.model_s) if whole else (self.budget_s, self.long_s)
         warm = True
         while live and rounds < self.repeats:
