@@ -59,8 +59,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from lightning_prune import prune_once, to_sparse_inference  # noqa: E402
-from lightning_prune._sparse_layers import SparseLinear  # noqa: E402
-from lightning_prune.inference import inference_report  # noqa: E402
+from lightning_prune.inference import SparseLinear, inference_report  # noqa: E402
 
 SECTIONS = ("layers", "mlp", "vit", "gpt2", "resnet")
 

@@ -13,6 +13,7 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
   :func:`plot_sensitivity`;
 * smaller and faster models: :func:`save_sparse`, :func:`load_sparse`, :func:`load_sparse_into`,
   :func:`inspect_sparse`, :class:`SparseCheckpointIO`, :func:`to_sparse_inference` (:func:`inference_report`),
+  :func:`plan_speedup` (per-layer sparsities for a speed-up),
   :func:`compact`, :func:`load_compact_state_dict`, :func:`nm_satisfied`, :func:`to_semi_structured`.
 
 Everything else lives in its module (``lightning_prune.report.SparsityReport``, ...); version 0.1's checkpoints
@@ -27,7 +28,7 @@ Example::
 from lightning_prune.callback import PruningScheduleCallback
 from lightning_prune.files.checkpoint import SparseCheckpointIO
 from lightning_prune.files.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
-from lightning_prune.inference import inference_report, to_sparse_inference
+from lightning_prune.inference import inference_report, plan_speedup, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.methods.compaction import compact, load_compact_state_dict
@@ -72,6 +73,7 @@ __all__ = [
     "load_sparse",
     "load_sparse_into",
     "nm_satisfied",
+    "plan_speedup",
     "plot_sensitivity",
     "prune_once",
     "prune_step",

@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ from lightning_prune.layers import is_stacked
 from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scope, resolve_method
 from lightning_prune.methods.wanda import Group, Wanda
 from lightning_prune.report import SparsityReport, measure
-from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.selection import ParameterSpec, PruningTarget, SparsityKey, select_parameters
 from lightning_prune.shards import local_view
 from lightning_prune.store import MaskStore
 from lightning_prune.targets import Due, Global, Local, Trigger
@@ -115,6 +115,13 @@ def check_reachable(method: PruningMethod, targets: Sequence[PruningTarget], due
             f"{max(s for _, s, _ in empty)!r} of {min(n for _, _, n in empty)} entries rounds to all of them); "
             "give a lower `sparsity`."
         )
+
+
+def _due(method: PruningMethod, targets: Sequence[PruningTarget], sparsity: object, scope: Scope) -> Due:
+    """:func:`due_for`, or each tensor's own target where ``sparsity`` was a mapping (resolved by the selection)."""
+    if isinstance(sparsity, Mapping) and method.takes_sparsity:
+        return Local({t.name: t.sparsity for t in targets if t.sparsity is not None})
+    return due_for(method, targets, sparsity if isinstance(sparsity, float) else None, scope)
 
 
 def check_finite(targets: Sequence[PruningTarget], group: Collective | None = None) -> None:
@@ -191,7 +198,7 @@ def prune_step(
 
 def prune_once(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | Mapping[SparsityKey, float],
     *,
     method: PruningMethod | MethodName = "l1_unstructured",
     scope: Scope = "local",
@@ -211,7 +218,8 @@ def prune_once(
     Args:
         model: the trained model (a ``LightningModule`` or any ``nn.Module``).
         sparsity: the fraction of zeros in [0, 1), of each tensor (``scope="local"``) or of all together
-            (ignored by methods that take none, such as N:M).
+            (ignored by methods that take none, such as N:M); or a mapping of targets per tensor as
+            :func:`~lightning_prune.select_parameters` takes it (local scope; e.g. a speed plan's ``sparsity``).
         method: as the callback's ``method`` (a name or a :class:`~lightning_prune.methods.PruningMethod`).
         scope: ``"local"`` or ``"global"``, as the callback's.
         parameters: as the callback's ``parameters`` (default: every matrix weight but embeddings and routers).
@@ -236,16 +244,20 @@ def prune_once(
         >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
         (['0.weight', '2.weight'], 24)
     """
-    sparsity = check_fraction("sparsity", sparsity)
+    per_tensor = isinstance(sparsity, Mapping)
+    if not per_tensor:
+        sparsity = check_fraction("sparsity", sparsity)
+    elif scope != "local":
+        raise ValueError(f"A `sparsity` mapping gives each tensor its target: `scope` must be 'local', got {scope!r}.")
     method = resolve_method(method)
     check_scope(method, scope)
-    targets = select_parameters(model, parameters, exclude=exclude)
+    targets = select_parameters(model, parameters, sparsity if per_tensor else None, exclude)
     window = None
     if method.calibration_batches:
         window = calibrate(model, method, method.masked(targets), dataloader, forward or default_forward)
     store = MaskStore()
     try:
-        prune_step(method, targets, due_for(method, targets, sparsity, scope), store, seed=seed)
+        prune_step(method, targets, _due(method, targets, sparsity, scope), store, seed=seed)
     finally:
         if window is not None:
             window.close()

@@ -221,6 +221,18 @@ def check_sparse_inference(run: Run) -> None:
     assert "same tokens" in text
 
 
+def check_speed_target(run: Run) -> None:
+    text = run.text("speed_target.md")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    converted = [r for r in rows if r[0].isdigit()]  # converted at batch 1 and 4, each run at 1 and 4
+    assert [(r[0], r[5]) for r in converted] == [("1", "1"), ("1", "4"), ("4", "1"), ("4", "4")]
+    planned = {r[0]: r for r in rows if r[0].startswith(("plan_speedup", "uniform"))}
+    assert set(planned) == {"plan_speedup 1.2x", "uniform global 0.9"}
+    for row in converted + list(planned.values()):  # the converted model computes what the dense one did
+        assert float(row[-1]) < 1e-3, row
+    assert 0 < float(planned["uniform global 0.9"][-2]) < 1  # the importance removed
+
+
 def check_import_time(run: Run) -> None:
     assert re.search(r"import lightning_prune after torch and pytorch_lightning: median \d+\.\d+ s", run.stdout)
     assert re.search(r"heavy packages among them \(.*\): none", run.stdout)
@@ -256,6 +268,7 @@ SMOKES = [
         check_lm,
     ),
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
+    Smoke("speed_target", lambda i: ["--out-dir", str(i.out)], check_speed_target),
     Smoke("import_time", lambda i: [], check_import_time),
 ]
 

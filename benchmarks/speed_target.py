@@ -1,0 +1,221 @@
+"""Speed targets and any batch size: ``plan_speedup`` against uniform pruning, and a ViT converted at one batch
+size and served at another, on the CPU.
+
+Two sections, on timm's ``--model`` (default ``vit_small_patch16_224``, random weights from ``--seed``, 224 px):
+
+* ``convert``: the model pruned once by magnitude to ``--sparsity`` (``prune_once``, every matrix weight), then
+  converted by ``to_sparse_inference`` at each batch size of ``--batches`` (the conversion's wall time), and each
+  converted model timed against the dense one at each batch size of ``--batches`` (medians of ``--repeats``
+  interleaved rounds after one warm-up): converted at 64 and run at 64, converted at 1 and run at 64, ...;
+* ``plan``: for each of ``--targets``, ``plan_speedup(model, batch of --plan-batch, target)`` on the dense model,
+  the model pruned once to the plan's per-layer targets (``prune_once(model, plan.sparsity)``; one shot, no
+  training), converted, and its speed-up measured; against it, uniform pruning (``prune_once(model, s,
+  scope="global")``) at each of ``--uniform-sparsities``, converted and measured: the importance removed (the sum
+  of the pruned entries' magnitudes over the sum of all eligible entries') at equal measured speed says which
+  pruning costs less. Accuracy after training is not measured here (random weights).
+
+Usage (from the repository root)::
+
+    python benchmarks/speed_target.py --threads 2                # both sections on ViT-S/16
+    python benchmarks/speed_target.py --smoke                    # a tiny ViT, 1 round (seconds); no file
+
+Writes ``<out-dir>/<name>.md`` (the command, the machine, the load average before and after, the tables), also
+printed; ``--smoke`` writes it only where ``--out-dir`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.sparse_inference import interleaved, relative_error  # noqa: E402
+from lightning_prune import inference_report, prune_once, select_parameters, to_sparse_inference  # noqa: E402
+from lightning_prune.inference import plan_speedup  # noqa: E402
+
+SECTIONS = ("convert", "plan")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model", default="vit_small_patch16_224", help="a timm model name (random weights)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random weights and inputs")
+    p.add_argument("--sparsity", type=float, default=0.95, help="convert: prune_once's target")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="convert: batch sizes")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per row (medians)")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0], help="plan: speed-ups asked for")
+    p.add_argument("--plan-batch", type=int, default=1, help="plan: the example's batch size")
+    p.add_argument("--uniform-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--smoke", action="store_true", help="a tiny ViT (32 px, 2 x 64), 1 round: checks every row runs")
+    p.add_argument(
+        "--out-dir", default=None, help="'' writes no file (none given: benchmarks/results/; with --smoke: no file)"
+    )
+    p.add_argument("--name", default="speed_target", help="file name stem of the results")
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = "" if args.smoke else str(RESULTS)
+    if args.smoke:
+        args.repeats, args.batches, args.targets, args.uniform_sparsities = 1, [1, 4], [1.2], [0.9]
+        args.threads = 1
+    return args
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """The model in eval mode and its input size."""
+    torch.manual_seed(args.seed)
+    if args.smoke:
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+        return model.eval(), 32
+    import timm
+
+    return timm.create_model(args.model, pretrained=False).eval(), 224
+
+
+def measure(dense: nn.Module, converted: nn.Module, x: Tensor, repeats: int) -> dict[str, float]:
+    """Medians of interleaved rounds after one warm-up, and the largest relative difference of the outputs."""
+    times = interleaved([lambda: dense(x), lambda: converted(x)], repeats, warmup=1)
+    with torch.no_grad():
+        error = relative_error(converted(x), dense(x))
+    d, s = (statistics.median(t) for t in times)
+    return {"dense_ms": d * 1e3, "sparse_ms": s * 1e3, "speedup": d / s, "error": error}
+
+
+def convert_rows(args: argparse.Namespace) -> list[str]:
+    model, size = build(args)
+    prune_once(model, args.sparsity)
+    lines = [
+        "| converted at batch | conversion (s) | sparse layers | dense copies (MiB) | end to end at conversion | "
+        "run at batch | dense (ms) | converted (ms) | speed-up | check |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for at in args.batches:
+        start = time.perf_counter()
+        fast = to_sparse_inference(model, torch.randn(at, 3, size, size))
+        seconds, report = time.perf_counter() - start, inference_report(fast)
+        print(report, flush=True)
+        for run in args.batches:
+            r = measure(model, fast, torch.randn(run, 3, size, size), args.repeats)
+            lines.append(
+                f"| {at} | {seconds:.1f} | {len(report.sparse_layers)}/{len(report.layers)} | "
+                f"{report.fallback_bytes / 2**20:.1f} | {report.speedup:.2f}x | {run} | {r['dense_ms']:.1f} | "
+                f"{r['sparse_ms']:.1f} | {r['speedup']:.2f}x | {r['error']:.1e} |"
+            )
+            print(lines[-1], flush=True)
+    return lines
+
+
+def removed(dense: nn.Module, pruned: nn.Module) -> float:
+    """The magnitude the pruning removed, over the magnitude of every matrix weight of the default selection."""
+    weights = {t.name: t.tensor.detach() for t in select_parameters(dense)}
+    after = dict(pruned.named_parameters())
+    lost = sum(float(w[after[n].detach() == 0].abs().sum()) for n, w in weights.items())
+    return lost / sum(float(w.abs().sum()) for w in weights.values())
+
+
+def pruned_row(label: str, dense: nn.Module, sparsity: Any, x: Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    model = copy.deepcopy(dense)
+    prune_once(model, sparsity, scope="local" if isinstance(sparsity, dict) else "global")
+    fast = to_sparse_inference(model, x)
+    r = measure(model, fast, x, args.repeats)
+    return {"label": label, "removed": removed(dense, model), **r, "report": inference_report(fast)}
+
+
+def plan_rows(args: argparse.Namespace) -> list[str]:
+    dense, size = build(args)
+    x = torch.randn(args.plan_batch, 3, size, size)
+    lines = [
+        "| pruning | target | plan: expected | planning (s) | measured speed-up | within 10% | importance removed | "
+        "check |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    rows = []
+    for target in args.targets:
+        start = time.perf_counter()
+        plan = plan_speedup(dense, x, target)
+        planning = time.perf_counter() - start
+        print(plan, flush=True)
+        row = pruned_row(f"plan_speedup {target:g}x", dense, plan.sparsity, x, args)
+        row.update(target=target, expected=plan.expected_speedup, planning=planning)
+        rows.append(row)
+    for s in args.uniform_sparsities:
+        rows.append({**pruned_row(f"uniform global {s:g}", dense, s, x, args), "target": None})
+    for r in rows:
+        target, expected = r.get("target"), r.get("expected")
+        met = "" if target is None else ("yes" if r["speedup"] >= 0.9 * target else "no")
+        planning = "" if target is None else f"{r['planning']:.1f}"
+        lines.append(
+            f"| {r['label']} | {'' if target is None else f'{target:g}x'} | "
+            f"{'' if expected is None else f'{expected:.2f}x'} | "
+            f"{planning} | {r['speedup']:.2f}x | {met} | "
+            f"{r['removed']:.4f} | {r['error']:.1e} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+    command = "python benchmarks/speed_target.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    load_before, start = os.getloadavg(), time.perf_counter()
+    title = f"# Speed targets and any batch size: {'a tiny ViT (smoke)' if args.smoke else args.model}, CPU"
+    print(title, flush=True)
+    sections = {"convert": convert_rows, "plan": plan_rows}
+    tables = {name: sections[name](args) for name in args.sections}
+    load_after, wall = os.getloadavg(), time.perf_counter() - start
+    text = "\n".join(
+        [
+            title,
+            "",
+            f"Command (repository root): `{command.strip()}`",
+            "",
+            f"Machine: {machine()}.",
+            f"Load average (1, 5, 15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; after: "
+            f"{' '.join(f'{v:.2f}' for v in load_after)}; wall time {wall:.0f} s.",
+            "",
+            f"Random weights (seed {args.seed}); times: medians of {args.repeats} interleaved rounds after a warm-up; "
+            "`check`: largest |converted - dense| over the largest |dense| output.",
+            "",
+            "## Converted at one batch size, run at another",
+            "",
+            *tables.get("convert", ["(not run)"]),
+            "",
+            "## Pruning to a speed-up against uniform pruning",
+            "",
+            *tables.get("plan", ["(not run)"]),
+            "",
+        ]
+    )
+    print(f"\nwall time {wall:.0f}s; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out / f"{args.name}.md", text)
+        print(f"wrote {out / (args.name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

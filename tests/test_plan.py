@@ -1,0 +1,137 @@
+"""``plan_speedup`` with injected timings: the plan reaches the speed-up asked for at the least importance removed,
+its targets feed ``prune_once``, ``select_parameters`` and the callback, and the conversion then confirms it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import (
+    PruningScheduleCallback,
+    inference_report,
+    prune_once,
+    select_parameters,
+    to_sparse_inference,
+)
+from lightning_prune.inference import SpeedPlan, Timing, plan_speedup
+
+
+def cost(runs: Mapping[Timing, Callable[[], object]]) -> dict[Timing, float]:
+    """A dense layer costs its entries, CSR three times its stored values (per row, in microseconds); the model
+    costs ``BASE`` plus its layers at the example's one row."""
+    return {t: model_seconds(t) if t.layer == "" else layer_seconds(t) for t in runs}
+
+
+def layer_seconds(t: Timing) -> float:
+    return 1e-6 * t.rows * t.nonzeros * (1 if t.form == "dense" else 3)
+
+
+LAYERS = {"0": 512 * 256, "2": 512 * 512, "4": 256 * 512}
+BASE = 0.1  # seconds outside the matrices
+DENSE = BASE + 1e-6 * sum(LAYERS.values())
+
+
+def model_seconds(t: Timing) -> float:
+    return DENSE if t.form == "dense" else float("nan")
+
+
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256))
+    with torch.no_grad():
+        net[2].weight.mul_(0.1)  # the middle layer's weights are small: the cheapest to prune
+    return net.eval()
+
+
+def plan(speedup: float, **kwargs: Any) -> SpeedPlan:
+    return plan_speedup(network(), torch.randn(1, 256), speedup, timer=cost, **kwargs)
+
+
+def test_plan_reaches_the_speedup_removing_the_least_importance() -> None:
+    p = plan(1.5)
+    assert p.dense_seconds == pytest.approx(DENSE)
+    assert p.reached and p.expected_speedup >= 1.5
+    need = DENSE * (1 - 1 / 1.5)
+    saved = sum(layer.saved_seconds for layer in p.layers)
+    assert saved >= need
+    assert list(p.sparsity) == ["0.weight", "2.weight", "4.weight"]
+    by_name = {layer.name: layer for layer in p.layers}
+    assert by_name["2"].sparsity >= max(by_name["0"].sparsity, by_name["4"].sparsity)  # small weights pruned first
+    for layer in p.layers:  # the expected figures are the injected ones
+        if layer.sparsity:
+            nnz = round((1 - layer.sparsity) * LAYERS[layer.name])
+            assert (
+                layer.sparse_seconds == pytest.approx(3e-6 * nnz) and layer.dense_seconds == 1e-6 * LAYERS[layer.name]
+            )
+    text = str(p)
+    assert "2.weight" in text and "expected gain" in text and "(reached)" in text
+
+
+def test_plan_minimises_importance_against_every_uniform_choice() -> None:
+    p = plan(1.5)
+    net = network()
+    weights = {
+        name: m.weight.detach().abs().flatten().sort().values for name, m in net.named_children() if name in LAYERS
+    }
+
+    def removed(targets: dict[str, float]) -> float:
+        return sum(float(weights[n][: round(s * weights[n].numel())].sum()) for n, s in targets.items())
+
+    planned = removed({layer.name: layer.sparsity for layer in p.layers})
+    for s in (0.8, 0.9, 0.95, 0.98):  # every uniform target that also reaches the speed-up removes more
+        saved = sum(1e-6 * n - 3e-6 * round((1 - s) * n) for n in LAYERS.values())
+        if saved >= DENSE * (1 - 1 / 1.5):
+            assert planned < removed(dict.fromkeys(LAYERS, s))
+
+
+def test_a_speedup_beyond_the_ladder_is_not_reached_and_says_so() -> None:
+    p = plan(50.0)
+    assert not p.reached and all(layer.sparsity == 0.98 for layer in p.layers)
+    assert "NOT reached" in str(p)
+
+
+def test_plan_targets_feed_prune_once_the_callback_and_the_conversion() -> None:
+    p = plan(1.5)
+    net = network()
+    prune_once(net, p.sparsity)
+    for layer in p.layers:
+        weight = net.get_parameter(layer.parameter)
+        assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel())
+    targets = select_parameters(network(), sparsity=p.sparsity)
+    assert [(t.name, t.sparsity) for t in targets] == list(p.sparsity.items())
+    PruningScheduleCallback(sparsity=p.sparsity)  # accepted as per-tensor targets
+    fast = to_sparse_inference(net.eval(), torch.randn(1, 256), timer=_with_model_time(p))  # min_speedup 1.1
+    report = inference_report(fast)
+    assert {c.name for c in report.sparse_layers} == {layer.name for layer in p.layers if layer.sparsity}
+    assert report.speedup == pytest.approx(p.expected_speedup) and report.speedup >= 1.5
+
+
+def _with_model_time(p: SpeedPlan) -> Callable[[Mapping[Timing, Callable[[], object]]], dict[Timing, float]]:
+    def timer(runs: Mapping[Timing, Callable[[], object]]) -> dict[Timing, float]:
+        model = {"dense": DENSE, "sparse": p.expected_seconds}
+        return {t: model[t.form] if t.layer == "" else layer_seconds(t) for t in runs}
+
+    return timer
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"speedup": 0.5}, r"`speedup` must be in \[1"),
+        ({"sparsities": ()}, r"`sparsities` must be a non-empty list"),
+        ({"sparsities": (0.5, 1.0)}, r"`sparsities` entries must be in \(0, 1\)"),
+    ],
+)
+def test_plan_refuses_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    arguments = {"speedup": 2.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plan_speedup(nn.Linear(4, 4), torch.randn(1, 4), arguments.pop("speedup"), timer=cost, **arguments)
+
+
+def test_prune_once_refuses_a_mapping_in_global_scope() -> None:
+    with pytest.raises(ValueError, match="`scope` must be 'local'"):
+        prune_once(network(), {"0.weight": 0.5}, scope="global")
