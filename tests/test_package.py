@@ -34,7 +34,7 @@ def test_root_exports_what_users_call_and_the_api_index_lists_them() -> None:
     names = set(lightning_prune.__all__) - {"__version__"}
     assert all(hasattr(lightning_prune, n) for n in names)
     assert not names & {"upgrade_state_dict", "convert_on_load", "make_permanent"}  # lightning_prune.migration
-    assert len(names) <= 36
+    assert len(names) <= 42  # what users call, by task: grown with MoE-era features, never internals
     index = (ROOT / "docs" / "api" / "index.md").read_text()
     assert all(f"`{n}`" in index for n in names), sorted(n for n in names if f"`{n}`" not in index)
     from lightning_prune import migration
