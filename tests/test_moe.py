@@ -217,3 +217,20 @@ def test_save_sparse_round_trips_expert_tensors(tmp_path: Any) -> None:
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
     assert F.mse_loss(fresh.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj) == 0
+
+
+def test_sparse_checkpoint_io_round_trips_expert_tensors(tmp_path: Any) -> None:
+    from lightning_prune import SparseCheckpointIO
+
+    model = _mixtral()
+    prune_once(model, 0.8)
+    io = SparseCheckpointIO()
+    path = tmp_path / "moe.ckpt"
+    io.save_checkpoint({"state_dict": model.state_dict()}, path)
+    loaded = io.load_checkpoint(path)["state_dict"]
+    assert loaded.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    dense = tmp_path / "dense.ckpt"
+    torch.save({"state_dict": model.state_dict()}, dense)
+    assert path.stat().st_size < 0.5 * dense.stat().st_size  # the expert tensors were written sparse
