@@ -4,8 +4,8 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
 
 * prune while training: :class:`PruningScheduleCallback`, the schedules :class:`OneShot`, :class:`AtEpochs`,
   :class:`Polynomial` (:class:`Schedule` for your own), :class:`Rewind`;
-* how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, and for your own
-  :class:`PruningMethod` and :class:`NewMask`;
+* how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, :class:`SparseGPT`, and for
+  your own :class:`PruningMethod` and :class:`NewMask`;
 * which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
 * one step, outside training: :func:`prune_step` (with a :class:`MaskStore`), :func:`prune_once`,
   :class:`PruningError`;
@@ -37,6 +37,7 @@ from lightning_prune.selection import describe_selection, select_parameters
 from lightning_prune.sensitivity import plot_sensitivity, sensitivity_analysis, suggest_sparsity
 from lightning_prune.sparse_checkpoint import SparseCheckpointIO
 from lightning_prune.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
+from lightning_prune.sparsegpt import SparseGPT
 from lightning_prune.step import PruningError, prune_once, prune_step
 from lightning_prune.store import MaskStore
 from lightning_prune.structured import NeuronPruning
@@ -58,6 +59,7 @@ __all__ = [
     "Rewind",
     "Schedule",
     "SparseCheckpointIO",
+    "SparseGPT",
     "Wanda",
     "__version__",
     "compact",

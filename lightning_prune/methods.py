@@ -78,11 +78,16 @@ class MaskReader(Protocol):
 
 class NewMask(NamedTuple):
     """A method's decision for one tensor: its new mask (``uint8`` or ``bool``, 1 = keep, the tensor's shape; it
-    may be the kept mask, narrowed in place) and, when the method knows it, the number of pruned entries it holds."""
+    may be the kept mask, narrowed in place) and, when the method knows it, the number of pruned entries it holds.
+
+    ``values``: new weights for the tensor (its shape), for a method that repairs the weights it keeps
+    (:class:`~lightning_prune.SparseGPT`); :func:`~lightning_prune.prune_step` writes them into the parameter as
+    soon as the method yields them, before the next tensor is decided and before the store applies the masks."""
 
     target: PruningTarget
     mask: Tensor
     zeros: int | None = None
+    values: Tensor | None = None  # issue 30: a method may change the weights it keeps
 
 
 @contextmanager

@@ -160,6 +160,9 @@ def prune_step(
         decided = method.local_masks(targets, due, seed, store)
         goals = {t.name: s for t, s in zip(targets, due) if s is not None}
     for new in decided:
+        if new.values is not None:  # issue 30: a method that updates the weights it keeps (SparseGPT)
+            with torch.no_grad():
+                local_view(new.target.tensor).copy_(new.values)
         store.set(new.target, new.mask, new.zeros)
     if agree is not None:
         agree(store, masked)
