@@ -178,8 +178,8 @@ class SparseGPT(PruningMethod):
         attention = {id(m.out_proj): m for m in root.modules() if isinstance(m, nn.MultiheadAttention)}
         for t in targets:
             plan = _plan(root, t, attention)
-            if plan is not None:
-                check_hessian_size(t.name, _features(t, plan), self.max_hessian_bytes)
+            if plan is not None and (features := _features(t, plan)) is not None:
+                check_hessian_size(t.name, features, self.max_hessian_bytes)
 
     # -- calibration (the window)
 

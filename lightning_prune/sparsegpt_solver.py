@@ -9,7 +9,9 @@ over a model.
 
 The solve, for ``W`` of shape ``(rows, cols)`` (rows: output features, cols: input features):
 
-1. inputs that never fired (``H[j, j] == 0``, "dead") get ``H[j, j] = 1`` and ``W[:, j] = 0``, as the paper's code;
+1. inputs that never fired (``H[j, j] == 0``, "dead") get ``H[j, j] = 1`` and the saliency 0, so that they are
+   pruned first (the paper's code zeroes their weights, which has the same effect on the calibration outputs);
+   where a row's target leaves some of them kept, their weights stay as they were (exact counts);
 2. ``H + lambda * mean(diag H) * I`` is factored: ``U`` = the upper Cholesky factor of its inverse. When a
    factorisation fails (a Hessian that is not positive definite in float32), ``lambda`` grows tenfold, with a
    warning, up to :data:`MAX_DAMPENING`; past it the identity replaces ``H`` (pruning by magnitude with no update,
@@ -48,6 +50,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from lightning_prune.counting import count_for
 
 __all__ = ["MAX_DAMPENING", "HessianSum", "check_hessian_size", "hessian_bytes", "sparsegpt_solve"]
 
@@ -149,18 +153,23 @@ def _block_counts(keep: Tensor, needed: Tensor, i1: int, i2: int) -> Tensor:
     return torch.minimum(torch.maximum(share, needed - live_after), torch.minimum(needed, live_block))
 
 
-def _choose_unstructured(w: Tensor, diag: Tensor, pruned: Tensor, count: Tensor) -> Tensor:
+def _saliency(w: Tensor, diag: Tensor, dead: Tensor) -> Tensor:
+    """The OBS saliency ``w^2 / d^2`` of each entry, 0 on dead inputs."""
+    return (w.square() / diag.square()).masked_fill(dead, 0.0)
+
+
+def _choose_unstructured(w: Tensor, diag: Tensor, dead: Tensor, pruned: Tensor, count: Tensor) -> Tensor:
     """``pruned`` with, in each row, ``count`` more of its live entries of lowest saliency ``w^2 / d^2``."""
-    saliency = (w.square() / diag.square()).masked_fill(pruned, float("inf"))
+    saliency = _saliency(w, diag, dead).masked_fill(pruned, float("inf"))
     order = torch.sort(saliency, dim=1, stable=True).indices
     chosen = torch.arange(w.shape[1], device=w.device).expand_as(w) < count.unsqueeze(1)
     return pruned | torch.zeros_like(pruned).scatter_(1, order, chosen)
 
 
-def _choose_nm(w: Tensor, diag: Tensor, pruned: Tensor, n: int, m: int) -> Tensor:
+def _choose_nm(w: Tensor, diag: Tensor, dead: Tensor, pruned: Tensor, n: int, m: int) -> Tensor:
     """``pruned`` (one group of ``m`` columns) with the ``m - n`` lowest-saliency entries of each row pruned;
     entries pruned before come first, and a row that had more pruned keeps them all."""
-    saliency = (w.square() / diag.square()).masked_fill(pruned, float("-inf"))
+    saliency = _saliency(w, diag, dead).masked_fill(pruned, float("-inf"))
     lowest = torch.sort(saliency, dim=1, stable=True).indices[:, : m - n]
     return pruned | torch.zeros_like(pruned).scatter_(1, lowest, True)
 
@@ -222,40 +231,46 @@ def sparsegpt_solve(
     h = hessian.detach().to(w.device, torch.float32).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     upper = _inverse_factor(h, dampening, name)
     del h
     needed = torch.zeros(rows, dtype=torch.long, device=w.device)
     if sparsity is not None:
-        k = round(sparsity * cols)
+        k = count_for(sparsity, cols)
         if k >= cols > 0:
             raise ValueError(f"SparseGPT would prune every entry of each row of {name!r} (sparsity {sparsity!r}).")
         needed = (k - (~keep).sum(1)).clamp(min=0)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        _solve_block(w, keep, upper, needed, i1, i2, nm)
+        _solve_block(w, keep, upper, dead, needed, (i1, i2), nm)
     if not bool(torch.isfinite(w).all()):  # not reached with a finite Hessian; refuse rather than write NaN
         raise ValueError(f"SparseGPT: the solve of {name!r} gave non-finite weights; nothing was written.")
     return w.to(weight.dtype), keep.to(torch.uint8)
 
 
 def _solve_block(
-    w: Tensor, keep: Tensor, upper: Tensor, needed: Tensor, i1: int, i2: int, nm: tuple[int, int] | None
+    w: Tensor,
+    keep: Tensor,
+    upper: Tensor,
+    dead: Tensor,
+    needed: Tensor,
+    columns: tuple[int, int],
+    nm: tuple[int, int] | None,
 ) -> None:
     """Columns ``[i1, i2)``: choose their masks, prune column by column, spread the errors (in place)."""
+    i1, i2 = columns
     block = w[:, i1:i2].clone()
     u = upper[i1:i2, i1:i2]
-    diag = u.diagonal()
+    diag, dead = u.diagonal().unsqueeze(0), dead[i1:i2].unsqueeze(0)
     pruned = ~keep[:, i1:i2]
     if nm is None:
         count = _block_counts(keep, needed, i1, i2)
-        pruned = _choose_unstructured(block, diag.unsqueeze(0), pruned, count)
+        pruned = _choose_unstructured(block, diag, dead, pruned, count)
         needed -= count
     errors = torch.zeros_like(block)
     for i in range(i2 - i1):
         if nm is not None and i % nm[1] == 0:
             g = slice(i, i + nm[1])
-            pruned[:, g] = _choose_nm(block[:, g], diag[g].unsqueeze(0), pruned[:, g], *nm)
+            pruned[:, g] = _choose_nm(block[:, g], diag[:, g], dead[:, g], pruned[:, g], *nm)
         column = block[:, i]
         err = column.masked_fill(~pruned[:, i], 0.0) / u[i, i]  # (w - q) / d, q = w kept or 0 pruned
         block[:, i:].sub_(err.unsqueeze(1) * u[i, i:].unsqueeze(0))
