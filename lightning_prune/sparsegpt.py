@@ -12,9 +12,9 @@ during the calibration batches; before solving a tensor whose inputs may have ch
 the step runs before it), it runs the recorded batches again with a hook on that tensor's layer only, which stops
 the forward pass as soon as the layer's input is seen (so the cost is one forward pass through the layers up to
 it, per tensor and batch). A layer that runs more than once per forward pass runs to the end. Where the model's
-``forward`` did not run (a ``LightningModule`` whose ``training_step`` calls a submodule), or with
-``sequential=False``, every tensor is solved from the Hessians of the calibration window (the inputs of the
-model as it was before the step).
+``forward`` did not run as itself (a ``LightningModule`` whose ``training_step`` calls a submodule, or under DDP,
+where Lightning's wrapper routes the call to ``training_step``), or with ``sequential=False``, every tensor is
+solved from the Hessians of the calibration window (the inputs of the model as it was before the step).
 
 Which input each tensor's Hessian reads (the plans of :class:`~lightning_prune.Wanda`):
 
@@ -224,6 +224,8 @@ class SparseGPT(PruningMethod):
         self._seen, self._observed, self._root, self._reduce = 0, False, None, _identity
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if "forward" in module.__dict__:  # a forward patched for this call (Lightning's DDP wrapper): no replay
+            return
         if torch.is_grad_enabled() and len(self._batches) < self.calibration_batches:
             detach = functools.partial(torch.utils._pytree.tree_map_only, Tensor, lambda x: x.detach().clone())
             self._batches.append((detach(args), detach(kwargs)))

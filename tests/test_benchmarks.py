@@ -205,6 +205,9 @@ def check_lm(run: Run) -> None:
             assert float(row["sparsity"]) == pytest.approx(float(row["target"]), abs=1e-4), row
     text = run.text("lm.md")
     assert "| one shot, 2:4 by Wanda's scores | 0.5 | 0.5000 |" in text
+    assert "| one shot, 2:4 by SparseGPT | 0.5 | 0.5000 |" in text and "| sparsegpt | wanda-row |" in text
+    sparsegpt = [r for r in rows if r["method"] == "sparsegpt"]
+    assert sparsegpt and all(float(r["sparsity"]) == pytest.approx(float(r["target"]), abs=2e-3) for r in sparsegpt)
     assert "Generation of 4 bytes" in text and "| threads | dense (s) |" in text  # --latency
     spread = [line for line in text.splitlines() if line.startswith("| h.")]  # the activation table, a row a matrix
     assert len(spread) == 8 and all(float(line.split("|")[2]) >= 1.0 for line in spread), spread
