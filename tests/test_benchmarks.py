@@ -213,6 +213,13 @@ def check_lm(run: Run) -> None:
     assert len(spread) == 8 and all(float(line.split("|")[2]) >= 1.0 for line in spread), spread
 
 
+def check_oneshot_cost(run: Run) -> None:
+    text = run.text("oneshot_cost.md")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r[1].strip() for r in rows] == ["magnitude", "wanda", "sparsegpt", "sparsegpt-2:4"]
+    assert all(float(r[2]) >= 0 and float(r[3]) > 0 for r in rows), rows  # seconds, peak extra MiB
+
+
 def check_sparse_inference(run: Run) -> None:
     text = run.text("sparse_inference.md")
     assert "## Models" in text and "TOKENS DIFFER" not in text
@@ -259,6 +266,7 @@ SMOKES = [
         check_lm,
     ),
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
+    Smoke("oneshot_cost", lambda i: ["--out-dir", str(i.out)], check_oneshot_cost),
     Smoke("import_time", lambda i: [], check_import_time),
 ]
 
