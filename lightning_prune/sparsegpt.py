@@ -78,7 +78,8 @@ class SparseGPT(PruningMethod):
     updated, produce (see the module docstring). As the callback's ``method=``, each scheduled step observes
     ``calibration_batches`` training batches (as :class:`~lightning_prune.Wanda`), then solves every tensor to
     its new cumulative target: entries pruned before stay pruned and the kept ones are updated again. Each row
-    ends with exactly ``round(s * row length)`` zeros (local scope only).
+    ends with exactly ``round(s * row length)`` zeros (local scope only). A checkpoint saved inside a window
+    keeps no Hessians (``in x in`` per tensor): a resumed run observes the window's batches again.
 
     Args:
         calibration_batches: batches observed before each step, >= 1.

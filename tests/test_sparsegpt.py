@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -285,6 +286,15 @@ def test_memory_refusal_names_the_tensor_and_the_bytes_before_any_change() -> No
 def test_refuses_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SparseGPT(**kwargs)
+
+
+def test_refused_under_fsdp2_before_training_and_pickles_for_ddp_spawn() -> None:
+    from lightning_prune.distributed import check_sharding
+
+    with pytest.raises(ValueError, match="needs whole tensors"):
+        check_sharding(SparseGPT(2), "inplace", rewinds=False)
+    callback = PruningScheduleCallback(0.5, method=SparseGPT(2))
+    assert repr(pickle.loads(pickle.dumps(callback)).method) == repr(callback.method)
 
 
 def test_refuses_global_scope() -> None:
