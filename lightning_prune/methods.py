@@ -104,7 +104,8 @@ class PruningMethod(ABC):
 
     Subclasses implement :meth:`local_masks`, and :meth:`global_masks` when they work in global scope: they read
     the masks kept so far from ``masks`` and yield one :class:`NewMask` per tensor whose mask changes (``uint8``
-    or ``bool``); they never change a weight. :func:`lightning_prune.prune_step` calls them.
+    or ``bool``); they never change a weight themselves (one that updates the weights it keeps gives their new
+    values in :attr:`NewMask.values`, issue 30). :func:`lightning_prune.prune_step` calls them.
 
     Attributes:
         name: shown in logs and errors.
