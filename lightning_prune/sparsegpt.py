@@ -60,9 +60,14 @@ from lightning_prune.methods import MaskReader, NewMask, PruningMethod
 from lightning_prune.nm import NMPruning, check_nm
 from lightning_prune.selection import PruningTarget
 from lightning_prune.sparsegpt_solver import HessianSum, check_hessian_size, sparsegpt_solve
-from lightning_prune.wanda import _MHA_ARGS, _QKV, _attention_heads, _pair, _Plan, _plan
+from lightning_prune.wanda import InputPlan as _Plan
+from lightning_prune.wanda import attention_heads as _attention_heads
+from lightning_prune.wanda import plan_input as _plan
 
 __all__ = ["SparseGPT"]
+
+_QKV = ("query", "key", "value")
+_MHA_ARGS = (*_QKV, "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 
 
 class _Stop(Exception):
@@ -128,7 +133,7 @@ class SparseGPT(PruningMethod):
         if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not 0 < dampening <= 1:
             raise ValueError(f"`dampening` must be in (0, 1], got {dampening!r}.")
         self.dampening = float(dampening)
-        self.nm = None if nm is None else check_nm(*_pair("nm", nm))
+        self.nm = None if nm is None else check_nm(*_pair(nm))
         if self.nm is not None and self.block_size % self.nm[1]:
             raise ValueError(f"`block_size` must be a multiple of m={self.nm[1]} with `nm`, got {block_size}.")
         self.sequential = bool(sequential)
@@ -363,6 +368,12 @@ class SparseGPT(PruningMethod):
         if name not in self._warned:
             self._warned.add(name)
             rank_zero_warn(f"SparseGPT prunes {name!r} by magnitude per row, without updating it: {why}.")
+
+
+def _pair(value: object) -> tuple[Any, Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"`nm` must be a pair (n, m) such as (2, 4), got {value!r}.")
+    return value[0], value[1]
 
 
 def _identity(tensor: Tensor) -> Tensor:

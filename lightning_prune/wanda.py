@@ -420,3 +420,9 @@ def wanda_prune(
         dataloader=dataloader,
         forward=forward,
     )
+
+
+# Shared with SparseGPT (issue 30), which reads the same layer inputs: how each tensor's input is observed.
+InputPlan = _Plan
+plan_input = _plan
+attention_heads = _attention_heads
