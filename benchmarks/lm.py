@@ -1,4 +1,4 @@
-"""A small GPT on real text: magnitude against Wanda, in one shot and while training, in bits per byte.
+"""A small GPT on real text: magnitude, Wanda and SparseGPT, in one shot and while training, in bits per byte.
 
 Model: Hugging Face ``GPT2LMHeadModel`` built from a config (random weights, nothing downloaded): bytes as tokens
 (vocabulary 256), ``--layers`` blocks of width ``--width`` with ``--heads`` heads, context ``--context``, no dropout;
@@ -16,11 +16,14 @@ from it:
   (each tensor), ``magnitude-global`` (one threshold), ``wanda-row`` (Wanda per output row, as the paper, from
   ``--calibration-batches`` training batches), its controls ``wanda-tensor`` and ``wanda-global`` (Wanda's scores
   ranked as magnitude's are: the same groups, so only the activations differ), and at 50% by construction
-  ``nm-magnitude`` (2:4, magnitude) and ``nm-wanda`` (2:4 by Wanda's scores, ``Wanda(nm=(2, 4))``);
+  ``nm-magnitude`` (2:4, magnitude) and ``nm-wanda`` (2:4 by Wanda's scores, ``Wanda(nm=(2, 4))``); and
+  SparseGPT, which updates the weights it keeps (:class:`~lightning_prune.SparseGPT`, per output row, sequential,
+  from the same calibration batches): ``sparsegpt`` at each target and ``nm-sparsegpt`` (2:4);
 * gradual, during ``--continue-epochs`` x ``--steps-per-epoch`` more training steps with
   :class:`~lightning_prune.PruningScheduleCallback` (a cubic ramp over all but the last epoch, a step every
-  ``--every-n-steps``), at each ``--gradual-targets``: ``gradual-l1-global`` and ``gradual-wanda-row``, against
-  ``dense-continued``, the dense model trained for the same steps.
+  ``--every-n-steps``), at each ``--gradual-targets``: ``gradual-l1-global``, ``gradual-wanda-row`` and
+  ``gradual-sparsegpt`` (each step a reconstruction to the new cumulative target from a window of
+  ``--gradual-calibration-batches``), against ``dense-continued``, the dense model trained for the same steps.
 
 The results end with the dense model's activation spread: per matrix, how far its input features' RMS (what
 Wanda multiplies ``|W|`` by) spreads, and how much of Wanda's per-row mask differs from magnitude's per-row mask.
@@ -77,6 +80,7 @@ from lightning_prune import (  # noqa: E402
     NMPruning,
     Polynomial,
     PruningScheduleCallback,
+    SparseGPT,
     Wanda,
     prune_once,
     select_parameters,
@@ -88,8 +92,8 @@ from lightning_prune.layers import to_out_in  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "text"
 RANKED = ("magnitude-local", "magnitude-global", "wanda-row", "wanda-tensor", "wanda-global")  # at each target
-ONESHOT = (*RANKED, "nm-magnitude", "nm-wanda")
-GRADUAL = ("dense-continued", "gradual-l1-global", "gradual-wanda-row")
+ONESHOT = (*RANKED, "sparsegpt", "nm-magnitude", "nm-wanda", "nm-sparsegpt")
+GRADUAL = ("dense-continued", "gradual-l1-global", "gradual-wanda-row", "gradual-sparsegpt")
 METHODS = ("dense", *ONESHOT, *GRADUAL)
 FIELDS = ("method", "target", "seed", "sparsity", "bpb", "seconds", "steps")
 LABELS = {
@@ -101,9 +105,12 @@ LABELS = {
     "wanda-global": "one shot, Wanda global",
     "nm-magnitude": "one shot, 2:4 by magnitude",
     "nm-wanda": "one shot, 2:4 by Wanda's scores",
+    "sparsegpt": "one shot, SparseGPT per output row",
+    "nm-sparsegpt": "one shot, 2:4 by SparseGPT",
     "dense-continued": "dense, trained on for the same steps",
     "gradual-l1-global": "gradual, global L1 (callback)",
     "gradual-wanda-row": "gradual, Wanda per row (callback)",
+    "gradual-sparsegpt": "gradual, SparseGPT per row (callback)",
 }
 
 
@@ -282,6 +289,10 @@ class Runner:
             elif method == "wanda-global":
                 wanda = Wanda(args.calibration_batches, group="global")
                 prune_once(model, target, method=wanda, dataloader=calibration, scope="global")
+            elif method == "sparsegpt":
+                prune_once(model, target, method=SparseGPT(args.calibration_batches), dataloader=calibration)
+            elif method == "nm-sparsegpt":
+                prune_once(model, 0.0, method=SparseGPT(args.calibration_batches, nm=(2, 4)), dataloader=calibration)
             elif method == "nm-magnitude":
                 prune_once(model, 0.0, method=NMPruning(2, 4))
             else:
@@ -319,6 +330,9 @@ class Runner:
         schedule = Polynomial(0, args.continue_epochs - 1, every_n_steps=args.every_n_steps)
         if method == "gradual-l1-global":
             return PruningScheduleCallback(target, scope="global", schedule=schedule, verbose=False)
+        if method == "gradual-sparsegpt":
+            method_ = SparseGPT(args.gradual_calibration_batches)
+            return PruningScheduleCallback(target, method=method_, schedule=schedule, verbose=False)
         return PruningScheduleCallback(
             target, method=Wanda(args.gradual_calibration_batches), schedule=schedule, verbose=False
         )
@@ -470,6 +484,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> str:
             f"(per seed {', '.join(f'{d:+.4f}' for d in diffs)}; goal: lower): "
             f"{'met' if all(d < 0 for d in diffs) else 'missed'}."
         )
+    lines += sparsegpt_goals(by, mean_ratio("sparsegpt", 0.5, "dense"))
     for method in ("gradual-l1-global", "gradual-wanda-row"):
         r = mean_ratio(method, 0.9, "dense-continued")
         if r is not None:
@@ -478,6 +493,36 @@ def goals(rows: Sequence[dict[str, Any]]) -> str:
                 f"same steps (goal: within 5%): {'met' if r <= 0.05 else 'missed'}."
             )
     return "\n".join(lines)
+
+
+def sparsegpt_goals(by: dict[tuple[str, float, int], float], at_half: float | None) -> list[str]:
+    """Issue 30's goals: SparseGPT at 50% within 3% of dense; at 60%, 70% and 2:4 lower bits per byte than both
+    magnitude per tensor and Wanda per row on every seed."""
+    lines = []
+    if at_half is not None:
+        lines.append(
+            f"- one-shot SparseGPT at 50%: {100 * at_half:+.2f}% bits per byte vs dense (goal: within 3%): "
+            f"{'met' if at_half <= 0.03 else 'missed'}."
+        )
+    for ours, others, target in (
+        ("sparsegpt", ("magnitude-local", "wanda-row"), 0.6),
+        ("sparsegpt", ("magnitude-local", "wanda-row"), 0.7),
+        ("nm-sparsegpt", ("nm-magnitude", "nm-wanda"), 0.5),
+    ):
+        diffs = [
+            by[(ours, target, s)] - by[(other, target, s)]
+            for (m, t, s) in sorted(by)
+            if m == ours and t == target
+            for other in others
+            if (other, target, s) in by
+        ]
+        if diffs:
+            lines.append(
+                f"- {LABELS[ours]} at {target:g} against {' and '.join(others)}: per seed and rival "
+                f"{', '.join(f'{d:+.4f}' for d in diffs)} bits per byte (goal: all lower): "
+                f"{'met' if all(d < 0 for d in diffs) else 'missed'}."
+            )
+    return lines
 
 
 def describe(args: argparse.Namespace) -> str:
@@ -554,9 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[tuple[str, float, int]] = []
     for seed in args.seeds:  # seed by seed: an interrupted run leaves complete seeds
         runs += [("dense", 0.0, seed), ("dense-continued", 0.0, seed)]
-        runs += [(m, t, seed) for m in RANKED for t in args.oneshot_targets]
-        runs += [("nm-magnitude", 0.5, seed), ("nm-wanda", 0.5, seed)]
-        runs += [(m, t, seed) for t in args.gradual_targets for m in ("gradual-l1-global", "gradual-wanda-row")]
+        runs += [(m, t, seed) for m in (*RANKED, "sparsegpt") for t in args.oneshot_targets]
+        runs += [("nm-magnitude", 0.5, seed), ("nm-wanda", 0.5, seed), ("nm-sparsegpt", 0.5, seed)]
+        runs += [(m, t, seed) for t in args.gradual_targets for m in GRADUAL[1:]]
     runs = [r for r in runs if r[0] in args.methods]
     wall = run_and_record(
         csv_path, FIELDS, runs, done, rows, runner,
@@ -574,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("wanda-global", "magnitude-global"),
         ("nm-wanda", "nm-magnitude"),
         ("gradual-wanda-row", "gradual-l1-global"),
+        ("sparsegpt", "magnitude-local"),
+        ("sparsegpt", "wanda-row"),
+        ("nm-sparsegpt", "nm-magnitude"),
+        ("nm-sparsegpt", "nm-wanda"),
+        ("gradual-sparsegpt", "gradual-wanda-row"),
+        ("gradual-sparsegpt", "gradual-l1-global"),
     ):
         diffs = paired(rows, a, b)
         if diffs:
@@ -581,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {a} | {b} | {', '.join(f'{d:+.4f}' for d in diffs)} | {statistics.fmean(diffs):+.4f} |"
             )
     text = (
-        f"# A small GPT on real text: magnitude against Wanda\n\n{describe(args)}.\n\nCommand: `{command}`\n\n"
+        f"# A small GPT on real text: magnitude, Wanda and SparseGPT\n\n{describe(args)}.\n\nCommand: `{command}`\n\n"
         f"Machine: {machine()}\n\nWall time of this invocation: {wall:.0f} s\n\n{table(rows)}\n\n"
         f"Paired by seed (bits per byte, A - B at each target; negative: A is better):\n\n"
         f"| A | B | per seed and target | mean |\n|---|---|---|---:|\n" + "\n".join(paired_lines) + "\n\n"

@@ -4,8 +4,8 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
 
 * prune while training: :class:`PruningScheduleCallback`, the schedules :class:`OneShot`, :class:`AtEpochs`,
   :class:`Polynomial` (:class:`Schedule` for your own), :class:`Rewind`;
-* how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, and for your own
-  :class:`PruningMethod` and :class:`NewMask`;
+* how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, :class:`SparseGPT`, and for
+  your own :class:`PruningMethod` and :class:`NewMask`;
 * which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
 * one step, outside training: :func:`prune_step` (with a :class:`MaskStore` and what is due: :class:`Local`,
   :class:`Global` or :class:`Trigger`), :func:`prune_once`, :class:`PruningError`;
@@ -34,6 +34,7 @@ from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.methods.compaction import compact, load_compact_state_dict
 from lightning_prune.methods.neurons import NeuronPruning
 from lightning_prune.methods.nm import NMPruning, nm_satisfied, to_semi_structured
+from lightning_prune.methods.sparsegpt import SparseGPT
 from lightning_prune.methods.wanda import Wanda
 from lightning_prune.report import sparsity_report
 from lightning_prune.rewind import Rewind
@@ -63,6 +64,7 @@ __all__ = [
     "Schedule",
     "SparseCheckpointIO",
     "Trigger",
+    "SparseGPT",
     "Wanda",
     "__version__",
     "compact",

@@ -189,6 +189,9 @@ def prune_step(
     else:
         decided = method.local_masks(targets, [None] * len(targets), seed, store)
     for new in decided:
+        if new.values is not None:  # a method that updates the weights it keeps (SparseGPT)
+            with torch.no_grad():
+                local_view(new.target.tensor).copy_(new.values)
         store.set(new.target, new.mask, new.zeros)
     if agree is not None:
         agree(store, masked)

@@ -205,9 +205,19 @@ def check_lm(run: Run) -> None:
             assert float(row["sparsity"]) == pytest.approx(float(row["target"]), abs=1e-4), row
     text = run.text("lm.md")
     assert "| one shot, 2:4 by Wanda's scores | 0.5 | 0.5000 |" in text
+    assert "| one shot, 2:4 by SparseGPT | 0.5 | 0.5000 |" in text and "| sparsegpt | wanda-row |" in text
+    sparsegpt = [r for r in rows if r["method"] == "sparsegpt"]
+    assert sparsegpt and all(float(r["sparsity"]) == pytest.approx(float(r["target"]), abs=2e-3) for r in sparsegpt)
     assert "Generation of 4 bytes" in text and "| threads | dense (s) |" in text  # --latency
     spread = [line for line in text.splitlines() if line.startswith("| h.")]  # the activation table, a row a matrix
     assert len(spread) == 8 and all(float(line.split("|")[2]) >= 1.0 for line in spread), spread
+
+
+def check_oneshot_cost(run: Run) -> None:
+    text = run.text("oneshot_cost.md")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r[1].strip() for r in rows] == ["magnitude", "wanda", "sparsegpt", "sparsegpt-2:4"]
+    assert all(float(r[2]) >= 0 and float(r[3]) > 0 for r in rows), rows  # seconds, peak extra MiB
 
 
 def check_sparse_inference(run: Run) -> None:
@@ -269,6 +279,7 @@ SMOKES = [
     ),
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
     Smoke("speed_target", lambda i: ["--out-dir", str(i.out)], check_speed_target),
+    Smoke("oneshot_cost", lambda i: ["--out-dir", str(i.out)], check_oneshot_cost),
     Smoke("import_time", lambda i: [], check_import_time),
 ]
 

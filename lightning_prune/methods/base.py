@@ -45,11 +45,16 @@ class MaskReader(Protocol):
 
 class NewMask(NamedTuple):
     """A method's decision for one tensor: its new mask (``uint8`` or ``bool``, 1 = keep, the tensor's shape; it
-    may be the kept mask, narrowed in place) and, when the method knows it, the number of pruned entries it holds."""
+    may be the kept mask, narrowed in place) and, when the method knows it, the number of pruned entries it holds.
+
+    ``values``: new weights for the tensor (its shape), for a method that repairs the weights it keeps
+    (:class:`~lightning_prune.SparseGPT`); :func:`~lightning_prune.prune_step` writes them into the parameter as
+    soon as the method yields them, before the next tensor is decided and before the store applies the masks."""
 
     target: PruningTarget
     mask: Tensor
     zeros: int | None = None
+    values: Tensor | None = None
 
 
 class PruningMethod(ABC):
@@ -57,7 +62,8 @@ class PruningMethod(ABC):
 
     Subclasses implement :meth:`local_masks`, and :meth:`global_masks` when they work in global scope: they read
     the masks kept so far from ``masks`` and yield one :class:`NewMask` per tensor whose mask changes (``uint8``
-    or ``bool``); they never change a weight. :func:`lightning_prune.prune_step` calls them.
+    or ``bool``); they never change a weight themselves (one that updates the weights it keeps gives their new
+    values in :attr:`NewMask.values`). :func:`lightning_prune.prune_step` calls them.
 
     Attributes:
         name: shown in logs and errors.

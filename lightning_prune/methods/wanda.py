@@ -462,3 +462,9 @@ def _intermediate(experts: nn.Module, first: str, expert: int, x: Tensor) -> Ten
         out = out + bias[expert]
     gate = experts._apply_gate if first == "gate_up_proj" and hasattr(experts, "_apply_gate") else experts.act_fn
     return cast(Callable[[Tensor], Tensor], gate)(out)
+
+
+# Shared with SparseGPT, which reads the same layer inputs: how each tensor's input is observed.
+InputPlan = _Plan
+plan_input = _plan
+attention_heads = _attention_heads
