@@ -15,6 +15,8 @@ from torch import nn
 from lightning_prune import reparam
 from lightning_prune._checks import allowed, check_choice, check_int
 from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
+from lightning_prune.allocated import AllocatedMethod, with_allocation  # issue 29: allocation
+from lightning_prune.allocation import Allocation  # issue 29: allocation
 from lightning_prune.calibration import CalibrationWindow
 from lightning_prune.distributed import agree_masks, check_sharding, check_strategy, collective_for
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Scope, check_scope, resolve_method
@@ -124,10 +126,11 @@ class PruningScheduleCallback(CallbackBase):
         log_per_tensor: bool = True,
         rewind: Rewind | Literal["init"] | None = None,
         mask_mode: MaskMode = "inplace",
+        allocation: Allocation = "global",  # issue 29
     ) -> None:
         self.scope: Scope = check_choice("scope", scope, allowed(Scope))
         self.mask_mode: MaskMode = check_choice("mask_mode", mask_mode, allowed(MaskMode))
-        self.method = resolve_method(method, method_kwargs, importance)
+        self.method = with_allocation(resolve_method(method, method_kwargs, importance), allocation)  # issue 29
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
         self.seed = check_int("seed", seed)
         check_scope(self.method, scope)
@@ -185,6 +188,8 @@ class PruningScheduleCallback(CallbackBase):
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: {self._selection}")
         final = self._plan.final()
+        if self.verbose and isinstance(self.method, AllocatedMethod) and final:  # issue 29: the allocation
+            rank_zero_info(f"{type(self).__name__}: {self.method.describe(self._targets, final[GLOBAL])}")
         if final and self.method.takes_sparsity:
             check_reachable(self.method, self._targets, self._sparsity_of(final), self.scope)
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune._checks import check_fraction
+from lightning_prune.allocated import with_allocation  # issue 29: allocation
+from lightning_prune.allocation import Allocation  # issue 29: allocation
 from lightning_prune.calibration import calibrate, default_forward
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for
@@ -177,6 +179,7 @@ def prune_once(
     dataloader: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     seed: int = 0,
+    allocation: Allocation = "global",  # issue 29
 ) -> dict[str, Tensor]:
     """Prune ``model`` once, in place and without training: one :func:`prune_step` of ``method`` to ``sparsity``.
 
@@ -196,6 +199,8 @@ def prune_once(
         forward: ``forward(model, batch)`` runs one batch; default: ``model(batch[0])`` for a tuple or list
             batch, else ``model(batch)``, on the device of the model's parameters.
         seed: seeds random methods.
+        allocation: with ``scope="global"``, how the target is shared out: ``"global"`` (one ranking),
+            ``"uniform"``, ``"erk"`` or ``"owl"`` (see :mod:`lightning_prune.allocation`).
 
     Returns:
         ``{qualified name: uint8 mask}`` (1 = kept) of every chosen tensor that was pruned.
@@ -213,7 +218,7 @@ def prune_once(
         (['0.weight', '2.weight'], 24)
     """
     sparsity = check_fraction("sparsity", sparsity)
-    method = resolve_method(method)
+    method = with_allocation(resolve_method(method), allocation)  # issue 29
     scope = check_scope(method, scope)
     targets = select_parameters(model, parameters)
     window = None
