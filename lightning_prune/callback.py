@@ -19,6 +19,7 @@ from lightning_prune.allocated import AllocatedMethod, with_allocation  # issue 
 from lightning_prune.allocation import Allocation  # issue 29: allocation
 from lightning_prune.calibration import CalibrationWindow
 from lightning_prune.distributed import agree_masks, check_sharding, check_strategy, collective_for
+from lightning_prune.learning_rate import warn_if_rate_low  # issue 29: the rate left after the ramp
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Scope, check_scope, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, as_rewind, capture, rewind
@@ -215,6 +216,8 @@ class PruningScheduleCallback(CallbackBase):
         if self._steps and self._last_report is None:  # resumed: log the figures of the steps taken before
             self._last_report = measure(self._targets, self._goals(), self._store.group)
         self._training = True
+        if self.method.takes_sparsity:  # issue 29: warn when the ramp ends at a low learning rate
+            warn_if_rate_low(trainer, self.schedule)
         if self._calibration.resuming:  # a checkpoint inside a calibration window: keep observing where it stopped
             self._calibration.begin(pl_module, self.method.masked(self._targets))
         self._masking.start(self._store, trainer.optimizers)
@@ -398,6 +401,11 @@ class PruningScheduleCallback(CallbackBase):
     def masks(self) -> MaskStore:
         """The masks kept beside the model's parameters."""
         return self._store
+
+    @property
+    def steps_taken(self) -> int:  # issue 29: read by LearningRateRewarm
+        """The pruning steps taken so far (those before a resumed checkpoint included)."""
+        return self._steps
 
     @property
     def last_report(self) -> SparsityReport | None:
