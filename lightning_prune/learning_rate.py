@@ -64,7 +64,9 @@ class RateAtRampEnd:
 
 def _stand_in(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """An optimizer with the same parameter-group settings and one scalar parameter per group."""
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in optimizer.param_groups]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in optimizer.param_groups
+    ]
     return torch.optim.SGD(groups, lr=optimizer.param_groups[0]["lr"])
 
 
