@@ -226,6 +226,24 @@ def check_import_time(run: Run) -> None:
     assert re.search(r"heavy packages among them \(.*\): none", run.stdout)
 
 
+def check_recovery(run: Run) -> None:
+    rows = run.csv("recovery.csv")
+    recipes = ["0.3", "distill", "rewarm", "erk", "all"]
+    for workload, dense in (("lenet", "dense"), ("gpt", "dense-continued")):
+        mine = [r for r in rows if r["workload"] == workload]
+        assert sorted(r["recipe"] for r in mine) == sorted([dense, *recipes])
+        for r in mine:
+            want = 0.0 if r["recipe"] == dense else 0.9
+            assert abs(float(r["sparsity"]) - want) < 0.01, r
+            assert float(r["value"]) > 0
+    text = run.text("recovery.md")
+    assert "| workload | target | recipe | dense | pruned | gap | seeds |" in text
+    lenet, gpt = run.table_rows("lenet"), run.table_rows("gpt")
+    assert [r[2] for r in lenet] == recipes and [r[2] for r in gpt] == recipes
+    assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[5]) and r[6] == "1" for r in lenet)
+    assert all(re.fullmatch(r"[+-]\d+\.\d%", r[5]) and " ± " in r[3] and " ± " in r[4] for r in gpt)
+
+
 # ---------------------------------------------------------------------------------------------- the runs
 
 
@@ -256,6 +274,15 @@ SMOKES = [
         check_lm,
     ),
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
+    Smoke(
+        "recovery",
+        lambda i: [
+            *mnist(i),
+            *("--workloads", "lenet", "gpt", "--cache-dir", str(i.out / "cache")),
+            *("--lm-args", "--train-file", str(i.train), "--valid-file", str(i.valid), "--threads", "1"),
+        ],
+        check_recovery,
+    ),
     Smoke("import_time", lambda i: [], check_import_time),
 ]
 
