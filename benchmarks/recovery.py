@@ -19,7 +19,13 @@ Workloads:
   seeds and targets: the runs are deterministic) instead of being trained again.
 * ``gpt``: the byte-level GPT of ``benchmarks/lm.py`` (its dense model per seed, cached in ``--cache-dir``),
   gradual pruning during its continued steps, bits per byte on the validation text; the dense baseline is
-  ``dense-continued`` (the same steps without pruning).
+  ``dense-continued`` (the same steps without pruning); ``--lm-args`` (last) passes options to its parser;
+* ``vit``: the ViT of ``benchmarks/vit.py`` at its defaults (the full budget, the cosine schedule), the 16
+  attention and MLP matrices, test accuracy in percent; ``--vit-args`` passes options to its parser.
+
+``--teacher dense`` distils from the dense model trained for the whole budget (LeNet: the ``dense`` row's
+model; gpt: the dense model the continued steps start from; vit: its ``dense`` row's model) instead of the copy
+taken when the ramp starts.
 
 The table's columns are ``| workload | target | recipe | dense | pruned | gap | seeds |``: dense and pruned as
 mean ± std over seeds, the gap in points of accuracy (lenet) or in percent of bits per byte (gpt).
@@ -29,6 +35,7 @@ Usage (from the repository root)::
     python benchmarks/recovery.py --data-dir /work/shared/data --targets 0.98 0.99 \\
         --baseline-csv benchmarks/results/accuracy_vs_sparsity.csv
     python benchmarks/recovery.py --workloads gpt --gpt-targets 0.9 --seeds 0 1
+    python benchmarks/recovery.py --workloads vit --data-dir DIR --vit-targets 0.9 0.95 --seeds 0 1 --recipes 0.3 all
     python benchmarks/recovery.py --data-dir DIR --smoke   # every recipe on a tiny budget (seconds)
 
 Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--resume`` skips those there) and
@@ -39,6 +46,7 @@ folder (never ``benchmarks/results/``).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -61,8 +69,8 @@ from lightning_prune.schedules import Polynomial  # noqa: E402
 RECIPES = ("0.3", "distill", "rewarm", "erk", "all")
 INGREDIENTS = {"0.3": (), "distill": ("distill",), "rewarm": ("rewarm",), "erk": ("erk",)}
 INGREDIENTS["all"] = ("distill", "rewarm", "erk")
-DENSE = {"lenet": "dense", "gpt": "dense-continued"}
-DIGITS = {"lenet": 2, "gpt": 4}  # accuracy in percent, bits per byte
+DENSE = {"lenet": "dense", "gpt": "dense-continued", "vit": "dense"}
+DIGITS = {"lenet": 2, "gpt": 4, "vit": 2}  # accuracy in percent, bits per byte
 FIELDS = ("workload", "recipe", "target", "seed", "value", "sparsity", "fit_seconds", "source")
 COLUMNS = Columns(
     FIELDS,
@@ -73,7 +81,12 @@ COLUMNS = Columns(
 
 
 def callbacks_for(
-    recipe: str, target: float, schedule: Polynomial, args: argparse.Namespace, teacher: Any = None
+    recipe: str,
+    target: float,
+    schedule: Polynomial,
+    args: argparse.Namespace,
+    teacher: Any = None,
+    parameters: Sequence[str] | None = None,
 ) -> list[Any]:
     """The pruning callback of ``recipe`` and its companions (none for a dense row); ``teacher``: the model to
     distil from (``None``: the copy taken when the ramp starts)."""
@@ -83,7 +96,13 @@ def callbacks_for(
     allocation = "erk" if "erk" in parts else "global"
     out: list[Any] = [
         PruningScheduleCallback(
-            target, scope="global", schedule=schedule, allocation=allocation, verbose=False, log_per_tensor=False
+            target,
+            parameters=None if parameters is None else list(parameters),
+            scope="global",
+            schedule=schedule,
+            allocation=allocation,
+            verbose=False,
+            log_per_tensor=False,
         )
     ]
     if "distill" in parts:
@@ -199,13 +218,58 @@ class GPTRunner:
         steps = a.continue_epochs * a.steps_per_epoch
         data = lm.windows(self.runner.train_data, steps * a.batch_size, a.context, 1000 + seed)
         schedule = Polynomial(0, a.continue_epochs - 1, every_n_steps=a.every_n_steps)
-        callbacks = callbacks_for(recipe, target, schedule, self.recovery)
+        distils = "distill" in INGREDIENTS.get(recipe, ())
+        teacher = self.runner.model(seed) if distils and self.recovery.teacher == "dense" else None
+        callbacks = callbacks_for(recipe, target, schedule, self.recovery, teacher)
         seconds = lm.train(
             model, data, a, epochs=a.continue_epochs, steps=a.steps_per_epoch, lr=a.continue_lr, warmup=0,
             callbacks=callbacks, seed=seed,
         )  # fmt: skip
         bpb = lm.bits_per_byte(model, self.runner.valid, a)
         return row("gpt", recipe, target, seed, bpb, lm.matrix_sparsity(model), seconds, "run")
+
+
+class ViTRunner:
+    """The ViT workload: ``benchmarks/vit.py``'s model, data and budget (its defaults: the full budget, the cosine
+    schedule), with a recipe instead of its own rows; ``dense`` is its dense row."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from benchmarks import vit
+
+        self.vit = vit
+        self.args = vit.build_parser().parse_args(
+            ["--data-dir", str(args.data_dir), *shlex.split(args.vit_args), *(["--smoke"] if args.smoke else [])]
+        )
+        if args.smoke:
+            vit.apply_smoke(self.args)
+        data = vit.load_data(self.args)
+        if data is None:
+            raise SystemExit(2)
+        self.train, self.test = data
+        self.runner = vit.Runner(self.args, self.train, self.test)
+        self.recovery = args
+
+    def __call__(self, recipe: str, target: float, seed: int) -> dict[str, Any]:
+        vit, a = self.vit, self.args
+        if recipe == "dense":
+            _, acc, seconds = self.runner.dense(seed)
+            return row("vit", recipe, target, seed, 100 * acc, 0.0, seconds, "run")
+        teacher = None
+        if "distill" in INGREDIENTS[recipe] and self.recovery.teacher == "dense":
+            teacher = vit.LitViT(lr=a.lr, lr_schedule=a.lr_schedule)
+            teacher.load_state_dict(self.runner.dense(seed)[0])
+            teacher = teacher.model
+        schedule = vit.schedule(a, a.every_n_steps)
+        start = time.perf_counter()
+        module = vit.fit(
+            seed,
+            a,
+            self.train,
+            lambda m: callbacks_for(recipe, target, schedule, self.recovery, teacher, vit.PARAMETERS),
+        )
+        seconds = time.perf_counter() - start
+        acc = vit.accuracy(module, self.test)
+        return row("vit", recipe, target, seed, 100 * acc, vit.measured_sparsity(module), seconds, "run")
 
 
 def _mean_std(values: Sequence[float], digits: int) -> str:
@@ -225,7 +289,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         values, dense = groups[(workload, recipe, target)], groups.get((workload, DENSE[workload], 0.0))
         if dense:
             mean_d, mean_p = statistics.fmean(dense), statistics.fmean(values)
-            gap = f"{mean_p - mean_d:+.2f}" if workload == "lenet" else f"{100 * (mean_p - mean_d) / mean_d:+.1f}%"
+            gap = f"{mean_p - mean_d:+.2f}" if workload != "gpt" else f"{100 * (mean_p - mean_d) / mean_d:+.1f}%"
             dense_cell = _mean_std(dense, DIGITS[workload])
         else:
             gap, dense_cell = "n/a", "n/a"
@@ -240,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest == "data_dir":
             action.required = False
-    p.add_argument("--workloads", nargs="+", choices=("lenet", "gpt"), default=["lenet"])
+    p.add_argument("--workloads", nargs="+", choices=("lenet", "gpt", "vit"), default=["lenet"])
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
     p.add_argument("--baseline-csv", default=None, help="read LeNet's dense and 0.3 rows from this CSV")
     p.add_argument("--temperature", type=float, default=2.0)
@@ -254,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewarm-factor", type=float, default=2.0)
     p.add_argument("--rewarm-steps", type=int, default=50, help="optimizer steps over which the factor decays")
     p.add_argument("--gpt-targets", type=float, nargs="+", default=[0.9])
+    p.add_argument("--vit-targets", type=float, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--vit-args", default="", help="options for benchmarks/vit.py, one string (e.g. '--threads 1')")
     p.add_argument("--cache-dir", default=None, help="benchmarks/lm.py's dense models (default: its own)")
     p.add_argument("--lm-args", nargs=argparse.REMAINDER, default=[], help="options for benchmarks/lm.py's model")
     p.add_argument("--smoke", action="store_true", help="every recipe on a tiny budget, one seed")
@@ -263,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def runs_for(args: argparse.Namespace, have: set[tuple]) -> list[tuple]:
     runs: list[tuple] = []
     for seed in args.seeds:
-        for workload, targets in (("lenet", args.targets), ("gpt", args.gpt_targets)):
+        for workload, targets in (("lenet", args.targets), ("gpt", args.gpt_targets), ("vit", args.vit_targets)):
             if workload not in args.workloads:
                 continue
             runs.append((workload, DENSE[workload], 0.0, seed))
@@ -276,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         common.smoke_training(args, targets=[0.9])
-        args.gpt_targets, args.rewarm_steps = [0.9], 2
+        args.gpt_targets, args.vit_targets, args.rewarm_steps = [0.9], [0.9], 2
     common.resolve_out_dir(args, args.name)
     common.check_budget(args)
     common.quiet_lightning(args.threads)
@@ -293,16 +359,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             writer.writeheader()
             writer.writerows(rows)
     have = {tuple(r[k] for k in COLUMNS.key) for r in rows}
+    if {"lenet", "vit"} & set(args.workloads) and args.data_dir is None:
+        raise SystemExit("--data-dir (the folder holding MNIST/raw/) is needed for the lenet and vit workloads")
     data = common.load_mnist(args) if "lenet" in args.workloads else None
     if "lenet" in args.workloads and data is None:
         return 2
     gpt = GPTRunner(args) if "gpt" in args.workloads else None
+    vit = ViTRunner(args) if "vit" in args.workloads else None
 
     def run(workload: str, recipe: str, target: float, seed: int) -> dict[str, Any]:
         if workload == "lenet":
             return lenet_run(recipe, target, seed, args, data)
-        assert gpt is not None
-        return gpt(recipe, target, seed)
+        runner = gpt if workload == "gpt" else vit
+        assert runner is not None
+        return runner(recipe, target, seed)
 
     start = time.perf_counter()
     common.run_and_record(

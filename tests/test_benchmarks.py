@@ -229,7 +229,7 @@ def check_import_time(run: Run) -> None:
 def check_recovery(run: Run) -> None:
     rows = run.csv("recovery.csv")
     recipes = ["0.3", "distill", "rewarm", "erk", "all"]
-    for workload, dense in (("lenet", "dense"), ("gpt", "dense-continued")):
+    for workload, dense in (("lenet", "dense"), ("gpt", "dense-continued"), ("vit", "dense")):
         mine = [r for r in rows if r["workload"] == workload]
         assert sorted(r["recipe"] for r in mine) == sorted([dense, *recipes])
         for r in mine:
@@ -238,9 +238,9 @@ def check_recovery(run: Run) -> None:
             assert float(r["value"]) > 0
     text = run.text("recovery.md")
     assert "| workload | target | recipe | dense | pruned | gap | seeds |" in text
-    lenet, gpt = run.table_rows("lenet"), run.table_rows("gpt")
-    assert [r[2] for r in lenet] == recipes and [r[2] for r in gpt] == recipes
-    assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[5]) and r[6] == "1" for r in lenet)
+    lenet, gpt, vit = run.table_rows("lenet"), run.table_rows("gpt"), run.table_rows("vit")
+    assert [r[2] for r in lenet] == recipes and [r[2] for r in gpt] == recipes and [r[2] for r in vit] == recipes
+    assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[5]) and r[6] == "1" for r in lenet + vit)
     assert all(re.fullmatch(r"[+-]\d+\.\d%", r[5]) and " ± " in r[3] and " ± " in r[4] for r in gpt)
 
 
@@ -278,7 +278,7 @@ SMOKES = [
         "recovery",
         lambda i: [
             *mnist(i),
-            *("--workloads", "lenet", "gpt", "--cache-dir", str(i.out / "cache")),
+            *("--workloads", "lenet", "gpt", "vit", "--cache-dir", str(i.out / "cache"), "--vit-args", "--threads 1"),
             *("--lm-args", "--train-file", str(i.train), "--valid-file", str(i.valid), "--threads", "1"),
         ],
         check_recovery,
