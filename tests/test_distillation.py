@@ -225,3 +225,35 @@ def test_distillation_leaves_a_model_without_hooks_in_the_teacher() -> None:
     teacher = Distillation._copy(module.model, object())
     assert not teacher.fc1._forward_hooks and module.model.fc1._forward_hooks
     assert isinstance(teacher, nn.Module)
+
+
+@pytest.mark.slow
+def test_distillation_and_rewarm_under_ddp(tmp_path: Any) -> None:
+    """2 gloo processes: the same teacher on both ranks, the term finite on both, the ranks' weights equal, the
+    rate re-warmed at the pruning steps on both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(here / "distill_ddp_script.py"), str(tmp_path)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the DDP run did not finish in 300 s")
+    assert process.returncode == 0, output.decode()[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    for key in ("teacher", "weights"):
+        assert rank0[key].keys() == rank1[key].keys()
+        assert all(torch.equal(rank0[key][k], rank1[key][k]) for k in rank0[key]), key
+    assert all(math.isfinite(r["distill_loss"]) and r["distill_loss"] > 0 for r in (rank0, rank1))
+    assert rank0["rates"] == rank1["rates"] and max(rank0["rates"]) > min(rank0["rates"])  # re-warmed
+    assert sum(zeros(v) for k, v in rank0["weights"].items() if k.endswith("weight")) > 0
