@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="benchmarks/lm.py's dense models (default: its own)")
     p.add_argument("--lm-args", nargs=argparse.REMAINDER, default=[], help="options for benchmarks/lm.py's model")
     p.add_argument("--smoke", action="store_true", help="every recipe on a tiny budget, one seed")
+    p.add_argument("--cost", action="store_true", help="lenet: also time a training step with and without distillation")
+    p.add_argument(
+        "--merge", nargs="+", default=None, metavar="CSV", help="train nothing: combine these CSVs into <name>.csv/.md"
+    )
     return p
 
 
@@ -349,15 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{args.name}.csv"
+    if args.merge:
+        rows = [r for path in args.merge for r in common.read_rows(Path(path), COLUMNS)]
+        write_csv(csv_path, rows)
+        return report(rows, out, args, argv, wall=None)
     rows = common.read_rows(csv_path, COLUMNS) if args.resume else []
     if args.baseline_csv and "lenet" in args.workloads and not rows:
         rows = baseline_rows(Path(args.baseline_csv), args.seeds, args.targets)
-        with csv_path.open("w", newline="") as f:
-            import csv
-
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(csv_path, rows)
     have = {tuple(r[k] for k in COLUMNS.key) for r in rows}
     if {"lenet", "vit"} & set(args.workloads) and args.data_dir is None:
         raise SystemExit("--data-dir (the folder holding MNIST/raw/) is needed for the lenet and vit workloads")
@@ -380,14 +383,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         lambda key, r: f"{key[0]} {key[1]:<15} target={key[2]:<5g} seed={key[3]} value={r['value']:.4f} "
         f"sparsity={r['sparsity']:.4f} fit={r['fit_seconds']:.0f}s",
     )  # fmt: skip
-    wall = time.perf_counter() - start
+    cost = distillation_cost(args, data, steps=2 if args.smoke else 20) if args.cost and data is not None else ""
+    return report(rows, out, args, argv, wall=time.perf_counter() - start, extra=cost)
+
+
+def distillation_cost(args: argparse.Namespace, data: Any, steps: int = 20, rounds: int = 5) -> str:
+    """Seconds per training step of LeNet (batch ``--batch-size``) without and with :class:`Distillation` (a teacher
+    given, so the term is on from the first step), ``rounds`` interleaved fits of ``steps`` steps each: medians."""
+    import pytorch_lightning as pl
+
+    from examples.mnist import LeNet, LitLeNet
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for distil in (False, True):
+            pl.seed_everything(0, verbose=False)
+            callbacks = [Distillation(teacher=LeNet(), start=0, module="model")] if distil else []
+            trainer = pl.Trainer(
+                max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+            )  # fmt: skip
+            start = time.perf_counter()
+            trainer.fit(LitLeNet(lr=args.lr), datamodule=data)
+            times[distil].append((time.perf_counter() - start) / steps)
+    plain, distilled = statistics.median(times[False]), statistics.median(times[True])
+    return (
+        f"Distillation's cost, LeNet, batch {args.batch_size}, {rounds} interleaved fits of {steps} steps: "
+        f"{1000 * plain:.1f} ms per step without, {1000 * distilled:.1f} ms with ({distilled / plain:.2f}x); "
+        f"the teacher's copy: {sum(p.numel() for p in LeNet().parameters())} parameters"
+    )
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def report(
+    rows: Sequence[dict[str, Any]], out: Path, args: argparse.Namespace, argv: Sequence[str], wall: Any, extra: str = ""
+) -> int:
+    """Write ``<name>.md`` (keeping its hand-written notes) and print it."""
+    spent = "merged, nothing trained" if wall is None else f"{wall:.0f} s"
     text = (
         "# Keeping accuracy at high sparsity: the recipe and its ablation\n\n"
         f"Command: `python benchmarks/recovery.py {' '.join(argv)}`\n\nMachine: {machine()}\n\n"
-        f"Wall time of this invocation: {wall:.0f} s\n\n{format_table(rows)}\n"
+        f"Wall time of this invocation: {spent}\n\n{format_table(rows)}\n" + (f"\n{extra}\n" if extra else "")
     )
     write_results(out / f"{args.name}.md", text)
-    print(f"\n{text}\nwrote {csv_path}, {out / args.name}.md")
+    print(f"\n{text}\nwrote {out / args.name}.csv, {out / args.name}.md")
     return 0
 
 

@@ -118,10 +118,11 @@ class Distillation(CallbackBase):
     Args:
         temperature: ``T`` > 0 of the softened distributions (2.0, as oBERT and Movement Pruning).
         hardness: in [0, 1]: the weight of the teacher's term; the user's loss keeps ``1 - hardness``.
-        teacher: a module of your own to distil from (frozen here); ``None``: a copy of the distilled module taken
-            at ``start``.
-        start: ``"ramp"`` (the first epoch at which a :class:`~lightning_prune.PruningScheduleCallback` of the
-            Trainer may prune, the copy taken before any pruning) or an epoch (0: from the start).
+        teacher: a module of your own to distil from (frozen here, moved to the student's device), used from the
+            first training step; ``None``: a copy of the distilled module taken at ``start``.
+        start: when the copy is taken, and the term starts: ``"ramp"`` (the first epoch at which a
+            :class:`~lightning_prune.PruningScheduleCallback` of the Trainer may prune, the copy taken before any
+            pruning) or an epoch (0: from the start).
         module: the name of the submodule whose forward the ``training_step`` calls (``"model"`` for
             ``self.model(x)``); ``None``: the ``LightningModule`` itself (``self(x)``).
 

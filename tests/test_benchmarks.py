@@ -242,6 +242,7 @@ def check_recovery(run: Run) -> None:
     assert [r[2] for r in lenet] == recipes and [r[2] for r in gpt] == recipes and [r[2] for r in vit] == recipes
     assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[5]) and r[6] == "1" for r in lenet + vit)
     assert all(re.fullmatch(r"[+-]\d+\.\d%", r[5]) and " ± " in r[3] and " ± " in r[4] for r in gpt)
+    assert re.search(r"\d+\.\d ms per step without, \d+\.\d ms with \(\d+\.\d\dx\)", text)
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -279,6 +280,7 @@ SMOKES = [
         lambda i: [
             *mnist(i),
             *("--workloads", "lenet", "gpt", "vit", "--cache-dir", str(i.out / "cache"), "--vit-args", "--threads 1"),
+            "--cost",
             *("--lm-args", "--train-file", str(i.train), "--valid-file", str(i.valid), "--threads", "1"),
         ],
         check_recovery,
