@@ -4,6 +4,8 @@ The names here are the ones users call, by task (``docs/api/index.md`` lists the
 
 * prune while training: :class:`PruningScheduleCallback`, the schedules :class:`OneShot`, :class:`AtEpochs`,
   :class:`Polynomial` (:class:`Schedule` for your own), :class:`Rewind`;
+* keeping accuracy at high sparsity: :class:`Distillation`, :class:`LearningRateRewarm` (and the callback's
+  ``allocation=``);
 * how entries are chosen: :class:`NeuronPruning`, :class:`NMPruning`, :class:`Wanda`, :class:`SparseGPT`, and for
   your own :class:`PruningMethod` and :class:`NewMask`;
 * which tensors: :func:`select_parameters`, :func:`describe_selection`, :func:`register_matrix_layer`;
@@ -26,10 +28,12 @@ Example::
 """
 
 from lightning_prune.callback import PruningScheduleCallback
+from lightning_prune.distillation import Distillation
 from lightning_prune.files.checkpoint import SparseCheckpointIO
 from lightning_prune.files.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
 from lightning_prune.inference import inference_report, plan_speedup, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
+from lightning_prune.learning_rate import LearningRateRewarm
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.methods.compaction import compact, load_compact_state_dict
 from lightning_prune.methods.neurons import NeuronPruning
@@ -51,6 +55,8 @@ __all__ = [
     "AtEpochs",
     "Global",
     "Local",
+    "Distillation",
+    "LearningRateRewarm",
     "MaskStore",
     "NMPruning",
     "NeuronPruning",

@@ -18,7 +18,9 @@ from lightning_prune._utils.checks import allowed, check_choice, check_int
 from lightning_prune._utils.lightning import CallbackBase, rank_zero_info, rank_zero_warn
 from lightning_prune.calibration import CalibrationWindow
 from lightning_prune.distributed import agree_masks, check_sharding, check_strategy, collective_for
+from lightning_prune.learning_rate import warn_if_rate_low
 from lightning_prune.methods import ImportanceFn, MethodName, PruningMethod, Scope, check_scope, resolve_method
+from lightning_prune.methods.allocated import Allocation, with_allocation
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.rewind import Rewind, as_rewind, capture, rewind
 from lightning_prune.schedules import (
@@ -97,6 +99,7 @@ class PruningScheduleCallback(CallbackBase):
         mask_mode: ``"inplace"`` (default; plain parameters, masks kept aside) or ``"hook"`` (torch's form,
             ``weight_orig`` and ``weight_mask``, between steps; it cannot mask attention's ``out_proj`` or a tied
             weight, and refuses them when ``fit`` starts). Checkpoints hold the model's own keys in both.
+        allocation: how a global target is shared out: ``"global"``, ``"uniform"``, ``"erk"``, ``"owl"``.
 
     Raises:
         ValueError: for any argument outside what is allowed (see the messages); selection errors are raised when
@@ -130,10 +133,11 @@ class PruningScheduleCallback(CallbackBase):
         log_per_tensor: bool = True,
         rewind: Rewind | Literal["init"] | None = None,
         mask_mode: MaskMode = "inplace",
+        allocation: Allocation = "global",
     ) -> None:
         self.scope: Scope = check_choice("scope", scope, allowed(Scope))
         self.mask_mode: MaskMode = check_choice("mask_mode", mask_mode, allowed(MaskMode))
-        self.method = resolve_method(method, method_kwargs, importance)
+        self.method = with_allocation(resolve_method(method, method_kwargs, importance), allocation, sparsity, verbose)
         self.schedule: Schedule = OneShot(epoch=0) if schedule is None else as_schedule(schedule)
         self.seed = check_int("seed", seed)
         check_scope(self.method, scope)
@@ -218,6 +222,7 @@ class PruningScheduleCallback(CallbackBase):
         if self._steps and self._last_report is None:  # resumed: log the figures of the steps taken before
             self._last_report = measure(self._targets, self._progress.goals(), self._store.group)
         self._training = True
+        warn_if_rate_low(trainer, self.schedule)  # the learning rate left when the ramp ends
         if self._calibration.resuming:  # a checkpoint inside a calibration window: keep observing where it stopped
             self._calibration.begin(pl_module, self.method.masked(self._targets))
         self._masking.start(self._store, trainer.optimizers)

@@ -39,11 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune._utils.checks import check_fraction
+from lightning_prune.allocation import Allocation
 from lightning_prune.calibration import calibrate, default_forward
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_for
 from lightning_prune.layers import is_stacked
 from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scope, resolve_method
+from lightning_prune.methods.allocated import with_allocation
 from lightning_prune.methods.wanda import Group, Wanda
 from lightning_prune.report import SparsityReport, measure
 from lightning_prune.selection import ParameterSpec, PruningTarget, SparsityKey, select_parameters
@@ -210,6 +212,7 @@ def prune_once(
     dataloader: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     seed: int = 0,
+    allocation: Allocation = "global",
 ) -> dict[str, Tensor]:
     """Prune ``model`` once, in place and without training: one :func:`prune_step` of ``method`` to ``sparsity``.
 
@@ -231,6 +234,8 @@ def prune_once(
         forward: ``forward(model, batch)`` runs one batch; default: ``model(batch[0])`` for a tuple or list
             batch, else ``model(batch)``, on the device of the model's parameters.
         seed: seeds random methods.
+        allocation: with ``scope="global"``, how the target is shared out: ``"global"`` (one ranking),
+            ``"uniform"``, ``"erk"`` or ``"owl"`` (see :mod:`lightning_prune.allocation`).
 
     Returns:
         ``{qualified name: uint8 mask}`` (1 = kept) of every chosen tensor that was pruned.
@@ -252,7 +257,7 @@ def prune_once(
         sparsity = check_fraction("sparsity", sparsity)
     elif scope != "local":
         raise ValueError(f"A `sparsity` mapping gives each tensor its target: `scope` must be 'local', got {scope!r}.")
-    method = resolve_method(method)
+    method = with_allocation(resolve_method(method), allocation)
     check_scope(method, scope)
     targets = select_parameters(model, parameters, sparsity if per_tensor else None, exclude)
     window = None

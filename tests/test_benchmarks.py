@@ -248,6 +248,25 @@ def check_import_time(run: Run) -> None:
     assert re.search(r"heavy packages among them \(.*\): none", run.stdout)
 
 
+def check_recovery(run: Run) -> None:
+    rows = run.csv("recovery.csv")
+    recipes = ["0.3", "distill", "rewarm", "erk", "all"]
+    for workload, dense in (("lenet", "dense"), ("gpt", "dense-continued"), ("vit", "dense")):
+        mine = [r for r in rows if r["workload"] == workload]
+        assert sorted(r["recipe"] for r in mine) == sorted([dense, *recipes])
+        for r in mine:
+            want = 0.0 if r["recipe"] == dense else 0.9
+            assert abs(float(r["sparsity"]) - want) < 0.01, r
+            assert float(r["value"]) > 0
+    text = run.text("recovery.md")
+    assert "| workload | target | recipe | dense | pruned | gap | seeds |" in text
+    lenet, gpt, vit = run.table_rows("lenet"), run.table_rows("gpt"), run.table_rows("vit")
+    assert [r[2] for r in lenet] == recipes and [r[2] for r in gpt] == recipes and [r[2] for r in vit] == recipes
+    assert all(re.fullmatch(r"[+-]\d+\.\d\d", r[5]) and r[6] == "1" for r in lenet + vit)
+    assert all(re.fullmatch(r"[+-]\d+\.\d%", r[5]) and " ± " in r[3] and " ± " in r[4] for r in gpt)
+    assert re.search(r"\d+\.\d ms per step without, \d+\.\d ms with \(\d+\.\d\dx\)", text)
+
+
 # ---------------------------------------------------------------------------------------------- the runs
 
 
@@ -280,6 +299,16 @@ SMOKES = [
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
     Smoke("speed_target", lambda i: ["--out-dir", str(i.out)], check_speed_target),
     Smoke("oneshot_cost", lambda i: ["--out-dir", str(i.out)], check_oneshot_cost),
+    Smoke(
+        "recovery",
+        lambda i: [
+            *mnist(i),
+            *("--workloads", "lenet", "gpt", "vit", "--cache-dir", str(i.out / "cache"), "--vit-args", "--threads 1"),
+            "--cost",
+            *("--lm-args", "--train-file", str(i.train), "--valid-file", str(i.valid), "--threads", "1"),
+        ],
+        check_recovery,
+    ),
     Smoke("import_time", lambda i: [], check_import_time),
 ]
 
