@@ -222,7 +222,7 @@ class Distillation(CallbackBase):
         def training_step(*args: Any, **kwargs: Any) -> Any:
             return self._wrapped_step(pl_module, original, *args, **kwargs)
 
-        pl_module.training_step = training_step  # an instance attribute: removed at the end of training
+        setattr(pl_module, "training_step", training_step)  # noqa: B010 (an instance attribute, removed at the end)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         if self.teacher is None and trainer.current_epoch + 1 >= self._start_epoch:

@@ -27,7 +27,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -182,7 +182,7 @@ class LearningRateRewarm(CallbackBase):
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log("pruning/lr_factor", self.current, on_step=True, on_epoch=False, batch_size=1)
+        cast(Any, pl_module).log("pruning/lr_factor", self.current, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._remove()

@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +208,10 @@ class SparseGPT(PruningMethod):
             self._handles.append(pl_module.register_forward_pre_hook(self._record, with_kwargs=True))
 
     def _new_sums(self, target: PruningTarget, plan: _Plan) -> list[HessianSum]:
-        return [HessianSum(_features(target, plan), target.tensor.device) for _ in plan.streams]
+        features = _features(target, plan)
+        if features is None:  # callers ask only for tensors that have a Hessian
+            raise ValueError(f"SparseGPT: {target.name!r} has no Hessian to sum.")
+        return [HessianSum(features, target.tensor.device) for _ in plan.streams]
 
     def calibration_done(self) -> bool:
         if not self._sums:
@@ -425,7 +428,7 @@ def _patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
 def _accumulate(plan: _Plan, sums: list[HessianSum], module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:
     """Add one call's inputs to ``sums`` (one per stream)."""
     if plan.kind == "heads":
-        inputs = [_attention_heads(module, args, kwargs)]
+        inputs = [_attention_heads(cast(nn.MultiheadAttention, module), args, kwargs)]
     elif plan.kind == "qkv":
         bound = {**dict(zip(_MHA_ARGS, args)), **kwargs}
         inputs = [bound[_QKV[s]] for s in plan.streams]
@@ -433,7 +436,7 @@ def _accumulate(plan: _Plan, sums: list[HessianSum], module: nn.Module, args: tu
         inputs = [args[0] if args else kwargs["input"]]
     for s, x in zip(sums, inputs):
         if plan.kind == "conv":
-            x = _patches(module, x.detach())
+            x = _patches(cast(nn.Conv1d | nn.Conv2d, module), x.detach())
         if x.shape[-1] != s.features:
             name = type(module).__name__
             raise ValueError(f"SparseGPT: an input of {name} has {x.shape[-1]} features, not {s.features}.")
