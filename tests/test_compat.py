@@ -1,4 +1,4 @@
-"""Files written by version 0.3 (``tests/data/*_v0.3.*``, made by ``tests/data/make_v0.3_files.py`` at commit
+"""Files written by version 0.3 (``tests/data/*_v0.3.*``, made by ``tests/data/make_v03_files.py`` at commit
 ce7aac8) read by this version: Lightning checkpoints written through ``SparseCheckpointIO`` (the pickled name
 ``lightning_prune.sparse_checkpoint._rebuild_from_bitmask_v1``) whose callback state resumes the schedule where it
 stopped, local and global, and sparse safetensors files."""
@@ -22,7 +22,7 @@ DATA = Path(__file__).parent / "data"
 
 
 class Net(pl.LightningModule):
-    """The module of make_v0.3_files.py."""
+    """The module of make_v03_files.py."""
 
     def __init__(self) -> None:
         super().__init__()

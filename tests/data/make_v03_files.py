@@ -1,6 +1,6 @@
 """Written with lightning_prune 0.3.0 (commit ce7aac8): files this version must keep reading (tests/test_compat.py).
 
-``git worktree add /tmp/v03 ce7aac8 && PYTHONPATH=/tmp/v03 python tests/data/make_v0.3_files.py tests/data``
+``git worktree add /tmp/v03 ce7aac8 && PYTHONPATH=/tmp/v03 python tests/data/make_v03_files.py tests/data``
 """
 
 import sys
