@@ -309,3 +309,14 @@ def write_results(path: Path, text: str) -> None:
         if NOTES_HEADING in old:
             notes = "\n" + old[old.index(NOTES_HEADING) :]
     path.write_text(text.rstrip("\n") + "\n" + notes)
+
+
+def read_status() -> dict[str, int]:
+    """This process's resident memory now and at its peak (``VmRSS``, ``VmHWM``), in bytes, from ``/proc``."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import OUT_DIR_HELP, machine, resolve_out_dir, write_results  # noqa: E402
+from benchmarks.common import OUT_DIR_HELP, machine, read_status, resolve_out_dir, write_results  # noqa: E402
 from lightning_prune import SparseGPT, Wanda, prune_once, select_parameters  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-2:4")
@@ -69,16 +69,6 @@ def prune(method: str, model: torch.nn.Module, batches: list[torch.Tensor], args
         prune_once(model, args.sparsity, method=SparseGPT(len(batches)), dataloader=batches)
     else:
         prune_once(model, 0.0, method=SparseGPT(len(batches), nm=(2, 4)), dataloader=batches)
-
-
-def read_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def measure(method: str, args: argparse.Namespace) -> dict[str, float]:

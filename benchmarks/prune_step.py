@@ -72,7 +72,7 @@ import torch  # noqa: E402
 import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, read_status  # noqa: E402
 from lightning_prune import prune_step, reparam  # noqa: E402
 from lightning_prune.counting import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
@@ -202,16 +202,6 @@ def check_against(
         f"entries that differ: {differ:,}, of which not at the threshold: {differ_untied:,}"
     )
     return counts_ok and differ_untied == 0, text
-
-
-def read_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def measure_memory(name: str, args: argparse.Namespace) -> dict[str, float]:

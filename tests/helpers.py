@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
+import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -322,3 +326,24 @@ def write_tiny_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: int 
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
     return root
+
+
+def run_ddp_script(script: Path, out: Path, timeout_s: int) -> None:
+    """Run ``python script ddp out`` (a test module that starts 2 gloo processes itself) with a hard timeout, the
+    tests folder and the checkout on the path; fail the test with the end of its output if it breaks."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "ddp", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"the DDP run did not finish in {timeout_s}s:\n{output.decode()[-3000:]}") from None
+    assert process.returncode == 0, output.decode()[-3000:]

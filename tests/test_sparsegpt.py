@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TinyModule, expected_zeros, make_trainer, random_loader
+from helpers import TinyModule, expected_zeros, make_trainer, random_loader, run_ddp_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -358,18 +356,7 @@ def _ddp_worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_the_same_weights(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(Path(__file__)), "ddp", str(tmp_path)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the DDP run did not finish in {DDP_TIMEOUT_S}s:\n{output.decode()[-3000:]}")
-    assert process.returncode == 0, output.decode()[-3000:]
+    run_ddp_script(Path(__file__), tmp_path, DDP_TIMEOUT_S)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name, w in rank0.items():
         assert torch.equal(w, rank1[name]), name

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import expected_zeros, make_trainer
+from helpers import expected_zeros, make_trainer, run_ddp_script
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -466,18 +464,7 @@ def _ddp_worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_wanda_ddp_every_rank_draws_the_same_masks(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(Path(__file__)), "ddp", str(tmp_path)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the DDP run did not finish in {DDP_TIMEOUT_S}s:\n{output.decode()[-3000:]}")
-    assert process.returncode == 0, output.decode()[-3000:]
+    run_ddp_script(Path(__file__), tmp_path, DDP_TIMEOUT_S)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["replaced"] == rank1["replaced"] == [False, False]  # two steps, masks equal without a broadcast
     assert not torch.equal(rank0["local"][0], rank1["local"][0])  # each rank saw its own batches
