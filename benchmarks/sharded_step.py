@@ -53,10 +53,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.common import (
-    machine,  # noqa: E402
-    read_status,  # noqa: E402
-)
+from benchmarks.common import machine, read_status  # noqa: E402
 from benchmarks.prune_step import _M_MMAP_THRESHOLD, build_model  # noqa: E402
 from lightning_prune import Global, prune_step  # noqa: E402
 from lightning_prune.collective import Collective  # noqa: E402
