@@ -31,13 +31,13 @@ from lightning_prune.callback import PruningScheduleCallback
 from lightning_prune.distillation import Distillation
 from lightning_prune.files.checkpoint import SparseCheckpointIO
 from lightning_prune.files.sparse_files import inspect_sparse, load_sparse, load_sparse_into, save_sparse
-from lightning_prune.inference import inference_report, plan_speedup, to_sparse_inference
+from lightning_prune.inference import inference_report, plan_speedup, to_semi_structured, to_sparse_inference
 from lightning_prune.layers import register_matrix_layer
 from lightning_prune.learning_rate import LearningRateRewarm
 from lightning_prune.methods import NewMask, PruningMethod
 from lightning_prune.methods.compaction import compact, load_compact_state_dict
 from lightning_prune.methods.neurons import NeuronPruning
-from lightning_prune.methods.nm import NMPruning, nm_satisfied, to_semi_structured
+from lightning_prune.methods.nm import NMPruning, nm_satisfied
 from lightning_prune.methods.sparsegpt import SparseGPT
 from lightning_prune.methods.wanda import Wanda
 from lightning_prune.report import sparsity_report

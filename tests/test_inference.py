@@ -570,3 +570,40 @@ def test_mixtral_experts_stay_dense_and_the_report_says_so() -> None:
     assert fast.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 96, 32)
     torch.testing.assert_close(run(fast, ids).logits, run(lm, ids).logits, **TOL)
     assert "experts kept dense: no measured kernel" in str(report)
+
+
+class StackedExperts(nn.Module):
+    """A fused layer of the user's own: one ``(in, out)`` matrix per expert in ``w`` ``(experts, in, out)``; every
+    token goes to expert 0 (enough to be called by the example)."""
+
+    def __init__(self, experts: int, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, n_in, n_out) / n_in**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w[0]
+
+
+def test_experts_rows_follow_the_layer_table_not_the_class_name() -> None:
+    from lightning_prune import register_matrix_layer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), StackedExperts(3, 32, 8)).eval()
+    prune_all_(net, 0.9)
+    x = torch.randn(4, 16)
+    unknown = inference_report(forced(net, x))  # a 3-D parameter that the table does not know: no experts row
+    assert [(c.name, c.kind) for c in unknown.layers] == [("0", "Linear")]
+    handle = register_matrix_layer(StackedExperts, "w", layout="experts_in_out")
+    try:
+        fast = forced(net, x)
+    finally:
+        handle.remove()
+    report = inference_report(fast)
+    assert [(c.name, c.kind, c.shape, c.form) for c in report.layers] == [
+        ("0", "Linear", (32, 16), "csr"),
+        ("1.w", "experts", (8, 32), "dense"),  # one expert's (out, in), read through the stacked layout
+    ]
+    assert report.layers[1].note == "experts kept dense: no measured kernel (3 experts)"
+    assert report.layers[1].sparsity == pytest.approx(0.9, abs=1e-3)
+    assert fast[1].w.shape == (3, 32, 8) and torch.equal(fast[1].w, net[1].w)
+    torch.testing.assert_close(run(fast, x), run(net, x), **TOL)

@@ -1,7 +1,7 @@
 """N:M sparsity through the public API: the pattern and the kept entries against oracles computed here (groups
 reshaped and sorted in the test), Conv and Linear layouts, skipped tensors, masks that only narrow, zeros that
-stay zero while fine-tuning, resume from a checkpoint, the report's N:M flag, the CUDA conversion (its refusal
-on the CPU; the conversion itself on a GPU), bad arguments, and the accuracy benchmark end to end on tiny data."""
+stay zero while fine-tuning, resume from a checkpoint, the report's N:M flag, bad arguments, and the accuracy
+benchmark end to end on tiny data. The CUDA conversion of 2:4 weights is in ``test_inference_semi_structured.py``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from lightning_prune import (
     PruningScheduleCallback,
     nm_satisfied,
     sparsity_report,
-    to_semi_structured,
 )
 
 # TinyNet: conv1 has 1 input channel (no group of 4), conv2 4, fc1 32, fc2 24, fc3 16 inputs
@@ -266,66 +265,6 @@ def test_sparsity_report_says_whether_each_tensor_satisfies_the_pattern() -> Non
         "3.weight": None,
     }
     assert "nm_per_tensor" not in sparsity_report(net).to_dict()
-
-
-# ---------------------------------------------------------------------------------------------- CUDA conversion
-
-
-def test_to_semi_structured_without_cuda_says_the_kernels_need_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a no-op on a machine without CUDA
-    with pytest.raises(RuntimeError, match=r"to_semi_structured needs CUDA.*compute capability 8\.0"):
-        to_semi_structured(nn.Sequential(nn.Linear(64, 32)))
-
-
-class MlpModule(TinyModule):
-    """Linear(128, 64) -> ReLU -> Linear(64, 64) -> ReLU -> Linear(64, 3): the first two fit the 2:4 kernels."""
-
-    def __init__(self) -> None:
-        super().__init__(lr=0.01)
-        self.model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
-
-
-@pytest.mark.cuda
-def test_to_semi_structured_converts_2_4_linear_layers_and_matches_the_dense_model() -> None:
-    pl.seed_everything(0, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.randn(32, 128, generator=g), torch.randint(0, 3, (32,), generator=g)),
-        batch_size=8,
-    )
-    module = MlpModule()
-    callback = PruningScheduleCallback(method=NMPruning(), schedule=OneShot(0), verbose=False)
-    make_trainer([callback], max_epochs=1, limit_val_batches=0).fit(module, loader)
-    model = module.model.cuda().half().eval()
-    x = torch.randn(32, 128, generator=g).cuda().half()
-    with torch.inference_mode():
-        dense = model(x).float()
-    assert [t.nm for t in sparsity_report(model, nm=(2, 4)).tensors] == [True, True, True]
-    with pytest.warns(UserWarning, match=r"leaves \['4\.weight'\] dense: '4\.weight': shape \(3, 64\)"):
-        converted = to_semi_structured(model)  # 4.weight: 2:4, but fewer rows than the kernels' smallest block
-    assert converted == ["0.weight", "2.weight"]
-    assert all(isinstance(model[i].weight, torch.sparse.SparseSemiStructuredTensor) for i in (0, 2))
-    assert type(model[4].weight) is nn.Parameter
-    with torch.inference_mode():
-        sparse = model(x).float()
-    torch.testing.assert_close(sparse, dense, rtol=1e-2, atol=1e-2)
-
-
-def test_to_semi_structured_refuses_float32_weights_on_the_cpu_and_leaves_other_layers_dense(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a CUDA machine, with the model not moved
-    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 64), nn.Linear(6, 2))
-    with pytest.warns(UserWarning, match=r"leaves \['0\.weight', '1\.weight', '2\.weight'\] dense") as record:
-        assert to_semi_structured(model) == []
-    [message] = [str(w.message) for w in record if "leaves" in str(w.message)]
-    assert "'0.weight': not 2:4 sparse along its rows" in message
-    assert "'2.weight': input size 6 is not a multiple of m=4" in message
-    with torch.no_grad():
-        model[0].weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(32))
-    with pytest.raises(ValueError, match=r"'0\.weight' is a torch\.float32 tensor on cpu.*model\.cuda\(\)\.half\(\)"):
-        to_semi_structured(model)
-    assert type(model[0].weight) is nn.Parameter  # nothing converted
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments

@@ -13,7 +13,9 @@ layer stays as it was. Eligible layers (read from the table of :mod:`lightning_p
   ``kdim``/``vdim`` differ) and ``out_proj``, each chosen on its own; the layer keeps all its arguments and masks;
 * 1x1 ``nn.Conv2d`` with stride 1, no padding and one group.
 
-A Mixture-of-Experts layer's fused expert tensors stay dense (no measured kernel), and the report says so.
+A Mixture-of-Experts layer's fused expert tensors stay dense (no measured kernel), and the report says so. For
+2:4 patterns (:class:`~lightning_prune.NMPruning`) on NVIDIA GPUs, :func:`to_semi_structured` hands ``nn.Linear``
+weights to torch's semi-structured kernels instead.
 
 Three phases: **capture** (one forward pass with hooks records each layer's inputs), **decide** (per matrix, the
 candidate forms, CSR and BSR, are checked on those inputs, screened by a cost model, timed against the dense layer
@@ -48,6 +50,7 @@ from lightning_prune.inference.convert import DEFAULT_FORMS, to_sparse_inference
 from lightning_prune.inference.layers import SparseLinear, SparseMultiheadAttention, SparsePointwiseConv2d
 from lightning_prune.inference.plan import PlannedLayer, SpeedPlan, plan_speedup
 from lightning_prune.inference.report import LayerChoice, SparseInferenceReport, inference_report
+from lightning_prune.inference.semi_structured import to_semi_structured
 from lightning_prune.inference.timing import Timer, Timing, WallClock
 
 __all__ = [
@@ -64,5 +67,6 @@ __all__ = [
     "WallClock",
     "inference_report",
     "plan_speedup",
+    "to_semi_structured",
     "to_sparse_inference",
 ]

@@ -5,22 +5,23 @@ Eligible layers are read from the table of :mod:`lightning_prune.layers`: ``nn.L
 Hugging Face's ``Conv1D``, ``nn.MultiheadAttention``'s projections, 1x1 ``nn.Conv2d`` (stride 1, no padding, one
 group), and every layer declared with :func:`~lightning_prune.register_matrix_layer` whose one 2-D weight is
 multiplied over the last dimension of its input (tried as a linear layer; where its outputs differ, it stays
-dense and the report says why). A Mixture-of-Experts layer's fused expert tensors (``(experts, out, in)``, such as
-transformers' ``MixtralExperts.gate_up_proj``) stay dense: there is no measured sparse kernel for them.
+dense and the report says why). A Mixture-of-Experts layer's fused expert tensors (a stacked layout of the table,
+such as transformers' ``MixtralExperts.gate_up_proj``, ``(experts, out, in)``) stay dense: there is no measured
+sparse kernel for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_prune.inference.layers import Form, SparseLinear, SparsePointwiseConv2d, project_in, seq_first
 from lightning_prune.inference.report import LayerChoice
-from lightning_prune.layers import matrix_layer, to_out_in
+from lightning_prune.layers import Layout, is_stacked, layout_of, matrix_layer, to_out_in
 
 __all__ = ["Matrix", "call", "capture", "eligible", "expert_rows", "matrices"]
 
@@ -39,8 +40,8 @@ class Matrix:
     weight: Tensor  # (out, in)
     bias: Tensor | None
     dense: nn.Module
-    build: Callable[[Tensor, Tensor | None, Form], nn.Module]
-    runs: list[Callable[[nn.Module], Any]]
+    build: Callable[[Tensor, Tensor | None, Form], SparseLinear | SparsePointwiseConv2d]
+    runs: Sequence[Callable[[nn.Module], Any]]
     rows: list[int] = field(default_factory=list)  # input vectors of each captured call
     row_block: int | None = None  # BSR blocks must divide it (a packed projection is sliced at its multiples)
 
@@ -61,7 +62,7 @@ def _is_pointwise(module: nn.Module) -> bool:
     )
 
 
-def _registered_weight(module: nn.Module) -> tuple[str, str] | None:
+def _registered_weight(module: nn.Module) -> tuple[str, Layout] | None:
     """``(parameter, layout)`` of a layer of the table that is not a built-in kind: one 2-D matrix weight."""
     if isinstance(module, _NOT_LINEAR):
         return None
@@ -101,18 +102,20 @@ def eligible(model: nn.Module) -> dict[nn.Module, tuple[str, str]]:
 
 
 def expert_rows(model: nn.Module) -> list[LayerChoice]:
-    """A dense row for each fused expert tensor (a 3-D parameter of a module whose class name ends in
-    ``Experts``): kept dense, no measured kernel."""
+    """A dense row for each fused expert tensor (a parameter whose layout in the table of
+    :mod:`lightning_prune.layers` is stacked: ``"experts_out_in"``/``"experts_in_out"``), with one expert's
+    ``(out, in)``: kept dense, no measured kernel."""
     rows = []
     for name, module in model.named_modules():
-        if not any(c.__name__.endswith("Experts") for c in type(module).__mro__):
-            continue
         for param, tensor in module.named_parameters(recurse=False):
-            if tensor.dim() == 3:
-                sparsity = float((tensor == 0).sum()) / max(tensor.numel(), 1)
-                note = f"experts kept dense: no measured kernel ({tensor.shape[0]} experts)"
-                label = f"{name}.{param}" if name else param
-                rows.append(LayerChoice(label, "experts", tuple(tensor.shape[1:]), sparsity, "dense", note=note))
+            layout = layout_of(module, param)
+            if not is_stacked(layout):
+                continue
+            experts, n_out, n_in = to_out_in(tensor, layout).shape
+            sparsity = float((tensor == 0).sum()) / max(tensor.numel(), 1)
+            note = f"experts kept dense: no measured kernel ({experts} experts)"
+            label = f"{name}.{param}" if name else param
+            rows.append(LayerChoice(label, "experts", (n_out, n_in), sparsity, "dense", note=note))
     return rows
 
 
@@ -172,16 +175,23 @@ def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     return layer
 
 
+def _run_on(x: Tensor) -> Callable[[nn.Module], Any]:
+    """A captured call: the module (dense or sparse) called on ``x``."""
+    return lambda m: m(x)
+
+
 def _linear_matrices(name: str, module: nn.Module, kind: str, calls: list) -> list[Matrix]:
     inputs = [args[0] if args else kwargs.get("input", kwargs.get("x")) for args, kwargs in calls]
     inputs = [x for x in inputs if isinstance(x, Tensor) and not x.is_nested]
-    runs = [lambda m, x=x: m(x) for x in map(_first, inputs)]  # checked on the first sample; timed at any rows
+    runs = [_run_on(x) for x in map(_first, inputs)]  # checked on the first sample; timed at any rows
     prefix = f"{name}." if name else ""
     if kind == "Conv2d 1x1":
+        conv = cast(nn.Conv2d, module)  # the kind says so (_is_pointwise)
         rows = [x.numel() // x.shape[-3] for x in inputs]
-        return [Matrix(name, kind, prefix + "weight", module.weight[:, :, 0, 0], module.bias, module,
+        return [Matrix(name, kind, prefix + "weight", conv.weight[:, :, 0, 0], conv.bias, module,
                        SparsePointwiseConv2d, runs, rows)]  # fmt: skip
-    param, layout = ("weight", "out_in") if kind == "Linear" else _registered_weight(module) or ("weight", "in_out")
+    found: tuple[str, Layout] | None = ("weight", "out_in") if kind == "Linear" else _registered_weight(module)
+    param, layout = found or ("weight", "in_out")
     bias = getattr(module, "bias", None)
     bias = bias if isinstance(bias, Tensor) and bias.dim() == 1 else None
     weight = to_out_in(getattr(module, param), layout)
@@ -221,12 +231,12 @@ def _attention_matrices(name: str, module: nn.MultiheadAttention, calls: list) -
         matrices = []
         for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
             weight = getattr(module, f"{part}_weight")
-            runs = [lambda m, x=x[i]: m(x) for x in qkv]
+            runs = [_run_on(x[i]) for x in qkv]
             dense = _dense_linear(weight, biases[i])
             param, counts = f"{prefix}{part}_weight", [r[i] for r in part_rows]
             matrices.append(Matrix(prefix + part, kind, param, weight, biases[i], dense, SparseLinear, runs, counts))
     out = module.out_proj
-    runs = [lambda m, x=x: m(x) for x in out_inputs]
+    runs = [_run_on(x) for x in out_inputs]
     param = prefix + "out_proj.weight"
     matrices.append(Matrix(prefix + "out_proj", kind, param, out.weight, out.bias, out, SparseLinear, runs, rows))
     return matrices
@@ -235,5 +245,5 @@ def _attention_matrices(name: str, module: nn.MultiheadAttention, calls: list) -
 def matrices(name: str, module: nn.Module, kind: str, calls: list) -> list[Matrix]:
     """The weight matrices of one eligible layer (an attention layer's projections each on its own)."""
     if kind == "MultiheadAttention":
-        return _attention_matrices(name, module, calls)  # type: ignore[arg-type]
+        return _attention_matrices(name, cast(nn.MultiheadAttention, module), calls)  # the kind says so
     return _linear_matrices(name, module, kind, calls)

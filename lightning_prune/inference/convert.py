@@ -9,10 +9,10 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_prune._utils.checks import allowed, check_choice, check_fraction, check_int, check_number
 from lightning_prune.inference.capture import call, capture, eligible, expert_rows, matrices
@@ -53,7 +53,8 @@ def _build(kind: str, unit: _Unit) -> nn.Module | None:
     if kind != "MultiheadAttention":
         return unit.trials[0].module
     parts = {t.matrix.name.rpartition(".")[2]: t.module or t.matrix.dense for t in unit.trials}
-    return SparseMultiheadAttention(unit.module, parts).eval()  # type: ignore[arg-type]
+    attention = cast(nn.MultiheadAttention, unit.module)  # the kind says so
+    return SparseMultiheadAttention(attention, parts).eval()
 
 
 class _Swap:
@@ -65,7 +66,9 @@ class _Swap:
         for name, module in root.named_modules(remove_duplicate=False):
             if module in names:
                 names[module].append(name)
-        self.root, self.places, self.flags = root, [], []
+        self.root = root
+        self.places: list[tuple[nn.Module, str, _Unit]] = []  # (parent, child name, unit)
+        self.flags: list[tuple[nn.Module, str, object, object, list[_Unit]]] = []  # attribute, dense/sparse value
         for u in units:
             for name in names[u.module]:
                 parent, _, child = name.rpartition(".")
@@ -85,8 +88,8 @@ class _Swap:
             setattr(parent, child, unit.converted if unit in active else unit.module)
         for module, attribute, dense_value, sparse_value, inside in self.flags:
             setattr(module, attribute, sparse_value if any(u in active for u in inside) else dense_value)
-        top = next((u for u in active if u.module is self.root), None)  # the model is itself one layer
-        return self.root if top is None else top.converted  # type: ignore[return-value]
+        top = next((u.converted for u in active if u.module is self.root), None)  # the model is itself one layer
+        return self.root if top is None else top
 
 
 def _timings(swap: _Swap, units: list[_Unit], example: Any, timer: Timer, dense: bool) -> dict[str, float]:
@@ -144,12 +147,8 @@ def _confirm(swap: _Swap, units: list[_Unit], example: Any, min_speedup: float, 
 
 
 def _fallback_bytes(units: Sequence[_Unit]) -> int:
-    return sum(
-        m.fallback.numel() * m.fallback.element_size()
-        for u in units
-        for m in u.converted.modules()  # type: ignore[union-attr]
-        if getattr(m, "fallback", None) is not None
-    )
+    copies = [getattr(m, "fallback", None) for u in units if u.converted is not None for m in u.converted.modules()]
+    return sum(t.numel() * t.element_size() for t in copies if isinstance(t, Tensor))
 
 
 def _tensor_bytes(model: nn.Module) -> int:

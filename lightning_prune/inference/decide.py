@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from lightning_prune.inference.capture import Matrix
-from lightning_prune.inference.layers import BLOCKS, Form
+from lightning_prune.inference.layers import BLOCKS, Form, SparseLinear, SparsePointwiseConv2d
 from lightning_prune.inference.report import LayerChoice
 from lightning_prune.inference.timing import Timer, Timing
 
@@ -41,7 +42,7 @@ class Trial:
 
     matrix: Matrix
     choice: LayerChoice
-    candidates: dict[str, nn.Module]
+    candidates: dict[str, SparseLinear | SparsePointwiseConv2d]
     module: nn.Module | None = None
 
 
@@ -88,9 +89,15 @@ def fitting_forms(matrix: Matrix, forms: Sequence[Form]) -> dict[Form, int]:
     return out
 
 
+def _value_cost(form: Form) -> float:
+    """Dense entries' worth of work per value that ``form`` stores."""
+    block = BLOCKS[form]
+    return _CSR_COST if block is None else 1 + 2 / block
+
+
 def _screen(stored: dict[Form, int], numel: int) -> list[Form]:
     """The forms the cost model keeps: predicted cheaper than dense, and within twice the best prediction."""
-    cost = {f: n * (_CSR_COST if BLOCKS[f] is None else 1 + 2 / BLOCKS[f]) for f, n in stored.items()}
+    cost = {f: n * _value_cost(f) for f, n in stored.items()}
     best = min(cost.values(), default=0.0)
     return [f for f, c in cost.items() if c < numel and c <= 2 * best]
 
@@ -143,7 +150,7 @@ def time_modules(matrix: Matrix, modules: Mapping[str, nn.Module], rows: int, ti
         stored = getattr(module, "nnz", matrix.weight.numel())
         form = getattr(module, "form", "dense")
         key = Timing(matrix.name, form, rows, int(stored))
-        runs[key], labels[key] = (lambda m=module: m(x)), label
+        runs[key], labels[key] = partial(module, x), label
     return {labels[key]: seconds for key, seconds in timer(runs).items()}
 
 
@@ -175,7 +182,7 @@ def decide(trial: Trial, min_speedup: float, timer: Timer, dense_copy: bool = Tr
     ladder = {r: (t["dense"], t[form]) for r, t in times.items()}
     low, high = _serving_range(trial, form, ladder, timer) if min_speedup > 0 and dense_copy else (0, None)
     module = trial.candidates[form]
-    module.serve_rows(low, high)  # type: ignore[operator]
+    module.serve_rows(low, high)
     trial.module = module
     ladder_rows = tuple((r, d, s) for r, (d, s) in sorted(ladder.items()))
     trial.choice = choice.with_(form=form, min_rows=low, max_rows=high, ladder=ladder_rows)
@@ -189,13 +196,15 @@ def _serving_range(
     top, bottom = max(ladder), min(ladder)
     high: int | None = None
     for r in (r for r in LADDER if r > top):
-        ladder[r] = tuple(_time_at(trial, [form], r, timer)[k] for k in ("dense", form))  # type: ignore[assignment]
+        seconds = _time_at(trial, [form], r, timer)
+        ladder[r] = (seconds["dense"], seconds[form])
         if ladder[r][0] < ladder[r][1]:
             high = max(k for k in ladder if k < r)
             break
     low = 0
     for r in (r for r in reversed(LADDER) if r < bottom):
-        ladder[r] = tuple(_time_at(trial, [form], r, timer)[k] for k in ("dense", form))  # type: ignore[assignment]
+        seconds = _time_at(trial, [form], r, timer)
+        ladder[r] = (seconds["dense"], seconds[form])
         if ladder[r][0] < ladder[r][1]:
             low = min(k for k in ladder if k > r)
             break

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,12 @@ def _check_inference(module: nn.Module, *inputs: Tensor | None) -> None:
 class _SparseMatrix(nn.Module):
     """The shared part: the compressed ``(out, in)`` weight as buffers, the dense bias, the cached matrix."""
 
+    crow_indices: Tensor  # buffers, registered in __init__
+    col_indices: Tensor
+    values: Tensor
+    bias: Tensor | None
+    fallback: Tensor | None
+
     def __init__(self, weight: Tensor, bias: Tensor | None, form: Form) -> None:
         super().__init__()
         if weight.dim() != 2:
@@ -116,6 +122,10 @@ class _SparseMatrix(nn.Module):
         if self.fallback is None:
             return True
         return self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
+
+    def _fallback_for(self, rows: int) -> Tensor | None:
+        """The dense copy that multiplies ``rows`` input vectors, or ``None`` where the sparse matrix does."""
+        return None if self.sparse_for(rows) else self.fallback
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a module pickled by 0.3 has no fallback buffer
         super().__setstate__(state)
@@ -188,9 +198,10 @@ class SparseLinear(_SparseMatrix):
     def rows(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Output features ``start:stop`` only (an attention layer's packed projection, one part of it)."""
         flat = x.reshape(-1, self.in_features)
-        if not self.sparse_for(flat.shape[0]):
+        fallback = self._fallback_for(flat.shape[0])
+        if fallback is not None:
             bias = None if self.bias is None else self.bias[start:stop]
-            return F.linear(x, self.fallback[start:stop], bias)
+            return F.linear(x, fallback[start:stop], bias)
         if flat.shape[0] == 1:
             return self._product(flat.t(), start, stop).view(*x.shape[:-1], stop - start)
         product = torch.mm(self._compressed(start, stop), flat.t())  # (rows, n): transposed into y below
@@ -212,8 +223,9 @@ class SparsePointwiseConv2d(_SparseMatrix):
         if unbatched:
             x = x.unsqueeze(0)
         n, c, h, w = x.shape
-        if not self.sparse_for(n * h * w):
-            y = F.conv2d(x, self.fallback[:, :, None, None], self.bias)
+        fallback = self._fallback_for(n * h * w)
+        if fallback is not None:
+            y = F.conv2d(x, fallback[:, :, None, None], self.bias)
             return y.squeeze(0) if unbatched else y
         columns = x.reshape(c, h * w) if n == 1 else x.transpose(0, 1).reshape(c, n * h * w)
         y = self._product(columns).view(self.out_features, n, h, w).transpose(0, 1).contiguous()
@@ -226,12 +238,13 @@ def _project(layer: nn.Module, x: Tensor, start: int | None = None, stop: int | 
         return layer(x)
     if isinstance(layer, SparseLinear):
         return layer.rows(x, start, stop)
-    bias = None if layer.bias is None else layer.bias[start:stop]
-    return F.linear(x, layer.weight[start:stop], bias)
+    dense = cast(nn.Linear, layer)  # the other kind of projection
+    bias = None if dense.bias is None else dense.bias[start:stop]
+    return F.linear(x, dense.weight[start:stop], bias)
 
 
 def project_in(
-    projections: Mapping[str, nn.Module], query: Tensor, key: Tensor, value: Tensor, embed_dim: int
+    projections: Mapping[str, nn.Module] | nn.ModuleDict, query: Tensor, key: Tensor, value: Tensor, embed_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``q, k, v``: the input projections of an attention layer, as torch computes them: one packed product when
     ``query is key is value`` (self-attention), the query and a packed key-value product when ``key is value``,
@@ -240,9 +253,12 @@ def project_in(
         return projections["q_proj"](query), projections["k_proj"](key), projections["v_proj"](value)
     packed, e = projections["in_proj"], embed_dim
     if key is value and query is key:  # views of one product (reshaped by the caller, copied only where needed)
-        return _project(packed, query).chunk(3, dim=-1)
+        q, k, v = _project(packed, query).chunk(3, dim=-1)
+        return q, k, v
     if key is value:
-        return (_project(packed, query, 0, e), *_project(packed, key, e, 3 * e).chunk(2, dim=-1))
+        q = _project(packed, query, 0, e)
+        k, v = _project(packed, key, e, 3 * e).chunk(2, dim=-1)
+        return q, k, v
     return _project(packed, query, 0, e), _project(packed, key, e, 2 * e), _project(packed, value, 2 * e, 3 * e)
 
 
@@ -284,6 +300,8 @@ class SparseMultiheadAttention(nn.Module):
     """
 
     in_proj_bias = None
+    bias_k: Tensor | None  # buffers, registered in __init__
+    bias_v: Tensor | None
 
     def __init__(self, attention: nn.MultiheadAttention, projections: dict[str, nn.Module]) -> None:
         super().__init__()

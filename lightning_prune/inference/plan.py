@@ -118,7 +118,9 @@ class SpeedPlan:
         return {layer.parameter: layer.sparsity for layer in self.layers}
 
     def __str__(self) -> str:
-        rows = [("parameter", "shape", "target", "dense ms", "sparse ms", "expected gain", "importance removed")]
+        rows: list[tuple[str, ...]] = [
+            ("parameter", "shape", "target", "dense ms", "sparse ms", "expected gain", "importance removed")
+        ]
         for p in self.layers:
             gain = "" if p.sparse_seconds is None else f"{p.dense_seconds / p.sparse_seconds:.2f}x"
             sparse = "" if p.sparse_seconds is None else f"{p.sparse_seconds * 1e3:.3f}"

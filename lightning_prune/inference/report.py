@@ -139,7 +139,9 @@ class SparseInferenceReport:
         return out
 
     def __str__(self) -> str:
-        rows = [("layer", "kind", "shape", "sparsity", "form", "sparse rows", "dense ms", "sparse ms", "speed-up")]
+        rows: list[tuple[str, ...]] = [
+            ("layer", "kind", "shape", "sparsity", "form", "sparse rows", "dense ms", "sparse ms", "speed-up")
+        ]
         for c in self.layers:
             speedup = "" if c.speedup is None else f"{c.speedup:.2f}x {c.fastest_sparse}"
             shape = f"{c.shape[0]}x{c.shape[1]}"

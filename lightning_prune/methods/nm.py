@@ -20,8 +20,8 @@ matrix product:
 
 A weight whose input size is not a multiple of ``m`` (a depthwise convolution has one input channel per
 group), and any tensor that is not a matrix layer's weight, is skipped with a warning. :func:`nm_satisfied`
-checks the pattern; :func:`to_semi_structured` hands 2:4 ``Linear`` weights to torch's sparse kernels for
-inference on CUDA.
+checks the pattern; :func:`~lightning_prune.inference.to_semi_structured` hands 2:4 ``Linear`` weights to torch's
+sparse kernels for inference on CUDA.
 
 Example::
 
@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +41,9 @@ from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.layers import input_dim
 from lightning_prune.methods import ImportanceFn, MagnitudeScores, MaskReader, NewMask, PruningMethod
 from lightning_prune.patterns import check_nm, grouped, nm_satisfied, ungrouped
-from lightning_prune.selection import ParameterSpec, PruningTarget, select_parameters
+from lightning_prune.selection import PruningTarget
 
-__all__ = ["NMPruning", "nm_satisfied", "to_semi_structured"]
-
-_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+__all__ = ["NMPruning", "nm_satisfied"]
 
 
 def _skip_reason(target: PruningTarget, m: int) -> str | None:
@@ -177,103 +174,3 @@ class NMPruning(PruningMethod):
             mask = self._new_mask(t, masks.mask(t))
             if mask is not None:
                 yield NewMask(t, mask)
-
-
-def to_semi_structured(model: nn.Module, parameters: Sequence[ParameterSpec] | None = None) -> list[str]:
-    """Convert a trained model's 2:4-sparse ``nn.Linear`` weights, in place, into torch's semi-structured sparse
-    tensors (:func:`torch.sparse.to_sparse_semi_structured`), whose matrix products run on sparse tensor cores.
-
-    For inference: move the model to the GPU in half precision and to eval mode first
-    (``model.cuda().half().eval()``); the converted weights are frozen (``requires_grad=False``) and the model
-    keeps its ``forward``. A chosen ``Linear`` weight that does not satisfy 2:4 along its rows (see
-    :func:`nm_satisfied`), or whose shape the kernels do not take (both dimensions multiples of torch's minimum
-    block, e.g. 32 x 64 for CUTLASS, 16 x 16 for cuSPARSELt in fp16), or that is not a plain parameter, stays
-    dense with a warning naming it; other chosen tensors (convolutions, biases) are ignored.
-
-    Args:
-        model: the pruned model (masks made permanent, e.g. at the end of the callback's training).
-        parameters: as the callback's ``parameters``; default: every ``nn.Linear`` weight.
-
-    Returns:
-        The qualified names of the converted weights.
-
-    Raises:
-        RuntimeError: without CUDA, or on a GPU of compute capability below 8.0: the kernels need CUDA.
-        ValueError: for a chosen 2:4 weight that is not on a CUDA device or not ``float16``/``bfloat16``.
-
-    Example (on a CUDA machine)::
-
-        model = module.model.cuda().half().eval()
-        converted = to_semi_structured(model)  # e.g. ['fc1.weight', 'fc2.weight']
-        with torch.inference_mode():
-            logits = model(images.cuda().half())
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "to_semi_structured needs CUDA: torch's 2:4 semi-structured sparse kernels (cuSPARSELt, CUTLASS) run "
-            "only on NVIDIA GPUs of compute capability 8.0 or newer, and no CUDA device is available here. "
-            "On the CPU, run the pruned model as it is (dense weights with zeros)."
-        )
-    chosen = [t for t in select_parameters(model, parameters) if isinstance(t.module, nn.Linear)]
-    dense: dict[str, str] = {}
-    ready: list[tuple[PruningTarget, Tensor]] = []
-    for t in chosen:
-        param = t.module._parameters.get("weight")
-        why = _skip_reason(t, 4)
-        if why is not None:
-            dense[t.name] = why
-        elif t.param != "weight" or param is None:
-            dense[t.name] = "not a plain parameter (a parametrization or torch's pruning computes it)"
-        elif not nm_satisfied(param, 2, 4):
-            dense[t.name] = "not 2:4 sparse along its rows"
-        else:
-            ready.append((t, param))
-    for t, weight in ready:
-        if not weight.is_cuda or weight.dtype not in _SEMI_STRUCTURED_DTYPES:
-            raise ValueError(
-                f"to_semi_structured: {t.name!r} is a {weight.dtype} tensor on {weight.device}; the kernels take "
-                "float16 or bfloat16 CUDA tensors: call `model.cuda().half()` (or `.to('cuda', torch.bfloat16)`) "
-                "first."
-            )
-        if torch.cuda.get_device_capability(weight.device) < (8, 0):
-            raise RuntimeError(
-                f"to_semi_structured: {torch.cuda.get_device_name(weight.device)} has compute capability "
-                f"{torch.cuda.get_device_capability(weight.device)}; the 2:4 kernels need CUDA 8.0 or newer."
-            )
-    converted = []
-    for t, weight in ready:
-        too_small = _block_misfit(weight)
-        if too_small is not None:
-            dense[t.name] = too_small
-            continue
-        sparse = torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
-        t.module.weight = nn.Parameter(sparse, requires_grad=False)
-        converted.append(t.name)
-    if dense:
-        rank_zero_warn(
-            f"to_semi_structured leaves {sorted(dense)} dense: "
-            + "; ".join(f"{name!r}: {why}" for name, why in dense.items())
-            + "."
-        )
-    return converted
-
-
-def _block_misfit(weight: Tensor) -> str | None:
-    """Why torch's semi-structured kernels cannot take ``weight``'s shape (``None``: they can)."""
-    semi = torch.sparse.SparseSemiStructuredTensor
-    backend: Any = (
-        torch.sparse.SparseSemiStructuredTensorCUTLASS
-        if getattr(semi, "_FORCE_CUTLASS", False)
-        else torch.sparse.SparseSemiStructuredTensorCUSPARSELT
-    )
-    constraints = getattr(backend, "_DTYPE_SHAPE_CONSTRAINTS", {}).get(weight.dtype)
-    if constraints is None:
-        return None  # unknown to this torch version: let torch decide
-    rows, cols = weight.shape
-    min_rows, min_cols = constraints.sparse_min_rows, constraints.sparse_min_cols
-    if rows < min_rows or rows % min_rows or cols < min_cols or cols % min_cols:
-        return (
-            f"shape {tuple(weight.shape)}: both dimensions must be multiples of ({min_rows}, {min_cols}) "
-            f"for the {backend.BACKEND} kernels"
-        )
-    return None
