@@ -4,7 +4,7 @@ The model is ``--layers`` ``nn.Linear(--width, --width)`` layers built with a fi
 2048 x 2048 = 100.7 M weights, 384 MiB). Steps compared, each on the unpruned model:
 
 * global: ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=s)`` versus
-  ``lightning_prune.prune_step("l1_unstructured", select_parameters(model), s, store, scope="global")``, the
+  ``lightning_prune.prune_step("l1_unstructured", select_parameters(model), Global(s), store)``, the
   step that ``PruningScheduleCallback(scope="global")`` takes (default ``mask_mode="inplace"``: plain parameters
   zeroed in place, ``uint8`` masks kept aside in a :class:`~lightning_prune.store.MaskStore`);
 * local: ``prune.l1_unstructured(layer, "weight", amount=s)`` for every layer versus the same step with

@@ -15,12 +15,12 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_prune import MaskStore, prune_step, select_parameters
+    >>> from lightning_prune import Global, MaskStore, prune_step, select_parameters
     >>> from lightning_prune.methods import resolve_method
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> method = with_allocation(resolve_method("l1_unstructured"), "erk")
-    >>> report = prune_step(method, select_parameters(net), 0.9, MaskStore(), scope="global")
+    >>> report = prune_step(method, select_parameters(net), Global(0.9), MaskStore())
     >>> report.zeros, [t.zeros for t in report.tensors]
     (576, [475, 101])
 """
