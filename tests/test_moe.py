@@ -234,3 +234,65 @@ def test_sparse_checkpoint_io_round_trips_expert_tensors(tmp_path: Any) -> None:
     dense = tmp_path / "dense.ckpt"
     torch.save({"state_dict": model.state_dict()}, dense)
     assert path.stat().st_size < 0.5 * dense.stat().st_size  # the expert tensors were written sparse
+
+
+def _tiny(name: str) -> nn.Module:
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(num_key_value_heads=2, pad_token_id=0)),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(head_dim=8)),
+        "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM, dict(state_size=4)),
+        "gpt_oss": (
+            transformers.GptOssConfig,
+            transformers.GptOssForCausalLM,
+            dict(num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+        ),
+        "deepseek_v3": (
+            transformers.DeepseekV3Config,
+            transformers.DeepseekV3ForCausalLM,
+            dict(
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=24,
+                first_k_dense_replace=1,
+                n_group=1,
+                topk_group=1,
+                q_lora_rank=16,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=8,
+            ),
+        ),  # fmt: skip
+    }
+    config_cls, model_cls, extra = configs[name]
+    kwargs = {**common, **extra}
+    if name == "mamba":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("intermediate_size", "num_attention_heads")}
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kwargs))
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3", "mamba", "gpt_oss", "deepseek_v3"])
+def test_default_selection_leaves_dense_only_embeddings_routers_and_non_matrices(name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _tiny(name)
+    targets = select_parameters(model)
+    summary = describe_selection(model, targets)
+    reasons = set(summary.left_out.values())
+    assert reasons <= {"embedding", "embedding, tied to lm_head.weight", "router", "bias, not a matrix"} | (
+        {"not a matrix layer's weight"} if name == "mamba" else set()  # Mamba's A_log: the state decay, no product
+    ), summary.left_out
+    chosen = {t.name for t in targets}
+    for qual, p in model.named_parameters():  # every Linear weight and every fused expert tensor is chosen
+        module = model.get_submodule(qual.rpartition(".")[0])
+        if (isinstance(module, nn.Linear) and qual.endswith(".weight") and qual not in summary.left_out) or (
+            p.dim() == 3 and type(module).__name__.endswith("Experts")
+        ):
+            assert qual in chosen, qual
+    if name in ("gpt_oss", "deepseek_v3"):
+        assert any(t.layout in ("experts_out_in", "experts_in_out") for t in targets)
+        assert "router" in reasons
+    if name == "gpt_oss":  # stored (experts, in, out): GPT-OSS's experts say is_transposed
+        assert {t.layout for t in targets if t.tensor.dim() == 3} == {"experts_in_out"}
