@@ -296,3 +296,48 @@ def test_default_selection_leaves_dense_only_embeddings_routers_and_non_matrices
         assert "router" in reasons
     if name == "gpt_oss":  # stored (experts, in, out): GPT-OSS's experts say is_transposed
         assert {t.layout for t in targets if t.tensor.dim() == 3} == {"experts_in_out"}
+
+
+def test_sparsegpt_reconstructs_each_expert_from_the_tokens_routed_to_it() -> None:
+    from lightning_prune import SparseGPT
+    from lightning_prune.methods.sparsegpt_solver import sparsegpt_solve
+
+    model, batches = _mixtral(), _batches()
+    experts = model.model.layers[0].mlp.experts
+    weight = experts.gate_up_proj.detach().clone()
+    hidden, index = (torch.cat(parts) for parts in zip(*_routed(model, batches)[0]))
+    prune_once(
+        model, 0.5, method=SparseGPT(calibration_batches=3), dataloader=batches, parameters=["*.0.*gate_up_proj"]
+    )
+    for e in range(4):
+        x = hidden[(index == e).any(-1)].double()  # only the tokens the router sent to expert e
+        hessian = (2.0 / x.shape[0]) * x.T @ x
+        expected, keep = sparsegpt_solve(weight[e], hessian.float(), 0.5)
+        pruned = experts.gate_up_proj[e].detach()
+        assert torch.equal(pruned != 0, keep.bool()), e
+        torch.testing.assert_close(pruned, expected * keep, rtol=1e-4, atol=1e-5)
+        assert ((pruned == 0).sum(1) == 16).all()  # half of each of the expert's rows
+        magnitude = weight[e] * _row_mask(weight[e].abs(), 0.5)  # the same budget, no update
+        error = (x.float() @ (pruned - weight[e]).T).square().mean()
+        assert error < (x.float() @ (magnitude - weight[e]).T).square().mean(), e
+
+
+def test_sparsegpt_expert_without_tokens_is_pruned_by_magnitude_and_says_so() -> None:
+    from lightning_prune import SparseGPT
+
+    model, batches = _mixtral(), _batches()
+
+    def never_three(module: nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        logits, scores, index = out
+        return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
+
+    model.model.layers[0].mlp.gate.register_forward_hook(never_three)
+    experts = model.model.layers[0].mlp.experts
+    idle = experts.down_proj[3].detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_once(
+            model, 0.5, method=SparseGPT(calibration_batches=3), dataloader=batches, parameters=["*.0.*down_proj"]
+        )
+    assert any("experts [3]" in str(w.message) and "no token was routed" in str(w.message) for w in caught)
+    torch.testing.assert_close(experts.down_proj[3].detach(), idle * _row_mask(idle.abs(), 0.5))

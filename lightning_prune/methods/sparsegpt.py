@@ -25,11 +25,12 @@ Which input each tensor's Hessian reads (the plans of :class:`~lightning_prune.W
   output, computed again from the attention's inputs;
 * ``nn.Conv1d`` and ``nn.Conv2d`` with ``groups=1``, zero padding given as numbers (or ``"valid"``): the unfolded
   input patches, the weight as its ``(out, in * kernel)`` matrix;
-* anything else (grouped convolutions, ``Conv3d``, transposed convolutions, recurrent layers, biases, 3-D tensors
-  such as fused MoE experts, a layer that did not run): pruned per row by magnitude with no update (the solve
-  with an identity Hessian), with a warning naming it. Extension point for MoE experts stored ``(E, out, in)``:
-  :meth:`SparseGPT._pieces` maps a tensor to ``(rows of its (out, in) matrix, Hessian)`` pieces; an expert
-  tensor becomes one piece per expert with the Hessian of the tokens routed to it.
+* fused Mixture-of-Experts tensors (``(E, out, in)`` or ``(E, in, out)``, see :mod:`lightning_prune.layers`): each
+  expert's rows with the Hessian of the tokens its router sent to it (``down_proj`` from the gated intermediate of
+  those tokens, as Wanda reads it); an expert that saw no token is pruned by magnitude per row, with a warning;
+* anything else (grouped convolutions, ``Conv3d``, transposed convolutions, recurrent layers, biases, a layer that
+  did not run): pruned per row by magnitude with no update (the solve with an identity Hessian), with a warning
+  naming it. :meth:`SparseGPT._pieces` maps a tensor to ``(rows of its (out, in) matrix, Hessian)`` pieces.
 
 Memory: one ``in x in`` float32 sum per tensor during the window (the callback observes every layer at once),
 three such matrices while one tensor is solved; a tensor whose Hessian would need more than ``max_hessian_bytes``
@@ -55,13 +56,14 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune._utils.checks import check_int
 from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.counting import count_for
-from lightning_prune.layers import to_out_in
+from lightning_prune.layers import is_stacked, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod
 from lightning_prune.methods.nm import NMPruning
 from lightning_prune.methods.sparsegpt_solver import HessianSum, check_hessian_size, sparsegpt_solve
 from lightning_prune.methods.wanda import InputPlan as _Plan
 from lightning_prune.methods.wanda import attention_heads as _attention_heads
 from lightning_prune.methods.wanda import plan_input as _plan
+from lightning_prune.methods.wanda import routed_inputs as _routed_inputs
 from lightning_prune.patterns import check_nm
 from lightning_prune.selection import PruningTarget
 
@@ -246,7 +248,7 @@ class SparseGPT(PruningMethod):
         if not torch.is_grad_enabled() or name not in self._sums:  # training batches, not validation
             return
         with torch.no_grad():
-            _accumulate(plan, sums, module, args, kwargs)
+            _accumulate(plan, sums, module, args, kwargs, name.rpartition(".")[2])
         self._fired[name] += 1
         if name not in self._order:
             self._order.append(name)
@@ -283,10 +285,14 @@ class SparseGPT(PruningMethod):
         sums = self._sums[target.name]
         if refresh and self._batches and self._root is not None:
             sums = self._replay(target, plan)
-        if float(sums[0].rows) == 0:
+        idle = [i for i, s in enumerate(sums) if float(s.rows) == 0]
+        if len(idle) == len(sums):
             self._fallback(target.name, "its layer did not run in the calibration batches")
             return None
-        hessians = [s.hessian() for s in sums]
+        if idle:  # experts that no token was routed to: magnitude per row there (an identity Hessian)
+            self._fallback(f"{target.name} experts {idle}", "no token was routed to them in the calibration batches")
+        eye = torch.eye(sums[0].features, dtype=torch.float32, device=sums[0].sum.device)
+        hessians = [eye if i in idle else s.hessian() for i, s in enumerate(sums)]
         if not all(bool(torch.isfinite(h).all()) for h in hessians):
             raise ValueError(f"SparseGPT: the inputs of {target.name!r} hold NaN or infinite values.")
         return hessians
@@ -298,7 +304,7 @@ class SparseGPT(PruningMethod):
 
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             with torch.no_grad():
-                _accumulate(plan, sums, module, args, kwargs)
+                _accumulate(plan, sums, module, args, kwargs, target.param)
             if stop:
                 raise _Stop
 
@@ -324,7 +330,7 @@ class SparseGPT(PruningMethod):
     ) -> NewMask | None:
         layout = target.layout
         weight = to_out_in(target.tensor.detach(), layout)
-        matrix = weight.reshape(weight.shape[0], -1)
+        matrix = _as_rows(weight, layout)
         keep = None if current is None else to_out_in(current, layout).reshape(matrix.shape)
         due = count_for(sparsity or 0.0, matrix.shape[1])
         if keep is not None and self.nm is None and bool(((keep == 0).sum(1) >= due).all()):
@@ -347,9 +353,8 @@ class SparseGPT(PruningMethod):
         self, target: PruningTarget, matrix: Tensor, hessians: list[Tensor] | None
     ) -> Iterator[tuple[slice, Tensor]]:
         """``(rows of the (out, in) matrix, their Hessian)``: one piece per input stream (three for an attention's
-        ``in_proj_weight``), or the whole matrix with an identity Hessian (magnitude per row, no update). The
-        extension point for fused MoE experts ``(E, out, in)``: one piece per expert, with the Hessian of its
-        routed tokens."""
+        ``in_proj_weight``, one per expert of a fused experts tensor), or the whole matrix with an identity Hessian
+        (magnitude per row, no update)."""
         rows = matrix.shape[0]
         if hessians is None:
             yield slice(0, rows), torch.eye(matrix.shape[1], dtype=torch.float32, device=matrix.device)
@@ -384,9 +389,17 @@ def _identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _as_rows(weight: Tensor, layout: Any) -> Tensor:
+    """An ``(out, in, ...)`` weight as ``(out, in * kernel)`` rows; a stacked ``(experts, out, in)`` one as
+    ``(experts * out, in)``: each expert's rows one after the other."""
+    return weight.reshape(-1, weight.shape[-1]) if is_stacked(layout) else weight.reshape(weight.shape[0], -1)
+
+
 def _row_length(target: PruningTarget) -> int:
     weight = to_out_in(target.tensor, target.layout)
-    return weight.numel() // max(weight.shape[0], 1) if weight.dim() > 1 else weight.numel()
+    if weight.dim() <= 1:
+        return weight.numel()
+    return _as_rows(weight, target.layout).shape[1]
 
 
 def _reduce_sums(sums: list[HessianSum], reduce: Callable[[Tensor], Tensor]) -> None:
@@ -409,6 +422,8 @@ def _features(target: PruningTarget, plan: _Plan) -> int | None:
     """The width of the rows the Hessian sums (``None``: no Hessian for this tensor)."""
     if plan.kind == "conv":
         return target.tensor[0].numel() if _unfoldable(plan.module) else None
+    if plan.kind == "experts":
+        return plan.features
     return plan.features if target.tensor.dim() == 2 else None
 
 
@@ -425,8 +440,19 @@ def _patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _accumulate(plan: _Plan, sums: list[HessianSum], module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:
-    """Add one call's inputs to ``sums`` (one per stream)."""
+def _accumulate(
+    plan: _Plan, sums: list[HessianSum], module: nn.Module, args: tuple, kwargs: Mapping[str, Any], param: str
+) -> None:
+    """Add one call's inputs to ``sums`` (one per stream; for fused experts, one per expert: the inputs of the
+    tokens routed to it)."""
+    if plan.kind == "experts":
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        for expert, x in _routed_inputs(module, param, hidden.detach(), index, plan.features):
+            if x is None:
+                raise ValueError(f"SparseGPT: the routed inputs of {type(module).__name__}.{param} are unknown.")
+            sums[expert].add(x)
+        return
     if plan.kind == "heads":
         inputs = [_attention_heads(cast(nn.MultiheadAttention, module), args, kwargs)]
     elif plan.kind == "qkv":

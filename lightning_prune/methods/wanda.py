@@ -468,3 +468,4 @@ def _intermediate(experts: nn.Module, first: str, expert: int, x: Tensor) -> Ten
 InputPlan = _Plan
 plan_input = _plan
 attention_heads = _attention_heads
+routed_inputs = _routed_inputs
