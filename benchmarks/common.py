@@ -311,6 +311,15 @@ def write_results(path: Path, text: str) -> None:
     path.write_text(text.rstrip("\n") + "\n" + notes)
 
 
+def mark_peak() -> int:
+    """Reset the kernel's high-water mark of this process's resident memory (``VmHWM``) and return its resident
+    memory now (``VmRSS``, bytes): ``read_status()["VmHWM"]`` minus it after a piece of work is that work's peak."""
+    before = read_status()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
 def read_status() -> dict[str, int]:
     """This process's resident memory now and at its peak (``VmRSS``, ``VmHWM``), in bytes, from ``/proc``."""
     out = {}

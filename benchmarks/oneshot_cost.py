@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import OUT_DIR_HELP, machine, read_status, resolve_out_dir, write_results  # noqa: E402
+from benchmarks.common import OUT_DIR_HELP, machine, mark_peak, read_status, resolve_out_dir, write_results  # noqa: E402
 from lightning_prune import SparseGPT, Wanda, prune_once, select_parameters  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-2:4")
@@ -80,9 +80,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     weights = sum(t.tensor.numel() for t in select_parameters(model))
     gc.collect()
     libc.malloc_trim(0)
-    before = read_status()["VmRSS"]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = mark_peak()
     start = time.perf_counter()
     with torch.no_grad() if method == "magnitude" else torch.enable_grad():
         prune(method, model, batches, args)

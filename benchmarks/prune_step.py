@@ -72,7 +72,7 @@ import torch  # noqa: E402
 import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import machine, read_status  # noqa: E402
+from benchmarks.common import machine, mark_peak, read_status  # noqa: E402
 from lightning_prune import prune_step, reparam  # noqa: E402
 from lightning_prune.counting import count_for  # noqa: E402
 from lightning_prune.methods import resolve_method  # noqa: E402
@@ -215,9 +215,7 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
         setup(model)
     gc.collect()
     libc.malloc_trim(0)
-    before = read_status()["VmRSS"]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = mark_peak()
     start = time.perf_counter()
     step(model)
     seconds = time.perf_counter() - start

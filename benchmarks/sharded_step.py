@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.common import machine, read_status  # noqa: E402
+from benchmarks.common import machine, mark_peak, read_status  # noqa: E402
 from benchmarks.prune_step import _M_MMAP_THRESHOLD, build_model  # noqa: E402
 from lightning_prune import Global, prune_step  # noqa: E402
 from lightning_prune.collective import Collective  # noqa: E402
@@ -102,9 +102,7 @@ def measured(model: torch.nn.Module, args: argparse.Namespace, group: Collective
         if group is not None:
             group.reduce(torch.zeros(1))  # start together
         if r == 0:
-            before = read_status()["VmRSS"]
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            before = mark_peak()
         start = time.perf_counter()
         store = run_step(model, args, group)
         seconds = time.perf_counter() - start

@@ -57,9 +57,9 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -71,6 +71,7 @@ __all__ = [
     "Layout",
     "MatrixLayer",
     "MatrixLayerHandle",
+    "expert_call",
     "input_dim",
     "is_embedding",
     "is_router",
@@ -206,6 +207,14 @@ def layout_of(module: nn.Module, param: str) -> Layout | None:
     """The layout of ``param`` of ``module`` when it is a matrix weight, else ``None``."""
     entry = matrix_layer(module, param)
     return None if entry is None else entry.layout
+
+
+def expert_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
+    """``(hidden states, the router's top-k expert indices)`` of one call of a ``transformers`` experts module
+    (``forward(hidden_states, top_k_index, top_k_weights)``; GPT-OSS names the indices ``router_indices``)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    return hidden, index
 
 
 def is_stacked(layout: Layout | None) -> bool:

@@ -15,7 +15,7 @@ from lightning_prune._utils.modules import call_on
 from lightning_prune._utils.table import format_table
 from lightning_prune.collective import Collective
 from lightning_prune.counting import count_zeros
-from lightning_prune.layers import input_dim, is_stacked, layout_of, matrix_layer, output_dim
+from lightning_prune.layers import expert_call, input_dim, is_stacked, layout_of, matrix_layer, output_dim
 from lightning_prune.patterns import check_nm, nm_satisfied
 from lightning_prune.selection import (
     ParameterSpec,
@@ -265,7 +265,7 @@ class _MacCounter:
 
     def experts(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """Each token meets the experts its router chose (top-k of E), not all of them."""
-        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        _, index = expert_call(args, kwargs)
         for pname in matrix_weight_names(module):
             weight, entry = getattr(module, pname), matrix_layer(module, pname)
             if entry is None or not is_stacked(entry.layout) or not isinstance(index, Tensor):

@@ -56,7 +56,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune._utils.checks import check_int
 from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.counting import count_for
-from lightning_prune.layers import is_stacked, to_out_in
+from lightning_prune.layers import expert_call, is_stacked, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod
 from lightning_prune.methods.nm import NMPruning
 from lightning_prune.methods.sparsegpt_solver import HessianSum, check_hessian_size, sparsegpt_solve
@@ -446,8 +446,7 @@ def _accumulate(
     """Add one call's inputs to ``sums`` (one per stream; for fused experts, one per expert: the inputs of the
     tokens routed to it)."""
     if plan.kind == "experts":
-        hidden = args[0] if args else kwargs["hidden_states"]
-        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        hidden, index = expert_call(args, kwargs)
         for expert, x in _routed_inputs(module, param, hidden.detach(), index, plan.features):
             if x is None:
                 raise ValueError(f"SparseGPT: the routed inputs of {type(module).__name__}.{param} are unknown.")

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune._utils.checks import allowed, check_choice, check_int
 from lightning_prune._utils.lightning import rank_zero_warn
 from lightning_prune.counting import count_for
-from lightning_prune.layers import input_dim, is_stacked, matrix_layer, to_out_in
+from lightning_prune.layers import expert_call, input_dim, is_stacked, matrix_layer, to_out_in
 from lightning_prune.methods import MaskReader, NewMask, PruningMethod, ScoreMethod
 from lightning_prune.methods.nm import NMPruning, check_nm
 from lightning_prune.selection import PruningTarget
@@ -286,8 +286,7 @@ class Wanda(PruningMethod):
         self, name: str, plan: _Plan, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> None:
         """Sums of squares per expert, of the inputs of the tokens the router sent to it."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        hidden, index = expert_call(args, kwargs)
         param = name.rpartition(".")[2]
         for expert, x in _routed_inputs(module, param, hidden.detach(), index, plan.features):
             if x is None:
