@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyModule, random_loader, zero_sets  # noqa: E402
+from helpers import TinyModule, exit_distributed_script, random_loader, zero_sets  # noqa: E402
 
 import lightning_prune.callback  # noqa: E402
 from lightning_prune import AtEpochs, Polynomial, PruningScheduleCallback  # noqa: E402
@@ -134,7 +134,7 @@ class RankRecorder(pl.Callback):
         torch.save(result, self.out / f"{self.name}_rank{trainer.global_rank}.pt")
 
 
-def fit(strategy: str, out: Path, name: str, devices: int = 2) -> None:
+def fit(strategy: str, out: Path, name: str, devices: int = 2) -> pl.Trainer:
     """One fit of TinyModule with all of CALLBACKS; writes ``out/<name>_rank<r>.pt``."""
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
@@ -153,21 +153,24 @@ def fit(strategy: str, out: Path, name: str, devices: int = 2) -> None:
         callbacks=[*make_callbacks(), RankRecorder(out, name)],
     )
     trainer.fit(module, random_loader())
+    return trainer
 
 
-def main() -> None:
+def main() -> list[pl.Trainer]:
     parser = argparse.ArgumentParser()
     parser.add_argument("strategy")
     parser.add_argument("out", type=Path)
     parser.add_argument("--modes", default="broadcast", help="comma-separated: broadcast, no-broadcast")
     args = parser.parse_args()
     agree = lightning_prune.callback.agree_masks
+    trainers = []
     for mode in args.modes.split(","):
         lightning_prune.callback.agree_masks = (
             agree if mode == "broadcast" else (lambda store, targets, strategy: False)
         )
-        fit(args.strategy, args.out, mode)
+        trainers.append(fit(args.strategy, args.out, mode))
+    return trainers
 
 
 if __name__ == "__main__":
-    main()
+    exit_distributed_script(*main())

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyModule, random_loader  # noqa: E402
+from helpers import TinyModule, exit_distributed_script, random_loader  # noqa: E402
 
 from lightning_prune import Distillation, LearningRateRewarm, Polynomial, PruningScheduleCallback  # noqa: E402
 
@@ -38,7 +38,7 @@ class Recorder(pl.Callback):
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main() -> None:
+def main() -> pl.Trainer:
     out = Path(sys.argv[1])
     pl.seed_everything(0, verbose=False)
     pruning = PruningScheduleCallback(0.8, scope="global", schedule=Polynomial(1, 2, every_n_steps=2), verbose=False)
@@ -49,7 +49,8 @@ def main() -> None:
         callbacks=[pruning, distill, LearningRateRewarm(factor=2.0, decay_steps=2), Recorder(out, distill)],
     )  # fmt: skip
     trainer.fit(TinyModule(), random_loader())
+    return trainer
 
 
 if __name__ == "__main__":
-    main()
+    exit_distributed_script(main())

@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from lightning_prune import NeuronPruning, OneShot, Polynomial, PruningScheduleCallback, Rewind  # noqa: E402
 from lightning_prune.store import MaskStore  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import exit_distributed_script  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 
@@ -92,7 +95,7 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-def main() -> None:
+def main() -> pl.Trainer:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=sorted(CASES) + ["tensor-parallel"])
     parser.add_argument("out", type=Path)
@@ -144,7 +147,8 @@ def main() -> None:
         result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pruning")}
         result["steps"] = callback._steps
     torch.save(result, args.out / f"{args.case}{args.tag}_rank{trainer.global_rank}.pt")
+    return trainer
 
 
 if __name__ == "__main__":
-    main()
+    exit_distributed_script(main())

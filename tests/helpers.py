@@ -328,6 +328,18 @@ def write_tiny_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: int 
     return root
 
 
+def exit_distributed_script(*trainers: pl.Trainer) -> None:
+    """Leave a distributed test script without the interpreter's teardown, which gloo's threads can abort
+    ("terminate called without an active exception", exit -6) after every result is written. The launching process
+    first waits for the rank processes its trainers started, and fails if one of them failed."""
+    launched = [p for t in trainers for p in getattr(t.strategy.launcher, "procs", [])]
+    children = [p for p in launched if isinstance(p, subprocess.Popen)]  # spawned ranks are joined by Lightning
+    failed = any(child.wait() != 0 for child in children)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if failed else 0)
+
+
 def run_ddp_script(script: Path, out: Path, timeout_s: int) -> None:
     """Run ``python script ddp out`` (a test module that starts 2 gloo processes itself) with a hard timeout, the
     tests folder and the checkout on the path; fail the test with the end of its output if it breaks."""

@@ -18,7 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TinyModule, expected_zeros, make_trainer, random_loader, run_ddp_script
+from helpers import TinyModule, exit_distributed_script, expected_zeros, make_trainer, random_loader, run_ddp_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -335,7 +335,7 @@ def test_callback_reconstructs_at_each_step_and_keeps_earlier_masks() -> None:
 DDP_TIMEOUT_S = 240
 
 
-def _ddp_worker(out: Path) -> None:
+def _ddp_worker(out: Path) -> pl.Trainer:
     """Each rank sees other batches; the Hessians are summed and rank 0's weights sent, so all ranks agree."""
     pl.seed_everything(0, verbose=False)
     module = TinyModule(lr=0.0)
@@ -352,6 +352,7 @@ def _ddp_worker(out: Path) -> None:
     trainer.fit(module, loader)
     state = {n: p.detach().clone() for n, p in module.named_parameters()}
     torch.save(state, out / f"rank{trainer.global_rank}.pt")
+    return trainer
 
 
 @pytest.mark.slow
@@ -365,4 +366,4 @@ def test_ddp_ranks_hold_the_same_weights(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
-    _ddp_worker(Path(sys.argv[2]))
+    exit_distributed_script(_ddp_worker(Path(sys.argv[2])))

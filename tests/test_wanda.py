@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import expected_zeros, make_trainer, run_ddp_script
+from helpers import exit_distributed_script, expected_zeros, make_trainer, run_ddp_script
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -437,7 +437,7 @@ class LocalSums(Wanda):
         super().finish_calibration(reduce)
 
 
-def _ddp_worker(out: Path) -> None:
+def _ddp_worker(out: Path) -> pl.Trainer:
     """Run by the DDP test in a subprocess (and by Lightning again for rank 1): each rank sees other batches
     (DistributedSampler) and seeds its RNG differently; all must draw the same masks by themselves, without
     the callback's fallback that puts rank 0's masks on every rank where they differ."""
@@ -460,6 +460,7 @@ def _ddp_worker(out: Path) -> None:
     trainer.fit(module, scaled_loader([5.0, 1.0, 0.2, 1.0, 3.0, 0.5], n=64))
     masks = {name: (module.get_parameter(name) == 0) for name in WEIGHTS}
     torch.save({"masks": masks, "replaced": replaced, "local": method.local}, out / f"rank{trainer.global_rank}.pt")
+    return trainer
 
 
 @pytest.mark.slow
@@ -478,7 +479,7 @@ def test_wanda_ddp_every_rank_draws_the_same_masks(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
-    _ddp_worker(Path(sys.argv[2]))
+    exit_distributed_script(_ddp_worker(Path(sys.argv[2])))
 
 
 def test_wanda_nm_keeps_the_two_highest_wanda_scores_of_every_four_inputs() -> None:
