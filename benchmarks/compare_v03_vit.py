@@ -37,6 +37,8 @@ def main() -> None:
     start = time.perf_counter()
     fast = to_sparse_inference(model, torch.randn(args.convert_at, 3, 224, 224))
     print(f"lightning_prune {lightning_prune.__version__}: conversion {time.perf_counter() - start:.1f} s")
+    sparse_layers = sorted(n for n, m in fast.named_modules() if type(m).__name__.startswith("Sparse"))
+    print(f"sparse layers: {len(sparse_layers)}: {', '.join(sparse_layers)}")
     for run in args.run_at:
         x = torch.randn(run, 3, 224, 224)
         times: list[list[float]] = [[], []]

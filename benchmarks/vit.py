@@ -29,7 +29,13 @@ position embedding, the norms and the head stay dense). Rows:
   output row, as in the paper, from ``--oneshot-batches`` training batches), ``oneshot-wanda-tensor`` and
   ``oneshot-wanda-global`` (Wanda in the two magnitude rows' comparison groups, so that only the score differs):
   the dense model of the same seed pruned once after training (:func:`lightning_prune.prune_once`,
-  :func:`lightning_prune.wanda_prune`), without fine-tuning.
+  :func:`lightning_prune.wanda_prune`), without fine-tuning;
+* ``oneshot-sparsegpt``: :class:`lightning_prune.SparseGPT` per output row from ``--oneshot-batches`` training
+  batches (each layer's inputs taken through the layers already pruned, the kept weights updated), without
+  fine-tuning; beside ``oneshot-l1-local`` and ``oneshot-wanda`` it shows what repairing the kept weights buys.
+
+The dense model of each seed is trained once and kept in ``--cache-dir`` (a file per seed and training
+configuration), so the one-shot rows and ``benchmarks/recovery.py``'s ViT rows reuse it.
 
 Usage (from the repository root)::
 
@@ -49,6 +55,8 @@ Writes ``<out-dir>/<name>.csv`` (one row per run, appended as runs finish; ``--r
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import sys
@@ -73,12 +81,15 @@ from torchvision.models import VisionTransformer  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Columns, aggregate, machine, quiet_lightning, training_parser, write_results  # noqa: E402
-from lightning_prune import Polynomial, PruningScheduleCallback, Wanda, prune_once, sparsity_report  # noqa: E402
+from lightning_prune import Polynomial, PruningScheduleCallback, SparseGPT, Wanda, prune_once, sparsity_report  # noqa: E402
 from lightning_prune.step import wanda_prune as wanda_once  # noqa: E402
 
 PARAMETERS = ("*self_attention.in_proj_weight", "*self_attention.out_proj.weight", "*mlp*.weight")
 SCHEDULED = ("l1-schedule", "wanda-schedule", "modelpruning")
-ONESHOT = ("oneshot-l1", "oneshot-l1-local", "oneshot-wanda", "oneshot-wanda-tensor", "oneshot-wanda-global")
+ONESHOT = (
+    "oneshot-l1", "oneshot-l1-local", "oneshot-wanda", "oneshot-wanda-tensor", "oneshot-wanda-global",
+    "oneshot-sparsegpt",
+)  # fmt: skip
 METHODS = ("dense", *SCHEDULED, *ONESHOT)
 FIELDS = ("method", "target", "sparsity", "seed", "test_acc", "seconds", "epochs", "train_size")
 COLUMNS = Columns(FIELDS, floats=("target", "sparsity", "test_acc", "seconds"), ints=("seed", "epochs", "train_size"))
@@ -93,6 +104,7 @@ LABELS = {
     "oneshot-wanda": "one-shot Wanda (per row), no fine-tuning",
     "oneshot-wanda-tensor": "one-shot Wanda per tensor, no fine-tuning",
     "oneshot-wanda-global": "one-shot global Wanda, no fine-tuning",
+    "oneshot-sparsegpt": "one-shot SparseGPT (per row), no fine-tuning",
 }
 
 
@@ -257,10 +269,23 @@ class Runner:
         self.dense = cache(self._dense)
 
     def _dense(self, seed: int) -> tuple[dict[str, Tensor], float, float]:
+        """The dense weights of ``seed``, their test accuracy and the seconds their training took, read from
+        ``--cache-dir`` when a run with the same training configuration saved them."""
+        a = self.args
+        config = [a.epochs, a.batch_size, a.lr, a.lr_schedule, a.optimizer, len(self.train), seed]
+        key = hashlib.sha1(json.dumps(config).encode()).hexdigest()[:12]
+        path = Path(a.cache_dir) / f"dense-seed{seed}-{key}.pt" if a.cache_dir else None  # --smoke: no cache
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=True)
+            return saved["state"], float(saved["accuracy"]), float(saved["seconds"])
         start = time.perf_counter()
-        module = fit(seed, self.args, self.train, lambda m: [])
+        module = fit(seed, a, self.train, lambda m: [])
         seconds = time.perf_counter() - start
-        return {k: v.clone() for k, v in module.state_dict().items()}, accuracy(module, self.test), seconds
+        state, acc = {k: v.clone() for k, v in module.state_dict().items()}, accuracy(module, self.test)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": state, "accuracy": acc, "seconds": seconds}, path)
+        return state, acc, seconds
 
     def __call__(self, method: str, target: float, seed: int) -> dict[str, Any]:
         args = self.args
@@ -272,7 +297,11 @@ class Runner:
             module = LitViT(lr=args.lr, lr_schedule=args.lr_schedule)
             module.load_state_dict(state)
             start = time.perf_counter()
-            if method.startswith("oneshot-wanda"):
+            if method == "oneshot-sparsegpt":
+                calibration = train_loader(self.train, args, seed)
+                method_ = SparseGPT(args.oneshot_batches)
+                prune_once(module, target, method=method_, parameters=list(PARAMETERS), dataloader=calibration)
+            elif method.startswith("oneshot-wanda"):
                 group = {"oneshot-wanda": "row", "oneshot-wanda-tensor": "tensor"}.get(method, "global")
                 calibration = train_loader(self.train, args, seed)
                 wanda_once(
@@ -371,6 +400,8 @@ def paired(rows: Sequence[dict[str, Any]]) -> str:
         ("oneshot-wanda", "oneshot-l1-local"),
         ("oneshot-wanda-tensor", "oneshot-l1-local"),
         ("oneshot-wanda-global", "oneshot-l1"),
+        ("oneshot-sparsegpt", "oneshot-wanda"),
+        ("oneshot-sparsegpt", "oneshot-l1-local"),
     ]
     lines = ["| A | B | target | A - B per seed (points) | mean |", "|---|---|---:|---|---:|"]
     for a, b in pairs:
@@ -418,7 +449,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             if targets:
                 ax.errorbar(
                     [stats[(method, t)]["sparsity"] for t in targets], [stats[(method, t)]["acc"][0] for t in targets],
-                    yerr=[stats[(method, t)]["acc"][1] for t in targets], marker="osd^v"[i], capsize=3,
+                    yerr=[stats[(method, t)]["acc"][1] for t in targets], marker="osd^v<>p"[i % 8], capsize=3,
                     label=LABELS[method],
                 )  # fmt: skip
         ax.set_xlabel("measured sparsity of the 16 attention and MLP matrices")
@@ -446,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oneshot-batches", type=int, default=8, help="Wanda's calibration batches in one shot")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["dense", *SCHEDULED])
     p.add_argument("--modelpruning-targets", type=float, nargs="+", default=[0.9, 0.95], help="ModelPruning's rows")
+    p.add_argument("--cache-dir", default=str(ROOT / "runs" / "vit"), help="the dense models, one per seed")
     p.add_argument("--smoke", "--quick", action="store_true", help="every row on a tiny budget: 1 seed, 2 epochs")
     return p
 
@@ -455,7 +487,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.modelpruning_targets = [0.5]
     args.ramp_start, args.ramp_end, args.every_n_steps = 0, 1, 1
     args.batch_size, args.calibration_batches, args.oneshot_batches = 16, 1, 1
-    args.train_size, args.methods = 256, list(METHODS)
+    args.train_size, args.methods, args.cache_dir = 256, list(METHODS), None
 
 
 def describe(args: argparse.Namespace, n_train: int, n_test: int) -> str:

@@ -29,6 +29,7 @@ from lightning_prune.schedules import (
     Schedule,
     ScheduleLike,
     as_schedule,
+    ends_too_early,
     resolve_sparsity,
 )
 from lightning_prune.seeding import derive_seed
@@ -40,6 +41,7 @@ from lightning_prune.selection import (
     check_disjoint,
     check_exclude,
     describe_selection,
+    planned_targets,
     select_parameters,
 )
 from lightning_prune.step import PruningError, check_reachable, prune_step
@@ -69,8 +71,9 @@ class PruningScheduleCallback(CallbackBase):
     Args:
         sparsity: the final cumulative target, a fraction in [0, 1) of every chosen tensor (local) or of all
             together (global); or a per-layer mapping from module types, type names or name patterns to targets
-            (local; the first matching key wins). Left out for a method that takes none, or when the schedule
-            defines it (``AtEpochs({...})``, a plain function).
+            (local; the first matching key wins); or a plan such as :func:`~lightning_prune.inference.plan_speedup`
+            returns (its per-tensor targets; the plan is kept in ``plan`` and printed when ``fit`` starts). Left
+            out for a method that takes none, or when the schedule defines it (``AtEpochs({...})``, a function).
         parameters: qualified names relative to the ``LightningModule`` (any name of a shared tensor), glob
             patterns, or ``(module, "weight")`` pairs. Default: every matrix weight (:mod:`lightning_prune.layers`:
             ``Linear``, ``Conv*d``, Hugging Face's ``Conv1D``, attention's ``in_proj_weight``, ...), leaving out
@@ -135,6 +138,7 @@ class PruningScheduleCallback(CallbackBase):
         mask_mode: MaskMode = "inplace",
         allocation: Allocation = "global",
     ) -> None:
+        sparsity, self.plan = planned_targets(sparsity)
         self.scope: Scope = check_choice("scope", scope, allowed(Scope))
         self.mask_mode: MaskMode = check_choice("mask_mode", mask_mode, allowed(MaskMode))
         self.method = with_allocation(resolve_method(method, method_kwargs, importance), allocation, sparsity, verbose)
@@ -196,26 +200,21 @@ class PruningScheduleCallback(CallbackBase):
         self._progress.plan(self._finals(self._targets), {t.name: t.tensor.numel() for t in self._targets})
         self._selection = describe_selection(pl_module, self._targets)
         if self.verbose:
-            rank_zero_info(f"{type(self).__name__}: {self._selection}")
+            plan = "" if self.plan is None else f"\nThe targets of {type(self.plan).__name__}:\n{self.plan}"
+            rank_zero_info(f"{type(self).__name__}: {self._selection}{plan}")
         check_reachable(self.method, self._targets, self._progress.final())
         peers = [c for c in trainer.callbacks if isinstance(c, PruningScheduleCallback)]
         check_disjoint([t.name for t in self._targets], [t.name for p in peers if p is not self for t in p._targets])
         self._masking.check(pl_module, self.method.masked(self._targets))
         self._log_prefix = "pruning" if len(peers) <= 1 else f"pruning/{peers.index(self)}"
         self.method.setup(pl_module, self._targets)
-        max_epochs = -1 if trainer.max_epochs is None else trainer.max_epochs
-        if (last := self.schedule.last_epoch) is not None and 0 <= max_epochs <= last:
-            rank_zero_warn(
-                f"{self.schedule!r} reaches its final target at the start of epoch {last}, but `max_epochs` is "
-                f"{max_epochs}: training ends first (fine if the run will be resumed for longer)."
-            )
+        if (late := ends_too_early(self.schedule, trainer.max_epochs)) is not None:
+            rank_zero_warn(late)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if (every := self.schedule.every_n_steps) is not None and math.isinf(trainer.num_training_batches):
-            raise ValueError(
-                f"`{self.schedule!r}` prunes every {every} steps: it needs a train dataloader with a length."
-            )
+            raise ValueError(f"`{self.schedule!r}` prunes every {every} steps: it needs a dataloader with a length.")
         self._saved_masks.update(reparam.loaded_masks(pl_module, pop=True))
         saved, self._saved_masks = MaskStore.unpack(self._saved_masks), {}
         self._store.restore(self.method.masked(self._targets), saved, mask_zeros=self._steps > 0)

@@ -37,6 +37,7 @@ __all__ = [
     "Progress",
     "TargetPlan",
     "as_schedule",
+    "ends_too_early",
     "resolve_sparsity",
 ]
 
@@ -259,6 +260,26 @@ ScheduleLike = Schedule | Callable[[int], float]
 def as_schedule(schedule: ScheduleLike) -> Schedule:
     """Return ``schedule`` as a :class:`Schedule`, wrapping a plain callable in :class:`FunctionSchedule`."""
     return schedule if isinstance(schedule, Schedule) else FunctionSchedule(schedule)
+
+
+def ends_too_early(schedule: Schedule, max_epochs: int | None) -> str | None:
+    """What to warn of when training for ``max_epochs`` (``None`` or -1: no limit) ends before ``schedule``
+    reaches its final target, else ``None``.
+
+    Example::
+
+        >>> ends_too_early(Polynomial(1, 5), 5)[:46]
+        'Polynomial(start_epoch=1, end_epoch=5, every_n'
+        >>> ends_too_early(Polynomial(1, 5), 6) is None
+        True
+    """
+    last, epochs = schedule.last_epoch, -1 if max_epochs is None else max_epochs
+    if last is None or not 0 <= epochs <= last:
+        return None
+    return (
+        f"{schedule!r} reaches its final target at the start of epoch {last}, but `max_epochs` is {epochs}: "
+        "training ends first (fine if the run will be resumed for longer)."
+    )
 
 
 def resolve_sparsity(

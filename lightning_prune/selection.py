@@ -27,7 +27,7 @@ import fnmatch
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -38,6 +38,7 @@ from lightning_prune.layers import Layout, is_embedding, is_router, matrix_layer
 
 __all__ = [
     "ParameterSpec",
+    "PlannedSparsity",
     "PruningTarget",
     "SelectionSummary",
     "SparsityKey",
@@ -45,12 +46,45 @@ __all__ = [
     "describe_selection",
     "iter_parameters",
     "matrix_weight_names",
+    "planned_targets",
     "select_parameters",
 ]
 
 ParameterSpec = str | tuple[nn.Module, str]
 SparsityKey = type | str
-SparsitySpec = float | Mapping[SparsityKey, float] | None
+
+
+@runtime_checkable
+class PlannedSparsity(Protocol):
+    """Per-tensor targets that carry their own account, such as :class:`~lightning_prune.inference.SpeedPlan`:
+    taken wherever a per-tensor ``sparsity`` mapping is; the callback prints ``str(plan)`` when ``fit`` starts."""
+
+    @property
+    def sparsity(self) -> Mapping[str, float]: ...
+
+
+SparsitySpec = float | Mapping[SparsityKey, float] | PlannedSparsity | None
+
+
+PlainSparsity = float | Mapping[SparsityKey, float] | None
+
+
+def planned_targets(sparsity: SparsitySpec) -> tuple[PlainSparsity, PlannedSparsity | None]:
+    """``(sparsity, plan)``: a plan's per-tensor mapping and the plan, or the argument as given and ``None``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> planned_targets(SimpleNamespace(sparsity={"0.weight": 0.9}))[0]
+        {'0.weight': 0.9}
+        >>> planned_targets(0.5)
+        (0.5, None)
+    """
+    if isinstance(sparsity, PlannedSparsity) and not isinstance(sparsity, Mapping):
+        targets: dict[SparsityKey, float] = {name: value for name, value in sparsity.sparsity.items()}
+        return targets, sparsity
+    return cast(PlainSparsity, sparsity), None
+
 
 _GLOB_CHARS = set("*?[")
 

@@ -48,7 +48,13 @@ from lightning_prune.methods import MethodName, PruningMethod, Scope, check_scop
 from lightning_prune.methods.allocated import with_allocation
 from lightning_prune.methods.wanda import Group, Wanda
 from lightning_prune.report import SparsityReport, measure
-from lightning_prune.selection import ParameterSpec, PruningTarget, SparsityKey, select_parameters
+from lightning_prune.selection import (
+    ParameterSpec,
+    PruningTarget,
+    SparsitySpec,
+    planned_targets,
+    select_parameters,
+)
 from lightning_prune.shards import local_view
 from lightning_prune.store import MaskStore
 from lightning_prune.targets import Due, Global, Local, Trigger
@@ -203,7 +209,7 @@ def prune_step(
 
 def prune_once(
     model: nn.Module,
-    sparsity: float | Mapping[SparsityKey, float],
+    sparsity: SparsitySpec,
     *,
     method: PruningMethod | MethodName = "l1_unstructured",
     scope: Scope = "local",
@@ -252,6 +258,7 @@ def prune_once(
         >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
         (['0.weight', '2.weight'], 24)
     """
+    sparsity = planned_targets(sparsity)[0]
     per_tensor = isinstance(sparsity, Mapping)
     if not per_tensor:
         sparsity = check_fraction("sparsity", sparsity)

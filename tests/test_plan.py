@@ -7,10 +7,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import (
+    Polynomial,
     PruningScheduleCallback,
     inference_report,
     prune_once,
@@ -135,3 +138,41 @@ def test_plan_refuses_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 def test_prune_once_refuses_a_mapping_in_global_scope() -> None:
     with pytest.raises(ValueError, match="`scope` must be 'local'"):
         prune_once(network(), {"0.weight": 0.5}, scope="global")
+
+
+class _PlanModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = network()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_callback_takes_the_plan_prunes_each_layer_to_its_target_and_prints_it(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    module = _PlanModule()
+    p = plan_speedup(module.eval(), torch.randn(1, 256), 1.5, timer=cost)  # planned on the LightningModule itself
+    assert list(p.sparsity) == ["model.0.weight", "model.2.weight", "model.4.weight"]
+    callback = PruningScheduleCallback(p, schedule=Polynomial(0, 2), make_permanent=False)
+    assert callback.plan is p and callback.sparsity == p.sparsity
+    loader = DataLoader(TensorDataset(torch.randn(32, 256)), batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        trainer.fit(module, loader)
+    for layer in p.layers:  # each layer reaches the plan's own target, exactly
+        weight = module.get_parameter(layer.parameter)
+        assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel()), layer.name
+    assert any(layer.sparsity for layer in p.layers)
+    text = caplog.text + capsys.readouterr().out
+    assert "The targets of SpeedPlan" in text and "expected gain" in text and "(reached)" in text

@@ -10,8 +10,8 @@ where its sparse form would beat the dense one by ``min_speedup`` (as :func:`~li
 decides). A disturbed measurement only runs long, so each layer's dense time is at most the median cost per
 entry and row of all layers times its own, a sparse form at more zeros is never slower than at fewer, and where
 the layers timed alone add up to more than the whole model, their times are scaled down to the model's. The plan's
-targets feed training (``PruningScheduleCallback(sparsity=plan.sparsity)``) or :func:`~lightning_prune.prune_once`
-(``prune_once(model, plan.sparsity)``), and after training :func:`~lightning_prune.to_sparse_inference` measures
+targets feed training (``PruningScheduleCallback(plan)``, which prints the plan when ``fit`` starts) or
+:func:`~lightning_prune.prune_once` (``prune_once(model, plan)``), and after training :func:`~lightning_prune.to_sparse_inference` measures
 what was reached.
 
 Example::
