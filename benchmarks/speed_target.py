@@ -14,9 +14,13 @@ Two sections, on timm's ``--model`` (default ``vit_small_patch16_224``, random w
   of the pruned entries' magnitudes over the sum of all eligible entries') at equal measured speed says which
   pruning costs less. Accuracy after training is not measured here (random weights).
 
+With ``--model gpt2`` (``--sections plan``): GPT-2 (124 M parameters, random weights) decoding one token after
+``--context`` cached ones, the plan and uniform pruning measured on that step (batch 1).
+
 Usage (from the repository root)::
 
     python benchmarks/speed_target.py --threads 2                # both sections on ViT-S/16
+    python benchmarks/speed_target.py --model gpt2 --sections plan   # decoding one token of GPT-2
     python benchmarks/speed_target.py --smoke                    # a tiny ViT, 1 round (seconds); no file
 
 Writes ``<out-dir>/<name>.md`` (the command, the machine, the load average before and after, the tables), also
@@ -33,6 +37,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
-from benchmarks.sparse_inference import interleaved, relative_error  # noqa: E402
+from benchmarks.sparse_inference import OneToken, interleaved, relative_error  # noqa: E402
 from lightning_prune import inference_report, prune_once, select_parameters, to_sparse_inference  # noqa: E402
 from lightning_prune.inference import plan_speedup  # noqa: E402
 
@@ -55,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model", default="vit_small_patch16_224", help="a timm model name (random weights)")
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name, or gpt2 (one decoded token)")
+    p.add_argument("--context", type=int, default=128, help="gpt2: the tokens in the key-value cache")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights and inputs")
@@ -79,17 +85,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
-    """The model in eval mode and its input size."""
+def build(args: argparse.Namespace) -> tuple[nn.Module, Callable[[int], Tensor]]:
+    """The model in eval mode and ``inputs(batch)``, its example inputs at a batch size."""
     torch.manual_seed(args.seed)
+    if args.model == "gpt2":
+        return decoder(args)
     if args.smoke:
         from timm.models.vision_transformer import VisionTransformer
 
         model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-        return model.eval(), 32
-    import timm
+        size = 32
+    else:
+        import timm
 
-    return timm.create_model(args.model, pretrained=False).eval(), 224
+        model, size = timm.create_model(args.model, pretrained=False), 224
+    return model.eval(), lambda batch: torch.randn(batch, 3, size, size)
+
+
+def decoder(args: argparse.Namespace) -> tuple[nn.Module, Callable[[int], Tensor]]:
+    """GPT-2 (124 M, random weights; ``--smoke``: 2 x 64) decoding one token after ``--context`` cached ones:
+    :class:`~benchmarks.sparse_inference.OneToken` crops the cache back after each call."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    small = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=args.context + 8)
+    config = GPT2Config(**small) if args.smoke else GPT2Config()
+    lm = GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        out = lm(torch.randint(0, config.vocab_size, (1, args.context), generator=g), use_cache=True)
+    step = OneToken(lm, getattr(out, "cache", None) or out.past_key_values)
+
+    def token(batch: int) -> Tensor:
+        if batch != 1:
+            raise SystemExit("--model gpt2 decodes one sequence: batch 1 only (--plan-batch 1, --sections plan)")
+        return torch.randint(0, config.vocab_size, (1, 1), generator=g)
+
+    return step, token
 
 
 def measure(dense: nn.Module, converted: nn.Module, x: Tensor, repeats: int) -> dict[str, float]:
@@ -102,7 +135,7 @@ def measure(dense: nn.Module, converted: nn.Module, x: Tensor, repeats: int) -> 
 
 
 def convert_rows(args: argparse.Namespace) -> list[str]:
-    model, size = build(args)
+    model, inputs = build(args)
     prune_once(model, args.sparsity)
     lines = [
         "| converted at batch | conversion (s) | sparse layers | dense copies (MiB) | end to end at conversion | "
@@ -111,11 +144,11 @@ def convert_rows(args: argparse.Namespace) -> list[str]:
     ]
     for at in args.batches:
         start = time.perf_counter()
-        fast = to_sparse_inference(model, torch.randn(at, 3, size, size))
+        fast = to_sparse_inference(model, inputs(at))
         seconds, report = time.perf_counter() - start, inference_report(fast)
         print(report, flush=True)
         for run in args.batches:
-            r = measure(model, fast, torch.randn(run, 3, size, size), args.repeats)
+            r = measure(model, fast, inputs(run), args.repeats)
             lines.append(
                 f"| {at} | {seconds:.1f} | {len(report.sparse_layers)}/{len(report.layers)} | "
                 f"{report.fallback_bytes / 2**20:.1f} | {report.speedup:.2f}x | {run} | {r['dense_ms']:.1f} | "
@@ -142,8 +175,8 @@ def pruned_row(label: str, dense: nn.Module, sparsity: Any, x: Tensor, args: arg
 
 
 def plan_rows(args: argparse.Namespace) -> list[str]:
-    dense, size = build(args)
-    x = torch.randn(args.plan_batch, 3, size, size)
+    dense, inputs = build(args)
+    x = inputs(args.plan_batch)
     lines = [
         "| pruning | target | plan: expected | planning (s) | measured speed-up | within 10% | importance removed | "
         "check |",
@@ -180,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     command = "python benchmarks/speed_target.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_before, start = os.getloadavg(), time.perf_counter()
-    title = f"# Speed targets and any batch size: {'a tiny ViT (smoke)' if args.smoke else args.model}, CPU"
+    model = args.model if args.model == "gpt2" else "a ViT"
+    title = f"# Speed targets and any batch size: {f'{model}, tiny (smoke)' if args.smoke else args.model}, CPU"
     print(title, flush=True)
     sections = {"convert": convert_rows, "plan": plan_rows}
     tables = {name: sections[name](args) for name in args.sections}

@@ -191,6 +191,7 @@ def check_vit(run: Run) -> None:
         elif row["method"] != "dense":
             assert float(row["sparsity"]) == pytest.approx(0.5, abs=1e-4), row
     assert "| global L1, our schedule | 0.5 | 0.5000 |" in run.text("vit.md")
+    assert "| one-shot SparseGPT (per row), no fine-tuning | 0.5 | 0.5000 |" in run.text("vit.md")
     assert (run.out / "vit.png").stat().st_size > 0
 
 
@@ -241,6 +242,16 @@ def check_speed_target(run: Run) -> None:
     for row in converted + list(planned.values()):  # the converted model computes what the dense one did
         assert float(row[-1]) < 1e-3, row
     assert 0 < float(planned["uniform global 0.9"][-2]) < 1  # the importance removed
+
+
+def check_speed_target_gpt2(run: Run) -> None:
+    text = run.text("speed_target_gpt2.md")
+    assert "gpt2, tiny (smoke)" in text and "## Converted at one batch size, run at another\n\n(not run)" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    planned = {r[0]: r for r in rows if r[0].startswith(("plan_speedup", "uniform"))}
+    assert set(planned) == {"plan_speedup 1.2x", "uniform global 0.9"}
+    assert all(float(r[-1]) < 1e-3 for r in planned.values())  # the converted step decodes as the dense one did
+    assert 0 < float(planned["uniform global 0.9"][-2]) < 1
 
 
 def check_import_time(run: Run) -> None:
@@ -298,6 +309,11 @@ SMOKES = [
     ),
     Smoke("sparse_inference", lambda i: ["--out-dir", str(i.out)], check_sparse_inference),
     Smoke("speed_target", lambda i: ["--out-dir", str(i.out)], check_speed_target),
+    Smoke(
+        "speed_target",
+        lambda i: ["--out-dir", str(i.out), "--model", "gpt2", "--sections", "plan", "--name", "speed_target_gpt2"],
+        check_speed_target_gpt2,
+    ),
     Smoke("oneshot_cost", lambda i: ["--out-dir", str(i.out)], check_oneshot_cost),
     Smoke(
         "recovery",
@@ -318,7 +334,9 @@ def results_files(script: str) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in RESULTS.rglob(f"{script}*") if p.is_file()}
 
 
-@pytest.mark.parametrize("smoke", SMOKES, ids=[s.script for s in SMOKES])
+@pytest.mark.parametrize(
+    "smoke", SMOKES, ids=[s.script + ("-gpt2" if "gpt2" in s.check.__name__ else "") for s in SMOKES]
+)
 def test_benchmark_smoke_run_prints_its_figures(smoke: Smoke, inputs: Inputs) -> None:
     committed = results_files(smoke.script)
     command = [sys.executable, str(Path("benchmarks") / f"{smoke.script}.py"), "--smoke", *smoke.argv(inputs)]

@@ -162,6 +162,7 @@ def test_callback_takes_the_plan_prunes_each_layer_to_its_target_and_prints_it(
     p = plan_speedup(module.eval(), torch.randn(1, 256), 1.5, timer=cost)  # planned on the LightningModule itself
     assert list(p.sparsity) == ["model.0.weight", "model.2.weight", "model.4.weight"]
     callback = PruningScheduleCallback(p, schedule=Polynomial(0, 2), make_permanent=False)
+    module.train()
     assert callback.plan is p and callback.sparsity == p.sparsity
     loader = DataLoader(TensorDataset(torch.randn(32, 256)), batch_size=8)
     trainer = pl.Trainer(
@@ -176,3 +177,22 @@ def test_callback_takes_the_plan_prunes_each_layer_to_its_target_and_prints_it(
     assert any(layer.sparsity for layer in p.layers)
     text = caplog.text + capsys.readouterr().out
     assert "The targets of SpeedPlan" in text and "expected gain" in text and "(reached)" in text
+
+
+def test_plan_on_a_tied_gpt2_plans_its_conv1d_matrices_leaves_the_tied_head_dense_and_prunes_to_the_plan() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 128, (1, 8))
+    p = plan_speedup(lm, tokens, 1.2, timer=cost, sparsities=(0.5, 0.9))
+    names = list(p.sparsity)
+    assert "lm_head.weight" not in names and "transformer.wte.weight" not in names  # tied to the embedding
+    assert len(names) == 2 * 4 and all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in names)
+    assert p.reached and any(p.sparsity.values())
+    prune_once(lm, p)  # Conv1D stores (in, out): the plan's targets are exact counts of each tensor
+    for name, target in p.sparsity.items():
+        weight = lm.get_parameter(name)
+        assert int((weight == 0).sum()) == round(target * weight.numel()), name
+    only = plan_speedup(lm, tokens, 1.2, timer=cost, sparsities=(0.5,), exclude=["*.mlp.*"])
+    assert list(only.sparsity) == [n for n in names if ".mlp." not in n]

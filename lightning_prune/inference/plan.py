@@ -11,8 +11,10 @@ decides). A disturbed measurement only runs long, so each layer's dense time is 
 entry and row of all layers times its own, a sparse form at more zeros is never slower than at fewer, and where
 the layers timed alone add up to more than the whole model, their times are scaled down to the model's. The plan's
 targets feed training (``PruningScheduleCallback(plan)``, which prints the plan when ``fit`` starts) or
-:func:`~lightning_prune.prune_once` (``prune_once(model, plan)``), and after training :func:`~lightning_prune.to_sparse_inference` measures
-what was reached.
+:func:`~lightning_prune.prune_once` (``prune_once(model, plan)``), and after training
+:func:`~lightning_prune.to_sparse_inference` measures what was reached. The plan takes the tensors the callback
+would prune (the default selection, or ``parameters`` and ``exclude``), of those the layers the conversion can make
+sparse: a head tied to the embedding stays dense.
 
 Example::
 
@@ -44,6 +46,7 @@ from lightning_prune.inference.capture import Matrix, call, capture, eligible, m
 from lightning_prune.inference.decide import ROWS_CAP, fitting_forms, time_modules, total_seconds
 from lightning_prune.inference.layers import Form
 from lightning_prune.inference.timing import Timer, Timing, WallClock
+from lightning_prune.selection import ParameterSpec, select_parameters
 
 __all__ = ["DEFAULT_SPARSITIES", "PlannedLayer", "SpeedPlan", "plan_speedup"]
 
@@ -149,7 +152,7 @@ class _Option:
 
 def _pruned(weight: Tensor, scores: Tensor, sparsity: float) -> Tensor:
     """A copy of ``weight`` with its ``round(sparsity * n)`` entries of least score zeroed."""
-    out = weight.detach().clone()
+    out = weight.detach().clone(memory_format=torch.contiguous_format)  # Conv1D's matrix is a transposed view
     k = round(sparsity * out.numel())
     out.view(-1)[scores.reshape(-1).argsort()[:k]] = 0
     return out
@@ -247,6 +250,8 @@ def plan_speedup(
     forms: Sequence[Form] = ("csr",),
     repeats: int = 7,
     timer: Timer | None = None,
+    parameters: Sequence[ParameterSpec] | None = None,
+    exclude: Sequence[str] = (),
 ) -> SpeedPlan:
     """Per-layer sparsity targets expected to make ``model`` ``speedup`` times faster on ``example_inputs`` here,
     removing the least importance (module docstring). ``model`` is not changed.
@@ -263,6 +268,9 @@ def plan_speedup(
         forms: the sparse forms to consider (the one storing the fewest values is timed).
         repeats: the most timed runs per measurement.
         timer: measures instead of :class:`~lightning_prune.inference.WallClock` (for tests and cost models).
+        parameters: the tensors the plan may prune, as the callback's ``parameters`` (default: every matrix
+            weight but embeddings, tied heads and routers); of these, the layers the conversion can make sparse.
+        exclude: names or glob patterns left dense, as the callback's ``exclude``.
 
     Returns:
         The :class:`SpeedPlan` (``plan.reached`` says whether the ladder reaches the speed-up).
@@ -274,13 +282,18 @@ def plan_speedup(
     sparsities = _check_sparsities(sparsities)
     min_speedup = check_number("min_speedup", min_speedup, low=0.0)
     timer = timer or WallClock(repeats)
+    chosen = {name for t in select_parameters(model, parameters, exclude=exclude) for name in (t.name, *t.aliases)}
     root = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
         layers = eligible(root)
         calls = capture(root, layers, example_inputs)
         found = [m for mod, (name, kind) in layers.items() for m in matrices(name, mod, kind, calls[mod]) if m.runs]
+        found = [m for m in found if m.param in chosen]
         if not found:
-            raise ValueError("`model` has no eligible layer (see lightning_prune.inference) that the example runs.")
+            raise ValueError(
+                "`model` has no eligible layer (see lightning_prune.inference) among the chosen tensors that the "
+                "example runs."
+            )
         dense = next(iter(timer({Timing("", "dense"): lambda: call(root, example_inputs)}).values()))
         options, planned = [], []
         for m in found:
