@@ -178,16 +178,17 @@ def plan_rows(args: argparse.Namespace) -> list[str]:
     dense, inputs = build(args)
     x = inputs(args.plan_batch)
     lines = [
-        "| pruning | target | plan: expected | planning (s) | measured speed-up | within 10% | importance removed | "
-        "check |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
+        "| pruning | target | plan: expected | planning (s) | sparse layers | conversion: end to end | "
+        "measured speed-up | within 10% | importance removed | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    rows = []
+    rows, plans = [], []
     for target in args.targets:
         start = time.perf_counter()
         plan = plan_speedup(dense, x, target)
         planning = time.perf_counter() - start
         print(plan, flush=True)
+        plans += ["", f"The plan for {target:g}x:", "", "```", *str(plan).splitlines(), "```"]
         row = pruned_row(f"plan_speedup {target:g}x", dense, plan.sparsity, x, args)
         row.update(target=target, expected=plan.expected_speedup, planning=planning)
         rows.append(row)
@@ -200,11 +201,12 @@ def plan_rows(args: argparse.Namespace) -> list[str]:
         lines.append(
             f"| {r['label']} | {'' if target is None else f'{target:g}x'} | "
             f"{'' if expected is None else f'{expected:.2f}x'} | "
-            f"{planning} | {r['speedup']:.2f}x | {met} | "
+            f"{planning} | {len(r['report'].sparse_layers)}/{len(r['report'].layers)} | {r['report'].speedup:.2f}x | "
+            f"{r['speedup']:.2f}x | {met} | "
             f"{r['removed']:.4f} | {r['error']:.1e} |"
         )
         print(lines[-1], flush=True)
-    return lines
+    return lines + plans
 
 
 def main(argv: list[str] | None = None) -> int:
