@@ -9,6 +9,7 @@ schedule=Polynomial(...))``) plus some of three ingredients (issue 29), one row 
 * ``rewarm``: + :class:`~lightning_prune.learning_rate.LearningRateRewarm` (``--rewarm-factor`` times the
   scheduled rate at each pruning step, decaying back over ``--rewarm-steps`` optimizer steps);
 * ``erk``: ``allocation="erk"`` (RigL's Erdos-Renyi-Kernel shares of the global target);
+* ``distill+rewarm``: distillation and the re-warmed rate, one global ranking (the recipe the guide recommends);
 * ``all``: the three together.
 
 Workloads:
@@ -66,8 +67,9 @@ from lightning_prune.distillation import Distillation  # noqa: E402
 from lightning_prune.learning_rate import LearningRateRewarm  # noqa: E402
 from lightning_prune.schedules import Polynomial  # noqa: E402
 
-RECIPES = ("0.3", "distill", "rewarm", "erk", "all")
+RECIPES = ("0.3", "distill", "rewarm", "erk", "distill+rewarm", "all")
 INGREDIENTS = {"0.3": (), "distill": ("distill",), "rewarm": ("rewarm",), "erk": ("erk",)}
+INGREDIENTS["distill+rewarm"] = ("distill", "rewarm")
 INGREDIENTS["all"] = ("distill", "rewarm", "erk")
 DENSE = {"lenet": "dense", "gpt": "dense-continued", "vit": "dense"}
 DIGITS = {"lenet": 2, "gpt": 4, "vit": 2}  # accuracy in percent, bits per byte

@@ -261,7 +261,7 @@ def check_import_time(run: Run) -> None:
 
 def check_recovery(run: Run) -> None:
     rows = run.csv("recovery.csv")
-    recipes = ["0.3", "distill", "rewarm", "erk", "all"]
+    recipes = ["0.3", "distill", "rewarm", "erk", "distill+rewarm", "all"]
     for workload, dense in (("lenet", "dense"), ("gpt", "dense-continued"), ("vit", "dense")):
         mine = [r for r in rows if r["workload"] == workload]
         assert sorted(r["recipe"] for r in mine) == sorted([dense, *recipes])
