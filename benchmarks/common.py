@@ -311,6 +311,17 @@ def write_results(path: Path, text: str) -> None:
     path.write_text(text.rstrip("\n") + "\n" + notes)
 
 
+def finish(out_dir: str, name: str, text: str, wall: float, load_before: float, load_after: float) -> None:
+    """Print the wall time and the 1-minute load average before and after, and write ``<out_dir>/<name>.md``
+    (:func:`write_results`) unless ``out_dir`` is empty."""
+    print(f"\nwall time {wall:.0f}s; load average before {load_before:.2f}, after {load_after:.2f}")
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out / f"{name}.md", text)
+        print(f"wrote {out / (name + '.md')}")
+
+
 def mark_peak() -> int:
     """Reset the kernel's high-water mark of this process's resident memory (``VmHWM``) and return its resident
     memory now (``VmRSS``, bytes): ``read_status()["VmHWM"]`` minus it after a piece of work is that work's peak."""

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, finish, machine  # noqa: E402
 from lightning_prune import prune_once, to_sparse_inference  # noqa: E402
 from lightning_prune.inference import SparseLinear, inference_report  # noqa: E402
 
@@ -509,12 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     print("\n" + "\n".join(goals(rows, args.smoke)))
-    print(f"\nwall time {wall:.0f}s; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out / f"{args.name}.md", text)
-        print(f"wrote {out / (args.name + '.md')}")
+    finish(args.out_dir, args.name, text, wall, load_before[0], load_after[0])
     if failed:
         print(f"error: converted outputs differ from the dense ones in {len(failed)} rows", file=sys.stderr)
     return 1 if failed else 0

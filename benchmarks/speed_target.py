@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, finish, machine  # noqa: E402
 from benchmarks.sparse_inference import OneToken, interleaved, relative_error  # noqa: E402
 from lightning_prune import inference_report, prune_once, select_parameters, to_sparse_inference  # noqa: E402
 from lightning_prune.inference import plan_speedup  # noqa: E402
@@ -244,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    print(f"\nwall time {wall:.0f}s; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out / f"{args.name}.md", text)
-        print(f"wrote {out / (args.name + '.md')}")
+    finish(args.out_dir, args.name, text, wall, load_before[0], load_after[0])
     return 0
 
 
