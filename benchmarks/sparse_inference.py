@@ -278,15 +278,16 @@ def vit_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 class OneToken(nn.Module):
     """One decoding step of a causal language model on a key-value cache that is cropped back after each call, so
-    that every call sees the same shapes (the cache is part of the module and copied with it)."""
+    that every call sees the same shapes (the cache is part of the module and copied with it). The language model is
+    its ``model``, as in ``benchmarks/lm.py``'s LightningModule, so that a speed plan's names are the same there."""
 
     def __init__(self, lm: nn.Module, cache: Any) -> None:
         super().__init__()
-        self.lm, self.cache = lm, cache
+        self.model, self.cache = lm, cache
         self.length = cache.get_seq_length()
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        logits = self.lm(input_ids=input_ids, cache=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=input_ids, cache=self.cache, use_cache=True).logits
         self.cache.crop(self.length - self.cache.get_seq_length())
         return logits
 
@@ -334,7 +335,7 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     shape=f"1 token, {args.context} cached",
                     threads=threads,
                 )
-                rows.append(with_bytes(row, lm, fast.lm))
+                rows.append(with_bytes(row, lm, fast.model))
                 print(format_row(rows[-1]), flush=True)
                 generate = {
                     "max_new_tokens": args.new_tokens,
@@ -346,7 +347,7 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 outputs: dict[str, Tensor] = {}
                 runs = [
                     generation(lm, prompt, generate, outputs, "dense"),
-                    generation(fast.lm, prompt, generate, outputs, "sparse"),
+                    generation(fast.model, prompt, generate, outputs, "sparse"),
                 ]
                 times = interleaved(runs, max(1, args.repeats // 2))
                 same = torch.equal(outputs["dense"], outputs["sparse"])

@@ -4,9 +4,10 @@ size and served at another, on the CPU.
 Two sections, on timm's ``--model`` (default ``vit_small_patch16_224``, random weights from ``--seed``, 224 px):
 
 * ``convert``: the model pruned once by magnitude to ``--sparsity`` (``prune_once``, every matrix weight), then
-  converted by ``to_sparse_inference`` at each batch size of ``--batches`` (the conversion's wall time), and each
-  converted model timed against the dense one at each batch size of ``--batches`` (medians of ``--repeats``
-  interleaved rounds after one warm-up): converted at 64 and run at 64, converted at 1 and run at 64, ...;
+  converted by ``to_sparse_inference`` at each batch size of ``--batches`` (the conversion's wall time), and at the
+  first with the others as ``other_inputs`` (row ``1 + 64``), and each converted model timed against the dense one
+  at each batch size of ``--batches`` (medians of ``--repeats`` interleaved rounds after one warm-up): converted at
+  64 and run at 64, converted at 1 and run at 64, ...;
 * ``plan``: for each of ``--targets``, ``plan_speedup(model, batch of --plan-batch, target)`` on the dense model,
   the model pruned once to the plan's per-layer targets (``prune_once(model, plan.sparsity)``; one shot, no
   training), converted, and its speed-up measured; against it, uniform pruning (``prune_once(model, s,
@@ -17,10 +18,16 @@ Two sections, on timm's ``--model`` (default ``vit_small_patch16_224``, random w
 With ``--model gpt2`` (``--sections plan``): GPT-2 (124 M parameters, random weights) decoding one token after
 ``--context`` cached ones, the plan and uniform pruning measured on that step (batch 1).
 
+With ``--model lm`` or ``--model mlp`` (``--sections train``): accuracy after training, the plan against uniform
+pruning at equal measured speed-up (:mod:`benchmarks.trained_speed`): ``benchmarks/lm.py``'s byte-level GPT
+decoding one byte, or an MLP on MNIST served one image at a time.
+
 Usage (from the repository root)::
 
     python benchmarks/speed_target.py --threads 2                # both sections on ViT-S/16
     python benchmarks/speed_target.py --model gpt2 --sections plan   # decoding one token of GPT-2
+    python benchmarks/speed_target.py --model mlp --sections train --data-dir ../shared/data --threads 1
+    python benchmarks/speed_target.py --model lm --sections train --threads 1 --lm-args --dense-steps 2400
     python benchmarks/speed_target.py --smoke                    # a tiny ViT, 1 round (seconds); no file
 
 Writes ``<out-dir>/<name>.md`` (the command, the machine, the load average before and after, the tables), also
@@ -48,21 +55,30 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks.common import RESULTS, finish, machine  # noqa: E402
+from benchmarks.common import RESULTS, finish, machine, quiet_lightning  # noqa: E402
 from benchmarks.sparse_inference import OneToken, interleaved, relative_error  # noqa: E402
+from benchmarks.trained_speed import add_arguments, train_rows  # noqa: E402
 from lightning_prune import inference_report, prune_once, select_parameters, to_sparse_inference  # noqa: E402
 from lightning_prune.inference import plan_speedup  # noqa: E402
 
-SECTIONS = ("convert", "plan")
+SECTIONS = ("convert", "plan", "train")
+TRAINED = ("lm", "mlp")  # the models of the train section
+HEADINGS = {
+    "convert": "Converted at one batch size, run at another",
+    "plan": "Pruning to a speed-up against uniform pruning",
+    "train": "After training: the plan against uniform pruning at equal measured speed",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name, or gpt2 (one decoded token)")
-    p.add_argument("--context", type=int, default=128, help="gpt2: the tokens in the key-value cache")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument(
+        "--model", default="vit_small_patch16_224", help="timm model name, gpt2 (one decoded token); trained: lm, mlp"
+    )
+    p.add_argument("--context", type=int, default=128, help="gpt2, lm: the tokens in the key-value cache")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=["convert", "plan"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights and inputs")
     p.add_argument("--sparsity", type=float, default=0.95, help="convert: prune_once's target")
@@ -76,12 +92,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir", default=None, help="'' writes no file (none given: benchmarks/results/; with --smoke: no file)"
     )
     p.add_argument("--name", default="speed_target", help="file name stem of the results")
+    add_arguments(p)  # the train section's
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = "" if args.smoke else str(RESULTS)
     if args.smoke:
         args.repeats, args.batches, args.targets, args.uniform_sparsities = 1, [1, 4], [1.2], [0.9]
         args.threads = 1
+        if args.model in TRAINED:
+            args.uniform_sparsities = [0.5, 0.9]
+    if ("train" in args.sections) != (args.model in TRAINED) or len(args.sections) > 1 and args.model in TRAINED:
+        raise SystemExit("--sections train is the one section of --model lm and --model mlp")
     return args
 
 
@@ -142,15 +163,17 @@ def convert_rows(args: argparse.Namespace) -> list[str]:
         "run at batch | dense (ms) | converted (ms) | speed-up | check |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for at in args.batches:
+    first, rest = args.batches[0], args.batches[1:]
+    for at, others in [*((b, []) for b in args.batches), *([(first, rest)] if rest else [])]:
         start = time.perf_counter()
-        fast = to_sparse_inference(model, inputs(at))
+        fast = to_sparse_inference(model, inputs(at), other_inputs=[inputs(b) for b in others])
         seconds, report = time.perf_counter() - start, inference_report(fast)
         print(report, flush=True)
+        label = " + ".join(map(str, [at, *others]))
         for run in args.batches:
             r = measure(model, fast, inputs(run), args.repeats)
             lines.append(
-                f"| {at} | {seconds:.1f} | {len(report.sparse_layers)}/{len(report.layers)} | "
+                f"| {label} | {seconds:.1f} | {len(report.sparse_layers)}/{len(report.layers)} | "
                 f"{report.fallback_bytes / 2**20:.1f} | {report.speedup:.2f}x | {run} | {r['dense_ms']:.1f} | "
                 f"{r['sparse_ms']:.1f} | {r['speedup']:.2f}x | {r['error']:.1e} |"
             )
@@ -211,14 +234,14 @@ def plan_rows(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    quiet_lightning(args.threads)
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     command = "python benchmarks/speed_target.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_before, start = os.getloadavg(), time.perf_counter()
-    model = args.model if args.model == "gpt2" else "a ViT"
+    model = args.model if args.model in ("gpt2", *TRAINED) else "a ViT"
     title = f"# Speed targets and any batch size: {f'{model}, tiny (smoke)' if args.smoke else args.model}, CPU"
     print(title, flush=True)
-    sections = {"convert": convert_rows, "plan": plan_rows}
+    sections = {"convert": convert_rows, "plan": plan_rows, "train": train_rows}
     tables = {name: sections[name](args) for name in args.sections}
     load_after, wall = os.getloadavg(), time.perf_counter() - start
     text = "\n".join(
@@ -231,17 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             f"Load average (1, 5, 15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; after: "
             f"{' '.join(f'{v:.2f}' for v in load_after)}; wall time {wall:.0f} s.",
             "",
-            f"Random weights (seed {args.seed}); times: medians of {args.repeats} interleaved rounds after a warm-up; "
-            "`check`: largest |converted - dense| over the largest |dense| output.",
+            f"{'Trained' if args.model in TRAINED else 'Random'} weights (seed {args.seed}); times: medians of "
+            f"{args.repeats} interleaved rounds after a warm-up; `check`: largest |converted - dense| over the largest "
+            "|dense| output.",
             "",
-            "## Converted at one batch size, run at another",
-            "",
-            *tables.get("convert", ["(not run)"]),
-            "",
-            "## Pruning to a speed-up against uniform pruning",
-            "",
-            *tables.get("plan", ["(not run)"]),
-            "",
+            *(
+                section
+                for name in SECTIONS
+                if name in tables or args.model not in TRAINED
+                for section in (f"## {HEADINGS[name]}", "", *tables.get(name, ["(not run)"]), "")
+            ),
         ]
     )
     finish(args.out_dir, args.name, text, wall, load_before[0], load_after[0])

@@ -195,6 +195,7 @@ class PruningScheduleCallback(CallbackBase):
         if self._store.group is not None:
             check_sharding(self.method, self.mask_mode, self.rewind is not None)
         self._saved_masks.update(reparam.take_over(pl_module))  # a model that torch's pruning has masked
+        self.sparsity = self.sparsity if self.plan is None else planned_targets(self.plan, pl_module)[0]  # to pl_module
         local = self.sparsity if self.scope == "local" else None
         self._targets = select_parameters(pl_module, self.parameters, local, self.exclude)
         self._progress.plan(self._finals(self._targets), {t.name: t.tensor.numel() for t in self._targets})
@@ -333,8 +334,8 @@ class PruningScheduleCallback(CallbackBase):
         self._masking.after_prune(self._store)
 
     def _finals(self, targets: Sequence[PruningTarget]) -> Due:
-        """The run's final targets: each tensor's own (local), one for all together (global; 1.0 with a
-        plain-function schedule, which gives the values itself), or a trigger for a method that takes none."""
+        """The run's final targets: each tensor's own (local), one for all (global; 1.0 with a function schedule,
+        which gives the values), or a trigger for a method that takes none."""
         if not self.method.takes_sparsity:
             return Trigger()
         if self.scope == "global":

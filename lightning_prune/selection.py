@@ -66,24 +66,52 @@ class PlannedSparsity(Protocol):
 SparsitySpec = float | Mapping[SparsityKey, float] | PlannedSparsity | None
 
 
-PlainSparsity = float | Mapping[SparsityKey, float] | None
+PlainSparsity = float | dict[SparsityKey, float] | None
 
 
-def planned_targets(sparsity: SparsitySpec) -> tuple[PlainSparsity, PlannedSparsity | None]:
-    """``(sparsity, plan)``: a plan's per-tensor mapping and the plan, or the argument as given and ``None``.
+def planned_targets(
+    sparsity: SparsitySpec, model: nn.Module | None = None
+) -> tuple[PlainSparsity, PlannedSparsity | None]:
+    """``(sparsity, plan)``: a plan's per-tensor mapping and the plan, or the argument (a mapping as a ``dict``) and
+    ``None``.
+
+    With ``model``, the plan's names are taken relative to it: a plan made on a submodule (``plan_speedup(net,
+    ...)`` for the ``net`` that a LightningModule holds as ``self.model``) is moved under that submodule's name, the
+    one submodule in which every planned name is a parameter.
 
     Example::
 
         >>> from types import SimpleNamespace
-        >>> planned_targets(SimpleNamespace(sparsity={"0.weight": 0.9}))[0]
+        >>> plan = SimpleNamespace(sparsity={"0.weight": 0.9})
+        >>> planned_targets(plan)[0]
         {'0.weight': 0.9}
+        >>> planned_targets(plan, nn.ModuleDict({"model": nn.Sequential(nn.Linear(2, 2))}))[0]
+        {'model.0.weight': 0.9}
         >>> planned_targets(0.5)
         (0.5, None)
     """
     if isinstance(sparsity, PlannedSparsity) and not isinstance(sparsity, Mapping):
-        targets: dict[SparsityKey, float] = {name: value for name, value in sparsity.sparsity.items()}
+        prefix = "" if model is None else _plan_root(model, list(sparsity.sparsity))
+        targets: dict[SparsityKey, float] = {prefix + name: value for name, value in sparsity.sparsity.items()}
         return targets, sparsity
-    return cast(PlainSparsity, sparsity), None
+    return (dict(sparsity) if isinstance(sparsity, Mapping) else cast(PlainSparsity, sparsity)), None
+
+
+def _plan_root(model: nn.Module, names: Sequence[str]) -> str:
+    """``""`` where every one of ``names`` is a parameter of ``model``, else ``"<submodule>."`` for the one
+    submodule where each is; an error naming the candidates where none or several are."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if all(n in params for n in names):
+        return ""
+    roots = [f"{m}." for m, _ in model.named_modules() if m and all(f"{m}.{n}" in params for n in names)]
+    if len(roots) == 1:
+        return roots[0]
+    missing = next(n for n in names if n not in params)
+    where = f"under each of {[r[:-1] for r in roots]}" if roots else "under no submodule either"
+    raise ValueError(
+        f"The plan's parameter {missing!r} is not a parameter of the model, and its names are {where}: plan on the "
+        "model you train (or on the one submodule that holds every planned layer)."
+    )
 
 
 _GLOB_CHARS = set("*?[")

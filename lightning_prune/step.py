@@ -258,7 +258,7 @@ def prune_once(
         >>> sorted(masks), int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
         (['0.weight', '2.weight'], 24)
     """
-    sparsity = planned_targets(sparsity)[0]
+    sparsity = planned_targets(sparsity, model)[0]
     per_tensor = isinstance(sparsity, Mapping)
     if not per_tensor:
         sparsity = check_fraction("sparsity", sparsity)

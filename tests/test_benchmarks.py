@@ -235,8 +235,10 @@ def check_sparse_inference(run: Run) -> None:
 def check_speed_target(run: Run) -> None:
     text = run.text("speed_target.md")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    converted = [r for r in rows if r[0].isdigit()]  # converted at batch 1 and 4, each run at 1 and 4
-    assert [(r[0], r[5]) for r in converted] == [("1", "1"), ("1", "4"), ("4", "1"), ("4", "4")]
+    converted = [r for r in rows if r[0][0].isdigit()]  # converted at batch 1, 4, 1 with 4, each run at 1 and 4
+    assert [(r[0], r[5]) for r in converted] == [
+        ("1", "1"), ("1", "4"), ("4", "1"), ("4", "4"), ("1 + 4", "1"), ("1 + 4", "4")
+    ]  # fmt: skip
     planned = {r[0]: r for r in rows if r[0].startswith(("plan_speedup", "uniform"))}
     assert set(planned) == {"plan_speedup 1.2x", "uniform global 0.9"}
     for row in converted + list(planned.values()):  # the converted model computes what the dense one did
@@ -252,6 +254,25 @@ def check_speed_target_gpt2(run: Run) -> None:
     assert set(planned) == {"plan_speedup 1.2x", "uniform global 0.9"}
     assert all(float(r[-1]) < 1e-3 for r in planned.values())  # the converted step decodes as the dense one did
     assert 0 < float(planned["uniform global 0.9"][-2]) < 1
+
+
+def _trained_rows(run: Run, name: str) -> dict[str, list[str]]:
+    text = run.text(name)
+    assert "## After training: the plan against uniform pruning at equal measured speed" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    trained = {r[0]: r for r in rows if r[0].startswith(("plan_speedup", "uniform"))}
+    assert set(trained) == {"plan_speedup 1.2x", "uniform global 0.5", "uniform global 0.9"}
+    assert [float(trained[f"uniform global {s}"][3]) for s in ("0.5", "0.9")] == [0.5, 0.9]  # the zeros reached
+    assert all(float(r[-1]) < 1e-3 for r in trained.values())  # the converted model computes the dense one's
+    return trained
+
+
+def check_speed_target_lm(run: Run) -> None:
+    assert all(0 < float(r[7]) < 9 for r in _trained_rows(run, "speed_target_lm.md").values())  # bits per byte
+
+
+def check_speed_target_mlp(run: Run) -> None:
+    assert all(0 <= float(r[7]) <= 100 for r in _trained_rows(run, "speed_target_mlp.md").values())  # accuracy
 
 
 def check_import_time(run: Run) -> None:
@@ -314,6 +335,23 @@ SMOKES = [
         lambda i: ["--out-dir", str(i.out), "--model", "gpt2", "--sections", "plan", "--name", "speed_target_gpt2"],
         check_speed_target_gpt2,
     ),
+    Smoke(
+        "speed_target",
+        lambda i: [
+            *("--out-dir", str(i.out), "--model", "lm", "--sections", "train", "--name", "speed_target_lm"),
+            *("--cache-dir", str(i.out / "trained")),
+            *("--lm-args", "--train-file", str(i.train), "--valid-file", str(i.valid), "--cache-dir", str(i.out)),
+        ],
+        check_speed_target_lm,
+    ),
+    Smoke(
+        "speed_target",
+        lambda i: [
+            *("--out-dir", str(i.out), "--model", "mlp", "--sections", "train", "--name", "speed_target_mlp"),
+            *("--data-dir", str(i.data), "--cache-dir", str(i.out)),
+        ],
+        check_speed_target_mlp,
+    ),
     Smoke("oneshot_cost", lambda i: ["--out-dir", str(i.out)], check_oneshot_cost),
     Smoke(
         "recovery",
@@ -335,7 +373,7 @@ def results_files(script: str) -> dict[Path, int]:
 
 
 @pytest.mark.parametrize(
-    "smoke", SMOKES, ids=[s.script + ("-gpt2" if "gpt2" in s.check.__name__ else "") for s in SMOKES]
+    "smoke", SMOKES, ids=[s.script + s.check.__name__.partition(s.script)[2].replace("_", "-") for s in SMOKES]
 )
 def test_benchmark_smoke_run_prints_its_figures(smoke: Smoke, inputs: Inputs) -> None:
     committed = results_files(smoke.script)

@@ -19,13 +19,20 @@ class Modelled:
     """Injected timings. A dense layer costs its entries times its rows; a sparse form ``per_value`` times its
     stored values times its rows, times ``1 + rows / knee`` (so it stops paying at many rows). The whole model:
     ``base`` less ``saving`` per sparse layer, plus ``penalty[name]`` for a sparse layer that is slower in the
-    model than alone. Nothing is run."""
+    model than alone (``other_penalty[name]`` on ``other_inputs`` only). Nothing is run."""
 
     def __init__(
-        self, per_value: float = 3.0, knee: float = 64.0, base: float = 1.0, saving: float = 0.1, penalty=None
+        self,
+        per_value: float = 3.0,
+        knee: float = 64.0,
+        base: float = 1.0,
+        saving: float = 0.1,
+        penalty: Mapping[str, float] | None = None,
+        other_penalty: Mapping[str, float] | None = None,
     ) -> None:
         self.per_value, self.knee, self.base, self.saving = per_value, knee, base, saving
         self.penalty: Mapping[str, float] = penalty or {}
+        self.other_penalty: Mapping[str, float] = other_penalty or {}
         self.asked: list[Timing] = []
 
     def __call__(self, runs: Mapping[Timing, Callable[[], object]]) -> dict[Timing, float]:
@@ -36,7 +43,8 @@ class Modelled:
         if t.layer == "":
             if t.form == "dense":
                 return self.base
-            return self.base - self.saving * len(t.sparse) + sum(self.penalty.get(n, 0.0) for n in t.sparse)
+            late = sum(self.other_penalty.get(n, 0.0) for n in t.sparse) if t.example else 0.0
+            return self.base - self.saving * len(t.sparse) + sum(self.penalty.get(n, 0.0) for n in t.sparse) + late
         if t.form == "dense":
             return 1e-6 * t.nonzeros * t.rows
         return 1e-6 * self.per_value * t.nonzeros * t.rows * (1 + t.rows / self.knee)
@@ -170,3 +178,57 @@ def test_without_dense_copies_the_sparse_form_serves_every_row_count_untimed_bey
     assert fast[0].fallback is None and inference_report(fast).layers[0].sparse_rows == "any"
     assert {t.rows for t in timer.asked if t.layer} == {8}  # no ladder
     assert inference_report(fast).fallback_bytes == 0
+
+
+def test_other_inputs_are_decided_on_their_rows_and_each_shape_gets_the_faster_path() -> None:
+    net = two_layers()  # Modelled(): at 90% a sparse layer pays up to 64 rows and is 2.7x slower at 512
+    alone = inference_report(to_sparse_inference(net, torch.randn(512, 64), timer=Modelled()))
+    assert [c.form for c in alone.layers] == ["dense", "dense"]  # converted on 512 rows alone: nothing pays
+    timer = Modelled(base=0.05, saving=0.01)  # the model: 50 ms dense, 30 ms with both layers sparse
+    fast = to_sparse_inference(net, torch.randn(1, 64), other_inputs=[torch.randn(512, 64)], timer=timer)
+    report = inference_report(fast)
+    layer = report.layers[0]
+    assert layer.rows == (1, 512) and (layer.form, layer.sparse_rows) == ("csr", "0-64")
+    assert [r for r, _, _ in layer.ladder] == [1, 8, 64, 512]  # walked up from 1 row, where it pays most
+    nnz, numel = int((net[0].weight != 0).sum()), net[0].weight.numel()
+    served = 1e-6 * 3 * nnz * 1 * (1 + 1 / 64) + 1e-6 * numel * 512  # 1 row sparse, 512 rows on the dense copy
+    assert layer.sparse_seconds == pytest.approx(served) and layer.dense_seconds == pytest.approx(1e-6 * numel * 513)
+    assert fast[0].sparse_for(1) and not fast[0].sparse_for(512)
+    assert len(report.other_inputs) == 1 and report.other_speedups == (pytest.approx(0.05 / 0.03),)
+    assert "end to end on other_inputs: 1.67x" in str(report)
+    for rows in (1, 512):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(run(fast, x), run(net, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_slower_on_other_inputs_end_to_end_is_backed_off() -> None:
+    net = two_layers()  # layer "2" gains least; sparse, it costs 0.5 s more on other_inputs only
+    timer = Modelled(knee=1e9, other_penalty={"2": 0.5})
+    fast = to_sparse_inference(net, torch.randn(8, 64), other_inputs=[torch.randn(64, 64)], timer=timer)
+    report = inference_report(fast)
+    assert report.backed_off == ("2",) and [c.form for c in report.layers] == ["csr", "dense"]
+    assert report.speedup == pytest.approx(1 / 0.9) and report.other_speedups == (pytest.approx(1 / 0.9),)
+    worse = Modelled(knee=1e9, other_penalty={"0": 0.5, "2": 0.5})
+    dense = inference_report(
+        to_sparse_inference(net, torch.randn(8, 64), other_inputs=[torch.randn(64, 64)], timer=worse)
+    )
+    assert dense.sparse_layers == () and dense.other_speedups == (1.0,)
+    assert dense.note.startswith("every layer dense: the converted model was 1.25x on example_inputs, 0.56x on ")
+    assert "other_inputs[0] end to end, below min_speedup 1.1 or 0.97x" in dense.note
+
+
+def test_other_inputs_are_refused_unless_a_list_of_inputs() -> None:
+    with pytest.raises(ValueError, match="`other_inputs` must be a list"):
+        to_sparse_inference(two_layers(), torch.randn(1, 64), other_inputs=torch.randn(8, 64), timer=Modelled())
+    with pytest.raises(ValueError, match="`other_inputs` must be a list"):
+        to_sparse_inference(two_layers(), torch.randn(1, 64), other_inputs=[None], timer=Modelled())
+
+
+def test_other_inputs_on_the_wall_clock_with_min_speedup_zero_convert_every_layer_for_every_shape() -> None:
+    net = two_layers()  # min_speedup=0: nothing decided by the machine's speed
+    fast = to_sparse_inference(net, torch.randn(1, 64), other_inputs=[torch.randn(4, 8, 64)], min_speedup=0)
+    report = inference_report(fast)
+    assert [(c.form, c.rows, c.sparse_rows) for c in report.layers] == [("csr", (1, 32), "any")] * 2
+    assert len(report.other_inputs) == 1 and all(d > 0 and s > 0 for d, s in report.other_inputs)
+    for x in (torch.randn(1, 64), torch.randn(4, 8, 64)):
+        torch.testing.assert_close(run(fast, x), run(net, x), rtol=1e-5, atol=1e-5)

@@ -179,6 +179,32 @@ def test_callback_takes_the_plan_prunes_each_layer_to_its_target_and_prints_it(
     assert "The targets of SpeedPlan" in text and "expected gain" in text and "(reached;" in text
 
 
+def test_a_plan_made_on_the_inner_model_prunes_it_inside_the_lightning_module() -> None:
+    p = plan(1.5)  # names of the bare network: "0.weight", ...
+    assert list(p.sparsity) == ["0.weight", "2.weight", "4.weight"]
+    module = _PlanModule().train()
+    callback = PruningScheduleCallback(p, make_permanent=False)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 256)), batch_size=4))
+    assert list(callback.sparsity) == ["model.0.weight", "model.2.weight", "model.4.weight"]
+    wrapped = nn.ModuleDict({"net": network()})
+    prune_once(wrapped, p)
+    for layer in p.layers:
+        for weight in (module.model.get_parameter(layer.parameter), wrapped["net"].get_parameter(layer.parameter)):
+            assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel()), layer.name
+
+
+def test_a_plan_whose_names_fit_two_submodules_is_refused_naming_both() -> None:
+    twins = nn.ModuleDict({"student": network(), "teacher": network()})
+    with pytest.raises(ValueError, match=r"'0.weight' is not a parameter of the model.*\['student', 'teacher'\]"):
+        prune_once(twins, plan(1.5))
+    with pytest.raises(ValueError, match="under no submodule either"):
+        prune_once(nn.Sequential(nn.Linear(256, 512)), plan(1.5))
+
+
 def test_plan_on_a_tied_gpt2_plans_its_conv1d_matrices_leaves_the_tied_head_dense_and_prunes_to_the_plan() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
@@ -237,3 +263,34 @@ def test_plan_measured_short_is_allocated_again_until_the_converted_model_reache
     assert "measured converted (reached; plan" in str(checked)
     with pytest.raises(ValueError, match="`confirm` must be"):
         plan(1.5, confirm=-1)
+
+
+class NothingBelow(HalfRealised):
+    """Layers cost as :func:`cost`; the converted model saves nothing until its layers save ``threshold`` seconds
+    together, then all of it (the conversion then keeps the model dense: 1.00x measured)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def __call__(self, runs: Mapping[Timing, Callable[[], object]]) -> dict[Timing, float]:
+        out = {}
+        for t in runs:
+            if t.layer and t.form != "dense":
+                self.nonzeros[t.layer] = t.nonzeros
+            saving = self.saving(t.sparse)
+            sparse = DENSE - saving if saving >= self.threshold else DENSE
+            out[t] = layer_seconds(t) if t.layer else (DENSE if t.form == "dense" else sparse)
+        return out
+
+
+def test_a_plan_measured_at_no_gain_asks_the_layers_for_twice_the_saving_until_it_pays() -> None:
+    first = plan_speedup(network(), torch.randn(1, 256), 1.2, timer=NothingBelow(0.3), confirm=1)
+    assert first.expected_speedup >= 1.2 and first.measured_speedup == pytest.approx(1.0) and not first.reached
+    assert "NOT reached: measured short of the layers' timings; plan 1" in str(first)
+    checked = plan_speedup(network(), torch.randn(1, 256), 1.2, timer=NothingBelow(0.3))
+    assert checked.rounds == 3 and checked.reached and checked.measured_speedup is not None
+    saved = DENSE - checked.expected_seconds  # the layers' saving the third plan asked for: four times the first's
+    assert saved >= 0.3 and checked.measured_speedup == pytest.approx(DENSE / (DENSE - saved))
+    ladder = plan_speedup(network(), torch.randn(1, 256), 50.0, timer=cost, confirm=0)
+    assert not ladder.reached and "NOT reached: the ladder's fastest" in str(ladder)

@@ -22,10 +22,12 @@ candidate forms, CSR and BSR, are checked on those inputs, screened by a cost mo
 at the example's row counts and then on a ladder of row counts, so that each sparse layer serves the row counts
 where it pays and hands the others to a dense copy), **install** (the converted model is timed against the dense
 one end to end; where it is slower than ``min_speedup``, layers are made dense again, the least gain first, until
-it pays or all are dense). Timing goes through a :class:`Timer` (default :class:`WallClock`: adaptive repeats under
-a budget, a clearly slower form dropped early); pass your own to decide without the machine's speed. The choices,
-the timings and the end-to-end latency are in a :class:`SparseInferenceReport`, which :func:`inference_report`
-returns from the converted model (it is also printed with ``verbose=True``).
+it pays or all are dense). ``other_inputs`` gives more shapes to serve: every layer is decided on all their row
+counts, and the converted model must keep :data:`NOT_SLOWER` of the dense speed on each. Timing goes through a
+:class:`Timer` (default :class:`WallClock`: adaptive repeats under a budget, a clearly slower form dropped
+early); pass your own to decide without the machine's speed. The choices, the timings and the end-to-end latency
+are in a :class:`SparseInferenceReport`, which :func:`inference_report` returns from the converted model (it is
+also printed with ``verbose=True``).
 
 Example::
 
@@ -46,7 +48,7 @@ Example::
     [('0', 'csr'), ('2', 'dense')]
 """
 
-from lightning_prune.inference.convert import DEFAULT_FORMS, to_sparse_inference
+from lightning_prune.inference.convert import DEFAULT_FORMS, NOT_SLOWER, to_sparse_inference
 from lightning_prune.inference.layers import SparseLinear, SparseMultiheadAttention, SparsePointwiseConv2d
 from lightning_prune.inference.plan import PlannedLayer, SpeedPlan, plan_speedup
 from lightning_prune.inference.report import LayerChoice, SparseInferenceReport, inference_report
@@ -55,6 +57,7 @@ from lightning_prune.inference.timing import Timer, Timing, WallClock
 
 __all__ = [
     "DEFAULT_FORMS",
+    "NOT_SLOWER",
     "LayerChoice",
     "PlannedLayer",
     "SpeedPlan",

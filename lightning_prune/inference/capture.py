@@ -25,7 +25,7 @@ from lightning_prune.layers import Layout, is_stacked, layout_of, matrix_layer, 
 
 __all__ = ["Matrix", "call", "capture", "eligible", "expert_rows", "matrices"]
 
-MAX_CALLS = 4  # captured calls per layer (a layer used several times in one forward)
+MAX_CALLS = 4  # captured calls per layer and example (a layer used several times in one forward)
 _NOT_LINEAR = (nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
 
 
@@ -137,13 +137,15 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def capture(model: nn.Module, layers: dict[nn.Module, Any], example_inputs: Any) -> dict[nn.Module, list]:
-    """The ``(args, kwargs)`` of the first calls of each layer in one forward pass on ``example_inputs`` (with
+def capture(model: nn.Module, layers: dict[nn.Module, Any], *examples: Any) -> dict[nn.Module, list]:
+    """The ``(args, kwargs)`` of the first calls of each layer in one forward pass on each of ``examples`` (with
     torch's fused attention paths off, so that every attention layer's own ``forward`` runs)."""
     calls: dict[nn.Module, list] = {m: [] for m in layers}
+    taken: dict[nn.Module, int] = {}  # calls taken in the current forward pass
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(calls[module]) < MAX_CALLS:
+        if taken.get(module, 0) < MAX_CALLS:
+            taken[module] = taken.get(module, 0) + 1
             memo: dict[int, Tensor] = {}
             copied = tuple(_detached(a, memo) for a in args), {k: _detached(v, memo) for k, v in kwargs.items()}
             calls[module].append(copied)
@@ -153,7 +155,9 @@ def capture(model: nn.Module, layers: dict[nn.Module, Any], example_inputs: Any)
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad():
-            call(model, example_inputs)
+            for example in examples:
+                taken.clear()
+                call(model, example)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for handle in handles:

@@ -1,7 +1,7 @@
 """The conversion, :func:`to_sparse_inference`, in three phases: capture (:mod:`.capture`: the eligible layers and
-their inputs on the example), decide (:mod:`.decide`: per weight matrix, a sparse form and the row counts it
+their inputs on the examples), decide (:mod:`.decide`: per weight matrix, a sparse form and the row counts it
 serves, measured), install (here: the chosen modules put in place, the whole model checked against the dense one
-end to end, and layers backed off, the least gain first, until it pays or every layer is dense)."""
+end to end on each example, and layers backed off, the least gain first, until it pays or every layer is dense)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from lightning_prune.inference.layers import Form, SparseMultiheadAttention
 from lightning_prune.inference.report import REPORT_ATTRIBUTE, LayerChoice, SparseInferenceReport
 from lightning_prune.inference.timing import Timer, Timing, WallClock
 
-__all__ = ["DEFAULT_FORMS", "to_sparse_inference"]
+__all__ = ["DEFAULT_FORMS", "NOT_SLOWER", "to_sparse_inference"]
 
 DEFAULT_FORMS: tuple[Form, ...] = ("csr", "bsr4", "bsr8", "bsr16")
 MAX_BACK_OFF_STEPS = 4  # timed back-off steps (1, 2, 4, 8 layers); after them, every layer is dense
+NOT_SLOWER = 0.97  # on other_inputs, the least fraction of the dense speed kept (the timing's spread, the dispatch)
 
 
 @dataclass
@@ -92,55 +93,73 @@ class _Swap:
         return self.root if top is None else top
 
 
-def _timings(swap: _Swap, units: list[_Unit], example: Any, timer: Timer, dense: bool) -> dict[str, float]:
-    """End-to-end seconds of the model with ``units`` converted (``"sparse"``) and, with ``dense``, without."""
+def _timings(swap: _Swap, units: list[_Unit], examples: Sequence[Any], timer: Timer, dense: bool) -> list[dict]:
+    """End-to-end seconds on each example of the model with ``units`` converted (``"sparse"``) and, with ``dense``,
+    without, interleaved; the examples timed apart (a timer drops runs far slower than the fastest)."""
+    names = tuple(n for u in units for n in u.names)
+    out = []
+    for i, example in enumerate(examples):
 
-    def run(active: list[_Unit]) -> Callable[[], object]:
-        return lambda: call(swap.install(active), example)
+        def run(active: list[_Unit], x: Any = example) -> Callable[[], object]:
+            return lambda: call(swap.install(active), x)
 
-    runs = {Timing("", "sparse", sparse=tuple(n for u in units for n in u.names)): run(units)} if units else {}
-    if dense:
-        runs[Timing("", "dense")] = run([])
-    return {key.form: seconds for key, seconds in timer(runs).items()}
+        runs = {Timing("", "sparse", sparse=names, example=i): run(units)} if units else {}
+        if dense:
+            runs[Timing("", "dense", example=i)] = run([])
+        out.append({key.form: seconds for key, seconds in timer(runs).items()})
+    return out
 
 
 @dataclass
 class _Outcome:
-    """The end-to-end check: the units kept sparse, those backed off, and the latencies of the model returned."""
+    """The end-to-end check: the units kept sparse, those backed off, and the latencies of the model returned on
+    each example (``example_inputs`` first)."""
 
     active: list[_Unit]
     backed_off: list[_Unit]
-    dense_seconds: float
-    sparse_seconds: float
+    dense_seconds: list[float]
+    sparse_seconds: list[float]
     note: str = ""
 
 
-def _confirm(swap: _Swap, units: list[_Unit], example: Any, min_speedup: float, timer: Timer) -> _Outcome:
-    """Time the dense model on the example and, unless twice the layers' measured gains could not make it
-    ``min_speedup`` times faster, the converted one; while that is slower than ``min_speedup`` times the dense one,
-    make layers dense again, the least gain first (1, then 2, 4, 8 at a time), each step timed again, and after
-    :data:`MAX_BACK_OFF_STEPS` steps all of them; with none left, the model is dense."""
+def _speeds(dense: Sequence[float], sparse: Sequence[float]) -> str:
+    names = ["example_inputs", *(f"other_inputs[{i}]" for i in range(len(dense) - 1))]
+    return ", ".join(f"{d / s:.2f}x on {n}" for n, d, s in zip(names, dense, sparse))
+
+
+def _confirm(swap: _Swap, units: list[_Unit], examples: Sequence[Any], min_speedup: float, timer: Timer) -> _Outcome:
+    """Time the dense model on each example and, unless twice the layers' measured gains could not make it
+    ``min_speedup`` times faster on the first, the converted one; while that is slower than ``min_speedup`` times
+    the dense one on the first example, or than :data:`NOT_SLOWER` times on another, make layers dense again, the
+    least gain first (1, then 2, 4, 8 at a time), each step timed again, and after :data:`MAX_BACK_OFF_STEPS` steps
+    all of them; with none left, the model is dense."""
     active = sorted(units, key=lambda u: u.gain)
-    dense = _timings(swap, [], example, timer, dense=True)["dense"]
+    dense = [t["dense"] for t in _timings(swap, [], examples, timer, dense=True)]
     gain = sum(u.gain for u in units)
-    if units and min_speedup > 0 and dense < min_speedup * (dense - min(2 * gain, dense)):
+    if units and min_speedup > 0 and dense[0] < min_speedup * (dense[0] - min(2 * gain, dense[0])):
         note = (
             f"every layer dense: the layers' measured gains ({gain * 1e3:.3f} ms) cannot make the model "
-            f"(dense {dense * 1e3:.3f} ms) min_speedup {min_speedup:g} times faster end to end"
+            f"(dense {dense[0] * 1e3:.3f} ms) min_speedup {min_speedup:g} times faster end to end"
         )
         return _Outcome([], active, dense, dense, note)
-    sparse = _timings(swap, active, example, timer, dense=False)["sparse"] if active else dense
-    first, backed, step = dense / sparse, [], 1
-    while active and min_speedup > 0 and dense < min_speedup * sparse:
+
+    def short(sparse: list[float]) -> bool:
+        slower = any(d < NOT_SLOWER * s for d, s in zip(dense[1:], sparse[1:]))
+        return min_speedup > 0 and (dense[0] < min_speedup * sparse[0] or slower)
+
+    sparse = [t["sparse"] for t in _timings(swap, active, examples, timer, dense=False)] if active else dense
+    first, backed, step = sparse, [], 1
+    while active and short(sparse):
         step = step if step < 2**MAX_BACK_OFF_STEPS else len(active)
         backed += active[:step]
         active, step = active[step:], 2 * step
         if active:
-            sparse = _timings(swap, active, example, timer, dense=False)["sparse"]
+            sparse = [t["sparse"] for t in _timings(swap, active, examples, timer, dense=False)]
     if units and not active:
         note = (
-            f"every layer dense: the converted model was {first:.2f}x the dense one end to end on example_inputs, "
-            f"below min_speedup {min_speedup:g}, and still below with the layers of least gain backed off"
+            f"every layer dense: the converted model was {_speeds(dense, first)} end to end, below min_speedup "
+            f"{min_speedup:g}{f' or {NOT_SLOWER:g}x' if len(examples) > 1 else ''}, and still below with the "
+            "layers of least gain backed off"
         )
         return _Outcome([], backed, dense, dense, note)
     return _Outcome(active, backed, dense, sparse)
@@ -159,20 +178,25 @@ def _tensor_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _check_arguments(model: nn.Module, example_inputs: Any, forms: Sequence[Form]) -> tuple[Form, ...]:
+def _check_arguments(model: nn.Module, examples: Sequence[Any], forms: Sequence[Form]) -> tuple[Form, ...]:
     if isinstance(forms, str) or not forms:
         raise ValueError(f"`forms` must be a non-empty list of {list(allowed(Form))}, got {forms!r}.")
     checked = tuple(check_choice("forms", f, allowed(Form)) for f in forms)
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}.")
-    if example_inputs is None:
+    if examples[0] is None:
         raise ValueError("`example_inputs` is required: the inputs of one forward pass, shaped as in serving.")
+    if not isinstance(examples[1], (list, tuple)) or any(x is None for x in examples[1]):
+        raise ValueError(
+            "`other_inputs` must be a list of forward passes' inputs (each as `example_inputs` is given), "
+            f"got {type(examples[1]).__name__}."
+        )
     return checked
 
 
 def _decide_units(
     root: nn.Module,
-    example_inputs: Any,
+    examples: Sequence[Any],
     forms: Sequence[Form],
     min_sparsity: float,
     min_speedup: float,
@@ -181,7 +205,7 @@ def _decide_units(
 ) -> tuple[list[_Unit], list[LayerChoice]]:
     """Capture and decide: a unit per eligible layer, and the choices of every matrix in model order."""
     layers = eligible(root)
-    calls = capture(root, layers, example_inputs)
+    calls = capture(root, layers, *examples)
     units = []
     for module, (name, kind) in layers.items():
         trials = [prepare(m, forms, min_sparsity, min_speedup > 0) for m in matrices(name, module, kind, calls[module])]
@@ -196,6 +220,7 @@ def to_sparse_inference(
     model: nn.Module,
     example_inputs: Any,
     *,
+    other_inputs: Sequence[Any] = (),
     min_speedup: float = 1.1,
     min_sparsity: float = 0.5,
     forms: Sequence[Form] = DEFAULT_FORMS,
@@ -205,7 +230,8 @@ def to_sparse_inference(
     verbose: bool = False,
 ) -> nn.Module:
     """A new module for inference in which each eligible layer is sparse where measured faster, and which is never
-    slower than the dense model end to end on ``example_inputs`` (see :mod:`lightning_prune.inference`).
+    slower than the dense model end to end on ``example_inputs``, nor on ``other_inputs`` (see
+    :mod:`lightning_prune.inference`).
 
     ``model`` is left untouched: the result is a deep copy, in eval mode and with ``requires_grad=False``, in
     which the chosen layers are replaced by :class:`~lightning_prune.inference.SparseLinear`,
@@ -219,9 +245,14 @@ def to_sparse_inference(
         model: the pruned model (any mode; a copy is put in eval mode, the argument is not).
         example_inputs: one forward pass's inputs, shaped as in serving (batch size, sequence length, a key-value
             cache): a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        other_inputs: more forward passes' inputs the model will serve, each given as ``example_inputs`` is
+            (other batch sizes or sequence lengths): each layer's form and the row counts it serves are decided on
+            every example's row counts, and the converted model is timed on each; it is kept where it is
+            ``min_speedup`` times faster on ``example_inputs`` and at least :data:`NOT_SLOWER` (0.97) times the
+            dense speed on each of these (else layers are backed off).
         min_speedup: a layer is made sparse where its fastest sparse form takes at most ``1 / min_speedup`` of
-            the dense time at the example's row counts, and the converted model is kept where it takes at most
-            ``1 / min_speedup`` of the dense model's time end to end (else layers are backed off); ``0`` makes
+            the dense time at one of the examples' row counts, and the converted model is kept where it takes at
+            most ``1 / min_speedup`` of the dense model's time end to end (else layers are backed off); ``0`` makes
             every layer sparse that passes ``min_sparsity`` and has a sparse kernel, for every row count, and
             backs nothing off (for tests).
         min_sparsity: layers with a smaller fraction of zeros are left dense without being timed (a layer with
@@ -245,15 +276,16 @@ def to_sparse_inference(
     min_speedup = check_number("min_speedup", min_speedup, low=0.0)
     min_sparsity = check_fraction("min_sparsity", min_sparsity, closed=True)
     repeats = check_int("repeats", repeats, minimum=1)
-    forms = _check_arguments(model, example_inputs, forms)
+    forms = _check_arguments(model, (example_inputs, other_inputs), forms)
+    examples = [example_inputs, *other_inputs]
     start, dense_bytes = time.perf_counter(), _tensor_bytes(model)
     root = copy.deepcopy(model).eval().requires_grad_(False)
     timer = timer or WallClock(repeats)
     with torch.no_grad():
-        units, choices = _decide_units(root, example_inputs, forms, min_sparsity, min_speedup, timer, dense_copy)
+        units, choices = _decide_units(root, examples, forms, min_sparsity, min_speedup, timer, dense_copy)
         chosen = [u for u in units if u.converted is not None]
         swap = _Swap(root, chosen)
-        outcome = _confirm(swap, chosen, example_inputs, min_speedup, timer)
+        outcome = _confirm(swap, chosen, examples, min_speedup, timer)
         converted = swap.install(outcome.active)
     backed = {t.matrix.name for u in outcome.backed_off for t in u.trials if t.module is not None}
     why = f"backed off: the converted model was slower than min_speedup {min_speedup:g} end to end"
@@ -263,8 +295,8 @@ def to_sparse_inference(
     converted.requires_grad_(False)
     report = SparseInferenceReport(
         (*choices, *expert_rows(root)),
-        outcome.dense_seconds,
-        outcome.sparse_seconds,
+        outcome.dense_seconds[0],
+        outcome.sparse_seconds[0],
         dense_bytes,
         _tensor_bytes(converted),
         torch.get_num_threads(),
@@ -274,6 +306,7 @@ def to_sparse_inference(
         seconds=time.perf_counter() - start,
         backed_off=tuple(sorted(backed)),
         note=outcome.note,
+        other_inputs=tuple(zip(outcome.dense_seconds[1:], outcome.sparse_seconds[1:])),
     )
     setattr(converted, REPORT_ATTRIBUTE, report)
     if verbose:

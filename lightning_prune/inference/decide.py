@@ -6,11 +6,13 @@ for which row counts.
 2. A cheap cost model drops, untimed, the forms that cannot beat the dense layer (a stored value of CSR costs
    about three dense entries: the value, its column index and the gathered input; a block of BSR little more than
    its values) and those predicted at more than twice the best form's cost.
-3. The dense layer and the remaining forms are timed at the example's row counts (random inputs of as many
-   vectors; above :data:`ROWS_CAP` rows, at the cap and scaled); the fastest form is chosen where the dense time
-   is at least ``min_speedup`` times its own.
-4. The chosen form is timed against the dense layer on a ladder of row counts (:data:`LADDER`) above and below
-   the example's, until it stops paying: it serves the rows between, the dense path the others.
+3. The dense layer and the remaining forms are timed at the row counts the examples give the layer (random
+   inputs of as many vectors; above :data:`ROWS_CAP` rows, at the cap and scaled). The form chosen is the one
+   whose calls take least, each on the faster of it and the dense copy (without a dense copy: itself); it
+   replaces the layer where, at one of those row counts at least, the dense time is ``min_speedup`` times its own.
+4. From that row count, the chosen form is timed against the dense layer up and down a ladder of row counts
+   (:data:`LADDER`, and the examples' own), until it stops paying each way: it serves the rows between, the
+   dense copy the others (so examples of several shapes each get the faster path).
 """
 
 from __future__ import annotations
@@ -160,52 +162,81 @@ def _time_at(trial: Trial, forms: Sequence[str], rows: int, timer: Timer) -> dic
     return time_modules(trial.matrix, modules, rows, timer)
 
 
-def total_seconds(times: Mapping[int, Mapping[str, float]], label: str, rows: Sequence[int]) -> float:
-    """``label``'s seconds summed over the captured calls' ``rows`` (beyond the cap: the cap's time, scaled)."""
-    return sum(times[min(r, ROWS_CAP)][label] * max(r / ROWS_CAP, 1.0) for r in rows)
+def total_seconds(
+    times: Mapping[int, Mapping[str, float]],
+    label: str,
+    rows: Sequence[int],
+    serves: Callable[[int], bool] | None = None,
+) -> float:
+    """``label``'s seconds summed over the captured calls' ``rows`` (beyond the cap: the cap's time, scaled); with
+    ``serves``, the row counts it refuses at the dense time."""
+
+    def at(r: int) -> float:
+        return times[min(r, ROWS_CAP)][label if serves is None or serves(r) else "dense"] * max(r / ROWS_CAP, 1.0)
+
+    return sum(at(r) for r in rows)
+
+
+def _faster(times: Mapping[int, Mapping[str, float]], form: str) -> Callable[[int], bool]:
+    return lambda r: times[min(r, ROWS_CAP)][form] <= times[min(r, ROWS_CAP)]["dense"]
+
+
+def _within(low: int, high: int | None) -> Callable[[int], bool]:
+    return lambda r: low <= r and (high is None or r <= high)
 
 
 def decide(trial: Trial, min_speedup: float, timer: Timer, dense_copy: bool = True) -> None:
     """Choose the form and the row counts it serves (module docstring); sets ``trial.choice`` and
-    ``trial.module``. ``min_speedup=0`` or ``dense_copy=False``: the form serves every row count (no ladder)."""
+    ``trial.module``. ``min_speedup=0`` or ``dense_copy=False``: the form serves every row count (no ladder), and
+    pays or not by its total over the calls."""
     if not trial.candidates:
         return
     rows = trial.matrix.rows or [1]
     times = {r: _time_at(trial, list(trial.candidates), r, timer) for r in sorted({min(r, ROWS_CAP) for r in rows})}
     dense = total_seconds(times, "dense", rows)
-    sparse = {f: total_seconds(times, f, rows) for f in trial.candidates}
-    form = min(sparse, key=sparse.__getitem__)
-    choice = trial.choice.with_(dense_seconds=dense, sparse_seconds=sparse[form], fastest_sparse=form)
-    if dense < min_speedup * sparse[form]:
-        trial.choice = choice.with_(note=f"{dense / sparse[form]:.2f}x < min_speedup {min_speedup:g}")
+    ranged = min_speedup > 0 and dense_copy
+
+    def cost(f: str) -> tuple[float, float]:  # with a dense copy, each row count on the faster path; then alone
+        alone = total_seconds(times, f, rows)
+        return (total_seconds(times, f, rows, _faster(times, f)) if ranged else alone), alone
+
+    form = min(trial.candidates, key=cost)
+
+    def pays(r: int) -> float:
+        return times[r]["dense"] / max(times[r][form], 1e-12)
+
+    best = max(times, key=pays)  # the row count where the form pays most
+    ratio = pays(best) if ranged else dense / max(cost(form)[1], 1e-12)
+    choice = trial.choice.with_(dense_seconds=dense, sparse_seconds=cost(form)[1], fastest_sparse=form)
+    if ratio < min_speedup:
+        trial.choice = choice.with_(note=f"{ratio:.2f}x < min_speedup {min_speedup:g}")
         return
     ladder = {r: (t["dense"], t[form]) for r, t in times.items()}
-    low, high = _serving_range(trial, form, ladder, timer) if min_speedup > 0 and dense_copy else (0, None)
+    low, high = _serving_range(trial, form, ladder, best, timer) if ranged else (0, None)
     module = trial.candidates[form]
     module.serve_rows(low, high)
     trial.module = module
     ladder_rows = tuple((r, d, s) for r, (d, s) in sorted(ladder.items()))
-    trial.choice = choice.with_(form=form, min_rows=low, max_rows=high, ladder=ladder_rows)
+    served = total_seconds(times, form, rows, _within(low, high))
+    trial.choice = choice.with_(form=form, sparse_seconds=served, min_rows=low, max_rows=high, ladder=ladder_rows)
 
 
 def _serving_range(
-    trial: Trial, form: str, ladder: dict[int, tuple[float, float]], timer: Timer
+    trial: Trial, form: str, ladder: dict[int, tuple[float, float]], start: int, timer: Timer
 ) -> tuple[int, int | None]:
-    """``(min_rows, max_rows)``: the ladder walked up from the example's largest row count and down from its
-    smallest, each way until the sparse form is slower than the dense layer (``ladder`` gains the timings)."""
-    top, bottom = max(ladder), min(ladder)
-    high: int | None = None
-    for r in (r for r in LADDER if r > top):
-        seconds = _time_at(trial, [form], r, timer)
-        ladder[r] = (seconds["dense"], seconds[form])
-        if ladder[r][0] < ladder[r][1]:
-            high = max(k for k in ladder if k < r)
-            break
-    low = 0
-    for r in (r for r in reversed(LADDER) if r < bottom):
-        seconds = _time_at(trial, [form], r, timer)
-        ladder[r] = (seconds["dense"], seconds[form])
-        if ladder[r][0] < ladder[r][1]:
-            low = min(k for k in ladder if k > r)
-            break
-    return low, high
+    """``(min_rows, max_rows)``: the ladder and the examples' row counts walked up and down from ``start``, each
+    way until the sparse form is slower than the dense layer (``ladder`` gains the timings)."""
+    points = sorted(set(LADDER) | set(ladder))
+    bounds: list[int | None] = []
+    for walk in ([r for r in points if r > start], [r for r in reversed(points) if r < start]):
+        bound, last = None, start
+        for r in walk:
+            if r not in ladder:
+                seconds = _time_at(trial, [form], r, timer)
+                ladder[r] = (seconds["dense"], seconds[form])
+            if ladder[r][0] < ladder[r][1]:
+                bound = last
+                break
+            last = r
+        bounds.append(bound)
+    return bounds[1] or 0, bounds[0]

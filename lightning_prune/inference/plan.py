@@ -122,7 +122,8 @@ class SpeedPlan:
     @property
     def reached(self) -> bool:
         """Whether the plan reaches :attr:`speedup`: as measured end to end where it was, else as expected from
-        the layers' timings (else it is the fastest plan the ladder has)."""
+        the layers' timings. ``str(plan)`` says why not: measured short of the layers' timings, or even the
+        ladder's fastest plan is expected short."""
         measured = self.measured_speedup
         achieved = measured if measured is not None and math.isfinite(measured) else self.expected_speedup
         return achieved >= self.speedup * (1 - 1e-9)
@@ -143,7 +144,10 @@ class SpeedPlan:
             shape = f"{p.shape[0]}x{p.shape[1]}"
             rows.append((p.parameter, shape, f"{p.sparsity:g}", f"{p.dense_seconds * 1e3:.3f}", sparse, gain))
             rows[-1] += (f"{p.importance_removed:.4f}",)
-        verdict = "reached" if self.reached else "NOT reached: the fastest plan of the ladder"
+        verdict = "reached"
+        if not self.reached:
+            short = self.measured_speedup is not None and self.expected_speedup >= self.speedup
+            verdict = "NOT reached: " + ("measured short of the layers' timings" if short else "the ladder's fastest")
         measured = "" if self.measured_speedup is None else f", {self.measured_speedup:.2f}x measured converted"
         return "\n".join(
             [
@@ -290,7 +294,8 @@ def plan_speedup(
             :func:`~lightning_prune.to_sparse_inference`, whose measured speed-up is the plan's
             ``measured_speedup``; where it falls short of ``speedup``, the plan is allocated again for the
             saving divided by the share of the expected saving that was realised (layers timed alone run warmer
-            in the cache than inside the model), and checked again. ``0``: the layers' timings alone.
+            in the cache than inside the model), or for twice the saving last asked where none was realised, and
+            checked again. ``0``: the layers' timings alone.
 
     Returns:
         The :class:`SpeedPlan` (``plan.reached`` says whether the ladder reaches the speed-up).
@@ -320,7 +325,7 @@ def plan_speedup(
             scores.append(m.weight.detach().abs() if importance is None else importance(m.param, m.weight.detach()))
             options.append(_options(m, sparsities, scores[-1], forms, timer))
         options = _settle(found, options, dense, min_speedup)
-        need = dense * (1 - 1 / speedup)
+        need = asked = dense * (1 - 1 / speedup)
         level, rounds = _allocate([opts for _, opts in options], need), 1
         plan = _plan(speedup, dense, found, options, level)
         for check in range(check_int("confirm", confirm, minimum=0)):
@@ -331,7 +336,8 @@ def plan_speedup(
             realised = _realised(plan)
             if realised is None or check == confirm - 1:
                 break
-            again = _allocate([opts for _, opts in options], need / realised)
+            asked = need / realised if realised > 0 else 2 * asked  # nothing realised: ask the layers for twice
+            again = _allocate([opts for _, opts in options], asked)
             if again == level:
                 break
             level, rounds = again, rounds + 1
@@ -363,10 +369,10 @@ def _measure(root: nn.Module, found: Sequence[Matrix], plan: SpeedPlan, scores: 
 
 
 def _realised(plan: SpeedPlan) -> float | None:
-    """The share of the expected saving that the measurement realised, or ``None`` where there is nothing to
-    allocate again for (reached, not measurable, or no saving realised)."""
+    """The share of the expected saving that the measurement realised (``0.0`` where none was: the conversion
+    kept the model dense, say), or ``None`` where there is nothing to allocate again for (reached, or not
+    measurable)."""
     measured, expected = plan.measured_speedup, plan.expected_speedup
     if measured is None or not math.isfinite(measured) or plan.reached or not 1 < expected < math.inf:
         return None
-    realised = (1 - 1 / measured) / (1 - 1 / expected) if measured > 0 else 0.0
-    return realised if realised > 0 else None
+    return max((1 - 1 / measured) / (1 - 1 / expected), 0.0) if measured > 0 else 0.0

@@ -104,6 +104,7 @@ class SparseInferenceReport:
         seconds: how long the conversion took.
         backed_off: the layers made dense again because the converted model was slower end to end.
         note: why every layer is dense, or ``""``.
+        other_inputs: ``(dense seconds, converted seconds)`` end to end on each of ``other_inputs``.
     """
 
     layers: tuple[LayerChoice, ...]
@@ -118,11 +119,17 @@ class SparseInferenceReport:
     seconds: float = 0.0
     backed_off: tuple[str, ...] = ()
     note: str = ""
+    other_inputs: tuple[tuple[float, float], ...] = ()
 
     @property
     def speedup(self) -> float:
         """End to end: ``dense_seconds / sparse_seconds``."""
         return self.dense_seconds / self.sparse_seconds if self.sparse_seconds else float("inf")
+
+    @property
+    def other_speedups(self) -> tuple[float, ...]:
+        """End to end on each of ``other_inputs``: dense seconds over converted seconds."""
+        return tuple(d / s if s else float("inf") for d, s in self.other_inputs)
 
     @property
     def sparse_layers(self) -> tuple[LayerChoice, ...]:
@@ -156,6 +163,8 @@ class SparseInferenceReport:
             f"dense {_ms(self.dense_seconds)} ms, converted {_ms(self.sparse_seconds)} ms, {self.speedup:.2f}x"
             + (f" ({len(self.backed_off)} layers backed off)" if self.backed_off else "")
         )
+        if self.other_inputs:
+            lines.append("end to end on other_inputs: " + ", ".join(f"{v:.2f}x" for v in self.other_speedups))
         lines.append(
             f"tensors {self.dense_bytes / mib:.1f} MiB -> {self.sparse_bytes / mib:.1f} MiB "
             f"({self.sparse_bytes / max(self.dense_bytes, 1):.2f}x; dense copies for other row counts "

@@ -35,6 +35,7 @@ class Timing:
         rows: the input vectors given to the layer (``0`` for the whole model).
         nonzeros: the values the layer stores (its ``numel`` when dense); ``0`` for the whole model.
         sparse: for the whole model, the matrices in a sparse form during the run.
+        example: for the whole model, which inputs: ``0`` for ``example_inputs``, ``i`` for ``other_inputs[i - 1]``.
     """
 
     layer: str
@@ -42,6 +43,7 @@ class Timing:
     rows: int = 0
     nonzeros: int = 0
     sparse: tuple[str, ...] = ()
+    example: int = 0
 
 
 class Timer(Protocol):
