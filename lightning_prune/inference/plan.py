@@ -291,8 +291,9 @@ def plan_speedup(
             weight but embeddings, tied heads and routers); of these, the layers the conversion can make sparse.
         exclude: names or glob patterns left dense, as the callback's ``exclude``.
         confirm: the most end-to-end checks: a copy of the model is pruned to the plan and converted by
-            :func:`~lightning_prune.to_sparse_inference`, whose measured speed-up is the plan's
-            ``measured_speedup``; where it falls short of ``speedup``, the plan is allocated again for the
+            :func:`~lightning_prune.to_sparse_inference` (with ``min_speedup`` at most 1: a plan short of the
+            conversion's default 1.1x measures what it gains, not the dense model), whose measured speed-up is
+            the plan's ``measured_speedup``; where it falls short of ``speedup``, the plan is allocated again for the
             saving divided by the share of the expected saving that was realised (layers timed alone run warmer
             in the cache than inside the model), or for twice the saving last asked where none was realised, and
             checked again. ``0``: the layers' timings alone.
@@ -329,7 +330,8 @@ def plan_speedup(
         level, rounds = _allocate([opts for _, opts in options], need), 1
         plan = _plan(speedup, dense, found, options, level)
         for check in range(check_int("confirm", confirm, minimum=0)):
-            convert = functools.partial(to_sparse_inference, min_speedup=min_speedup, forms=forms, timer=timer)
+            convert = functools.partial(to_sparse_inference, min_speedup=min(min_speedup, 1.0), forms=forms,
+                                        timer=timer)  # fmt: skip  # a plan short of 1.1x measures its gain
             plan = dataclasses.replace(
                 plan, measured_speedup=_measure(root, found, plan, scores, example_inputs, convert)
             )
