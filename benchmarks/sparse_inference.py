@@ -137,6 +137,15 @@ def relative_error(sparse: Tensor, dense: Tensor) -> float:
     return float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
 
 
+def measure(dense: nn.Module, converted: nn.Module, x: Tensor, repeats: int) -> dict[str, float]:
+    """Medians of interleaved rounds after one warm-up, and the largest relative difference of the outputs."""
+    times = interleaved([lambda: dense(x), lambda: converted(x)], repeats, warmup=1)
+    with torch.no_grad():
+        error = relative_error(converted(x), dense(x))
+    d, s = (statistics.median(t) for t in times)
+    return {"dense_ms": d * 1e3, "sparse_ms": s * 1e3, "speedup": d / s, "error": error}
+
+
 def call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 

@@ -40,7 +40,6 @@ import argparse
 import copy
 import os
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -56,7 +55,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import RESULTS, finish, machine, quiet_lightning  # noqa: E402
-from benchmarks.sparse_inference import OneToken, interleaved, relative_error  # noqa: E402
+from benchmarks.sparse_inference import OneToken, measure  # noqa: E402
 from benchmarks.trained_speed import add_arguments, train_rows  # noqa: E402
 from lightning_prune import inference_report, prune_once, select_parameters, to_sparse_inference  # noqa: E402
 from lightning_prune.inference import plan_speedup  # noqa: E402
@@ -144,15 +143,6 @@ def decoder(args: argparse.Namespace) -> tuple[nn.Module, Callable[[int], Tensor
         return torch.randint(0, config.vocab_size, (1, 1), generator=g)
 
     return step, token
-
-
-def measure(dense: nn.Module, converted: nn.Module, x: Tensor, repeats: int) -> dict[str, float]:
-    """Medians of interleaved rounds after one warm-up, and the largest relative difference of the outputs."""
-    times = interleaved([lambda: dense(x), lambda: converted(x)], repeats, warmup=1)
-    with torch.no_grad():
-        error = relative_error(converted(x), dense(x))
-    d, s = (statistics.median(t) for t in times)
-    return {"dense_ms": d * 1e3, "sparse_ms": s * 1e3, "speedup": d / s, "error": error}
 
 
 def convert_rows(args: argparse.Namespace) -> list[str]:

@@ -33,9 +33,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from benchmarks.sparse_inference import OneToken
+from benchmarks.sparse_inference import OneToken, measure
 from lightning_prune import Polynomial, PruningScheduleCallback, inference_report, sparsity_report, to_sparse_inference
 from lightning_prune.inference import plan_speedup
 
@@ -54,10 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-args", nargs=argparse.REMAINDER, default=[], help="lm: options for benchmarks/lm.py")
 
 
-def trainer(epochs: int, callbacks: list[Any], limit: int | None = None) -> pl.Trainer:
+def trainer(epochs: int, callbacks: list[Any]) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", deterministic=True, limit_train_batches=limit,
+        enable_model_summary=False, accelerator="cpu", deterministic=True,
     )  # fmt: skip
 
 
@@ -165,7 +164,7 @@ class MLPWorkload:
         return model.eval()
 
     def served(self, model: nn.Module) -> tuple[nn.Module, Tensor]:
-        return model.eval(), self.data._splits["test"][0][0].unsqueeze(0)
+        return model.eval(), next(iter(self.data.test_dataloader()))[0][:1]
 
     def train(self, model: nn.Module, callback: PruningScheduleCallback) -> float:
         pl.seed_everything(self.args.seed, verbose=False)
@@ -176,16 +175,17 @@ class MLPWorkload:
     @torch.no_grad()
     def score(self, model: nn.Module) -> float:
         model.eval()
-        test = self.data._splits["test"]
-        loader = DataLoader(test, batch_size=1000)
-        return 100.0 * sum(int((model(x).argmax(1) == y).sum()) for x, y in loader) / len(test)
+        right = total = 0
+        for x, y in self.data.test_dataloader():
+            right, total = right + int((model(x).argmax(1) == y).sum()), total + len(y)
+        return 100.0 * right / total
 
     def describe(self) -> str:
         a = self.args
         return (
             f"An MLP 784 -> {a.width} -> {a.width} -> 10 on MNIST (seed {a.seed}), dense {a.dense_epochs} epochs, "
             f"then {a.epochs} with the pruning ramp (Adam {a.lr:g}, batch 128), served one image at a time; "
-            f"{self.metric} on the {len(self.data._splits['test'])} test images"
+            f"{self.metric} on the {self.data.split_sizes()['test']} test images"
         )
 
 
@@ -243,8 +243,6 @@ def at_speed(uniform: list[dict[str, Any]], speedup: float) -> float | None:
 
 def train_rows(args: argparse.Namespace) -> list[str]:
     """The plans and uniform pruning, each trained, then (all the training done) converted and timed."""
-    from benchmarks.speed_target import measure
-
     work: LMWorkload | MLPWorkload = LMWorkload(args) if args.model == "lm" else MLPWorkload(args)
     runs = [{"label": f"plan_speedup {t:g}x", "target": t} for t in args.targets]
     runs += [{"label": f"uniform global {s:g}", "target": None, "sparsity": s} for s in args.uniform_sparsities]

@@ -97,15 +97,15 @@ def _timings(swap: _Swap, units: list[_Unit], examples: Sequence[Any], timer: Ti
     """End-to-end seconds on each example of the model with ``units`` converted (``"sparse"``) and, with ``dense``,
     without, interleaved; the examples timed apart (a timer drops runs far slower than the fastest)."""
     names = tuple(n for u in units for n in u.names)
+
+    def run(active: list[_Unit], x: Any) -> Callable[[], object]:
+        return lambda: call(swap.install(active), x)
+
     out = []
     for i, example in enumerate(examples):
-
-        def run(active: list[_Unit], x: Any = example) -> Callable[[], object]:
-            return lambda: call(swap.install(active), x)
-
-        runs = {Timing("", "sparse", sparse=names, example=i): run(units)} if units else {}
+        runs = {Timing("", "sparse", sparse=names, example=i): run(units, example)} if units else {}
         if dense:
-            runs[Timing("", "dense", example=i)] = run([])
+            runs[Timing("", "dense", example=i)] = run([], example)
         out.append({key.form: seconds for key, seconds in timer(runs).items()})
     return out
 
@@ -178,18 +178,20 @@ def _tensor_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _check_arguments(model: nn.Module, examples: Sequence[Any], forms: Sequence[Form]) -> tuple[Form, ...]:
+def _check_arguments(
+    model: nn.Module, example_inputs: Any, other_inputs: Sequence[Any], forms: Sequence[Form]
+) -> tuple[Form, ...]:
     if isinstance(forms, str) or not forms:
         raise ValueError(f"`forms` must be a non-empty list of {list(allowed(Form))}, got {forms!r}.")
     checked = tuple(check_choice("forms", f, allowed(Form)) for f in forms)
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}.")
-    if examples[0] is None:
+    if example_inputs is None:
         raise ValueError("`example_inputs` is required: the inputs of one forward pass, shaped as in serving.")
-    if not isinstance(examples[1], (list, tuple)) or any(x is None for x in examples[1]):
+    if not isinstance(other_inputs, (list, tuple)) or any(x is None for x in other_inputs):
         raise ValueError(
             "`other_inputs` must be a list of forward passes' inputs (each as `example_inputs` is given), "
-            f"got {type(examples[1]).__name__}."
+            f"got {type(other_inputs).__name__}."
         )
     return checked
 
@@ -276,7 +278,7 @@ def to_sparse_inference(
     min_speedup = check_number("min_speedup", min_speedup, low=0.0)
     min_sparsity = check_fraction("min_sparsity", min_sparsity, closed=True)
     repeats = check_int("repeats", repeats, minimum=1)
-    forms = _check_arguments(model, (example_inputs, other_inputs), forms)
+    forms = _check_arguments(model, example_inputs, other_inputs, forms)
     examples = [example_inputs, *other_inputs]
     start, dense_bytes = time.perf_counter(), _tensor_bytes(model)
     root = copy.deepcopy(model).eval().requires_grad_(False)

@@ -200,14 +200,16 @@ def decide(trial: Trial, min_speedup: float, timer: Timer, dense_copy: bool = Tr
         alone = total_seconds(times, f, rows)
         return (total_seconds(times, f, rows, _faster(times, f)) if ranged else alone), alone
 
-    form = min(trial.candidates, key=cost)
+    costs = {f: cost(f) for f in trial.candidates}
+    form = min(costs, key=costs.__getitem__)
+    alone = costs[form][1]
 
     def pays(r: int) -> float:
         return times[r]["dense"] / max(times[r][form], 1e-12)
 
     best = max(times, key=pays)  # the row count where the form pays most
-    ratio = pays(best) if ranged else dense / max(cost(form)[1], 1e-12)
-    choice = trial.choice.with_(dense_seconds=dense, sparse_seconds=cost(form)[1], fastest_sparse=form)
+    ratio = pays(best) if ranged else dense / max(alone, 1e-12)
+    choice = trial.choice.with_(dense_seconds=dense, sparse_seconds=alone, fastest_sparse=form)
     if ratio < min_speedup:
         trial.choice = choice.with_(note=f"{ratio:.2f}x < min_speedup {min_speedup:g}")
         return

@@ -329,9 +329,9 @@ def plan_speedup(
         need = asked = dense * (1 - 1 / speedup)
         level, rounds = _allocate([opts for _, opts in options], need), 1
         plan = _plan(speedup, dense, found, options, level)
+        at_most_one = min(min_speedup, 1.0)  # a plan short of the conversion's 1.1x measures its gain, not dense
+        convert = functools.partial(to_sparse_inference, min_speedup=at_most_one, forms=forms, timer=timer)
         for check in range(check_int("confirm", confirm, minimum=0)):
-            convert = functools.partial(to_sparse_inference, min_speedup=min(min_speedup, 1.0), forms=forms,
-                                        timer=timer)  # fmt: skip  # a plan short of 1.1x measures its gain
             plan = dataclasses.replace(
                 plan, measured_speedup=_measure(root, found, plan, scores, example_inputs, convert)
             )
